@@ -1,0 +1,1 @@
+"""ray-kd: distributed online knowledge distillation on Ray."""

@@ -1,0 +1,64 @@
+"""Atomic, pickle-free checkpoint files.
+
+Everything is written to a temporary name and renamed into place, so a crash
+mid-write never leaves a truncated file that a resume would trust; everything
+is read back with `weights_only=True`, so no user-supplied file is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ray_kd.errors import UserError
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that is missing, corrupt, or made for another model or class count."""
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def safe_load(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a damaged or hostile file
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a ray-kd checkpoint "
+                              f"({type(err).__name__}); re-create it with `ray-kd train-teacher`") from None
+
+
+def save_model_file(path: str | Path, model_name: str, num_classes: int, in_channels: int, state_dict: dict) -> None:
+    """A model file a teacher role can load: the weights plus what they were built for."""
+    atomic_save({"model": model_name, "num_classes": num_classes, "in_channels": in_channels,
+                 "state_dict": state_dict}, path)
+
+
+def load_model_file(path: str | Path, model_name: str, num_classes: int, in_channels: int) -> dict:
+    blob = safe_load(path)
+    if not isinstance(blob, dict) or "state_dict" not in blob:
+        raise CheckpointError(f"checkpoint {path} has no state_dict; re-create it with `ray-kd train-teacher`")
+    for key, want in (("model", model_name), ("num_classes", num_classes), ("in_channels", in_channels)):
+        if blob.get(key) != want:
+            raise CheckpointError(f"checkpoint {path} was trained for {key}={blob.get(key)!r} but this run "
+                                  f"needs {key}={want!r}; train a matching teacher or fix the config")
+    return blob["state_dict"]

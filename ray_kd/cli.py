@@ -1,0 +1,62 @@
+"""`ray-kd`: a thin command line over ray_kd.run (and the Tune driver). Errors: one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ray_kd.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ray-kd", description="Distributed online knowledge distillation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def run_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", help="YAML run spec (see configs/); defaults run DML on the digits")
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="override any field, e.g. optim.epochs=5 students.0.model=resnet8")
+
+    run_args(sub.add_parser("train", help="run (or resume) one distillation run"))
+    teacher = sub.add_parser("train-teacher", help="train a teacher (students.0) with cross-entropy and save it")
+    run_args(teacher)
+    teacher.add_argument("--out", required=True, help="where to write the teacher checkpoint (.pt)")
+    sub.add_parser("models", help="list the registered models")
+    sub.add_parser("methods", help="list the distillation methods")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as err:
+        print(f"ray-kd: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "models":
+        from ray_kd.models import list_models
+
+        print("\n".join(list_models()))
+        return 0
+    if args.command == "methods":
+        from ray_kd.methods import METHODS
+
+        for name, cls in sorted(METHODS.items()):
+            print(f"{name:12s} {sys.modules[cls.__module__].__doc__.strip().splitlines()[0]}")
+        return 0
+    from ray_kd.config import load_config
+    from ray_kd import run
+
+    if args.command == "train":
+        run.train(load_config(args.config, args.overrides))
+    elif args.command == "train-teacher":
+        run.train_teacher(load_config(args.config, args.overrides), Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

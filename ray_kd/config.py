@@ -1,0 +1,205 @@
+"""Run specs: YAML files plus `key=value` overrides, validated by pydantic.
+
+Every field has a default that runs on the digits on this machine; a bad field
+fails with one line naming it (see `ConfigError`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ray_kd.errors import UserError
+from ray_kd.methods import method_class
+
+
+class ConfigError(UserError, ValueError):
+    """A run spec that cannot run; the message names the field and the fix."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    root: str | None = Field(None, description="dataset root, or a .tar.gz of an ImageFolder tree")
+    download: bool = Field(False, description="let torchvision download CIFAR if the root lacks it")
+    batch_size: int = Field(64, gt=0)
+    augment: Literal["auto", "none", "crop_flip"] = "auto"
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out for validation")
+    train_subset: int | None = Field(None, gt=0, description="use only this many training images (stratified)")
+    cache_dir: str = ".cache/ray_kd"
+
+
+class MethodConfig(BaseModel):
+    """`name` picks the method; every other key is one of that method's params."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "dml"
+
+    def build(self):
+        cls = method_class(self.name)
+        return cls(cls.Params(**(self.model_extra or {})))
+
+
+class RoleConfig(Strict):
+    model: str
+    checkpoint: str | None = Field(None, description="a state-dict file from `ray-kd train-teacher`")
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from ray_kd.models import list_models
+
+        if name not in list_models():
+            raise ValueError(f"unknown model {name!r}; `ray-kd models` lists them")
+        return name
+
+
+class OptimConfig(Strict):
+    epochs: int = Field(15, gt=0)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: list[int] = Field(default_factory=lambda: [10], description="epochs at which lr *= gamma")
+    gamma: float = Field(0.1, gt=0)
+    steps_per_epoch: int | None = Field(None, gt=0, description="cap on steps per epoch (quick runs, tests)")
+
+
+class RuntimeConfig(Strict):
+    executor: Literal["ray", "local"] = "ray"
+    address: str | None = Field(None, description="Ray cluster address; None starts a local one")
+    cpus_per_worker: float = Field(0.5, gt=0)
+    threads_per_worker: int = Field(1, gt=0)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    worker_logs: bool = Field(False, description="stream Ray worker logs to the console")
+
+
+class TrackingConfig(Strict):
+    uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, else sqlite:///mlflow.db")
+    experiment: str = "ray-kd"
+
+
+class RunConfig(Strict):
+    name: str = Field("digits-dml", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    output_dir: str = "runs"
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    teacher: RoleConfig | None = None
+    students: list[RoleConfig] = Field(default_factory=lambda: [RoleConfig(model="digits_cnn_s")] * 2, min_length=1)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _method_fits_roles(self) -> "RunConfig":
+        cls = method_class(self.method.name)
+        try:
+            params = cls.Params(**(self.method.model_extra or {}))
+        except ValidationError as err:
+            raise ValueError(_one_line(err, prefix="method.")) from None
+        self.method = MethodConfig(name=self.method.name, **params.model_dump())
+        if cls.needs_teacher and self.teacher is None:
+            raise ValueError(f"method {cls.name!r} needs a teacher: set teacher.model and teacher.checkpoint")
+        if cls.needs_teacher and self.teacher.checkpoint is None:
+            raise ValueError(f"method {cls.name!r} needs a trained teacher: set teacher.checkpoint (from `ray-kd train-teacher`)")
+        if not cls.needs_teacher and self.teacher is not None:
+            raise ValueError(f"method {cls.name!r} takes no teacher: remove the teacher section")
+        if len(self.students) < cls.min_students:
+            raise ValueError(f"method {cls.name!r} needs at least {cls.min_students} students, got {len(self.students)}")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).resolve() / self.name
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        if isinstance(node, list):
+            node = node[int(key)]
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """`optim.lr=0.1`, `students.0.model=resnet8`, `teacher=null`: values parse as YAML scalars."""
+    defaults = RunConfig().model_dump(exclude={"method"})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.epochs=5)")
+        key, raw = item.split("=", 1)
+        section = key.strip().split(".")[0]
+        if "." in key and section in defaults and section not in tree:
+            tree[section] = defaults[section]  # e.g. students.0.model=... edits the default students
+        try:
+            _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        except (IndexError, ValueError) as err:
+            raise ConfigError(f"override {item!r}: {err}") from None
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (name, data, method, ...)")
+    return validate_config(apply_overrides(tree, overrides or []))
+
+
+def validate_config(tree: dict) -> RunConfig:
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _one_line(err: ValidationError, prefix: str = "") -> str:
+    """The first error as `where: what` (the count of the rest after it)."""
+    first = err.errors()[0]
+    where = prefix + ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; check its spelling against configs/ and the README"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    if prefix:  # raised inside a model validator: the outer call adds the head
+        return f"{where}: {msg}{more}"
+    return f"config error at {where}: {msg}{more}" if where else f"config error: {msg}{more}"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}: the form MLflow params and Tune spaces use."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                flat.update(flatten(item, f"{name}.{i}."))
+        else:
+            flat[name] = value
+    return flat

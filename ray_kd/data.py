@@ -1,0 +1,220 @@
+"""Datasets as uint8 tensors in memory, and the seeded batches every worker draws alike.
+
+Every worker loads the dataset itself and draws the *same* batch at each step
+from a permutation seeded by (seed, epoch), with augmentation drawn from the
+same generator, so no image ever travels between workers. Small datasets are
+decoded once and cached as one tensor file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ray_kd.config import DataConfig
+from ray_kd.errors import UserError
+
+
+class DataError(UserError, ValueError):
+    """The data root is missing, empty or not in a layout we read."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # N x C x H x W, uint8
+    labels: torch.Tensor  # N, int64
+
+
+@dataclass
+class Dataset:
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    mean: torch.Tensor  # C, of the training images in [0, 1]
+    std: torch.Tensor
+    augment: str  # "none" | "crop_flip"
+
+    @property
+    def in_channels(self) -> int:
+        return self.train.images.shape[1]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255)
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
+    """Train/val/test of `cfg.dataset`; val is a fixed stratified share of train (seed 0, not the run seed)."""
+    loaders = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder}
+    train, test, num_classes = loaders[cfg.dataset](cfg)
+    train, val = _stratified_split(train, cfg.val_fraction)
+    if cfg.train_subset is not None and cfg.train_subset < len(train.labels):
+        train, _ = _stratified_split(train, 1 - cfg.train_subset / len(train.labels))
+    x = train.images.float().div(255)
+    augment = cfg.augment if cfg.augment != "auto" else ("none" if cfg.dataset == "digits" else "crop_flip")
+    return Dataset(train, val, test, num_classes, x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3), augment)
+
+
+def _stratified_split(split: Split, fraction: float) -> tuple[Split, Split]:
+    """Hold out `fraction` of each class, always with the same seed, so val never moves."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(split.labels))
+    keep, held = train_test_split(idx, test_size=fraction, stratify=split.labels.numpy(), random_state=0)
+    keep, held = torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
+    return Split(split.images[keep], split.labels[keep]), Split(split.images[held], split.labels[held])
+
+
+def _digits(cfg: DataConfig) -> tuple[Split, Split, int]:
+    """scikit-learn's 1,797 8x8 digits (ships inside the wheel): 20% stratified test split."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.from_numpy((bunch.images * (255 / 16)).round().astype(np.uint8)).unsqueeze(1)
+    everything = Split(images, torch.from_numpy(bunch.target.astype(np.int64)))
+    train, test = _stratified_split(everything, 0.2)
+    return train, test, 10
+
+
+def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
+    import torchvision
+
+    if cfg.root is None:
+        raise DataError(f"data.root is not set: point it at a {cfg.dataset} root (torchvision layout)")
+    cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    splits = []
+    for train in (True, False):
+        try:
+            ds = cls(cfg.root, train=train, download=cfg.download)
+        except RuntimeError as err:
+            raise DataError(f"{cfg.dataset} not found under data.root={cfg.root!r} ({err}); "
+                            "fix the path or set data.download=true") from None
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        splits.append(Split(images, torch.tensor(ds.targets, dtype=torch.int64)))
+    return splits[0], splits[1], 10 if cfg.dataset == "cifar10" else 100
+
+
+def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
+    """`root/train/<class>/*` and `root/test/<class>/*` (a .tar.gz of that tree is unpacked first)."""
+    if cfg.root is None:
+        raise DataError("data.root is not set: point it at a folder with train/<class>/ and test/<class>/")
+    root = Path(cfg.root)
+    if not root.exists():
+        raise DataError(f"data.root {root} does not exist")
+    if root.is_file():
+        root = _unpack(root, Path(cfg.cache_dir))
+    root = _find_split_parent(root)
+    cache = Path(cfg.cache_dir) / f"imagefolder-{_digest(str(root.resolve()))}.pt"
+    if cache.is_file():
+        blob = torch.load(cache, weights_only=True)
+    else:
+        blob = {name: _decode_folder(root / name) for name in ("train", "test")}
+        train_classes, test_classes = blob["train"]["classes"], blob["test"]["classes"]
+        if train_classes != test_classes:
+            raise DataError(f"{root}: train/ and test/ hold different class folders")
+        _atomic_torch_save(blob, cache)
+    num_classes = len(blob["train"]["classes"])
+    return (Split(blob["train"]["images"], blob["train"]["labels"]),
+            Split(blob["test"]["images"], blob["test"]["labels"]), num_classes)
+
+
+def _find_split_parent(root: Path) -> Path:
+    """The folder holding train/ and test/: the root itself or its single subfolder (as tarballs often have)."""
+    for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate
+    raise DataError(f"{root} has no train/ and test/ folders of class subfolders (ImageFolder layout)")
+
+
+def _decode_folder(folder: Path) -> dict:
+    from PIL import Image
+
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{folder} holds no class folders")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (folder / name).iterdir() if f.is_file())
+        for file in files:
+            with Image.open(file) as img:
+                images.append(np.asarray(img.convert("RGB")))
+            labels.append(label)
+    if not images:
+        raise DataError(f"{folder} holds no images")
+    shapes = {im.shape for im in images}
+    if len(shapes) > 1:
+        raise DataError(f"{folder}: images differ in size ({sorted(shapes)[:3]}...); resize them to one size first")
+    stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.int64), "classes": classes}
+
+
+def _unpack(archive: Path, cache_dir: Path) -> Path:
+    target = cache_dir / f"unpacked-{_digest(str(archive.resolve()))}"
+    if not (target / ".complete").exists():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except tarfile.TarError as err:
+            raise DataError(f"{archive} is not a readable .tar.gz: {err}") from None
+        (tmp / ".complete").touch()
+        if not target.exists():
+            tmp.rename(target)
+    return target
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def seeded_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int,
+                   max_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's batches, normalised and augmented, identical on every worker with the same (seed, epoch)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    n = len(dataset.train.labels)
+    order = torch.randperm(n, generator=gen)
+    steps = (n + batch_size - 1) // batch_size
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    for step in range(steps):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        images = dataset.train.images[idx]
+        if dataset.augment == "crop_flip":
+            images = _crop_flip(images, gen)
+        yield dataset.normalize(images), dataset.train.labels[idx]
+
+
+def _crop_flip(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop after zero padding, and a random horizontal flip: the standard CIFAR augmentation."""
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
+    flip = torch.rand(b, generator=gen) < 0.5
+    rows = (dy.view(b, 1) + torch.arange(h).view(1, h))  # b x h
+    cols = (dx.view(b, 1) + torch.arange(w).view(1, w))  # b x w
+    cols = torch.where(flip.view(b, 1), cols.flip(1), cols)
+    out = padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(images.shape[1]).view(1, -1, 1, 1),
+                 rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    return out
+
+
+def eval_batches(split: Split, dataset: Dataset, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(split.labels), batch_size):
+        yield dataset.normalize(split.images[start:start + batch_size]), split.labels[start:start + batch_size]

@@ -1,0 +1,67 @@
+"""The single-process executor: every role in this process, the same method code as on Ray.
+
+It is the reference the Ray executor is tested against (same seeds, same
+numbers) and the baseline the benchmarks measure it against.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ray_kd.checkpoint import atomic_save, atomic_write_json, safe_load
+from ray_kd.config import RunConfig
+from ray_kd.exchange import LocalExchange
+from ray_kd.session import History, Session, all_roles, fit, progress_line
+
+
+class DirectoryStore:
+    """Checkpoints as `checkpoints/epoch_NNNN/` folders, each renamed into place only when complete."""
+
+    def __init__(self, root: Path, keep: int = 2):
+        self.root, self.keep = root, keep
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.root.glob("epoch_*") if (p / "history.json").is_file())
+        return done[-1] if done else None
+
+    def restore(self, session: Session) -> History:
+        latest = self.latest()
+        if latest is None:
+            return []
+        session.load_role_states({r.role.name: safe_load(latest / f"{r.role.name}.pt") for r in session.runners})
+        import json
+
+        return json.loads((latest / "history.json").read_text())
+
+    def save(self, session: Session, history: History) -> None:
+        final = self.root / f"epoch_{len(history):04d}"
+        tmp = self.root / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_role_files(tmp, session, history)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in sorted(p for p in self.root.glob("epoch_*"))[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def write_role_files(folder: Path, session: Session, history: History | None) -> None:
+    """One `<role>.pt` per local role; `history.json` too when given (the rank that owns it)."""
+    for name, state in session.role_states().items():
+        atomic_save(state, folder / f"{name}.pt")
+    if history is not None:
+        atomic_write_json(history, folder / "history.json")
+
+
+def run_local(cfg: RunConfig, sync=None, show_progress: bool = True) -> Path:
+    """Train every role in this process; returns the folder of the last checkpoint."""
+    torch.set_num_threads(cfg.runtime.threads_per_worker)
+    device = torch.device("cuda" if cfg.runtime.use_gpu != "no" and torch.cuda.is_available() else "cpu")
+    roles = all_roles(cfg)
+    session = Session(cfg, list(range(len(roles))), LocalExchange(), device)
+    store = DirectoryStore(cfg.run_dir / "checkpoints")
+    fit(session, store, sync, progress_line(cfg.optim.epochs) if show_progress else None)
+    return store.latest()

@@ -1,0 +1,160 @@
+"""The Ray executor: one Ray Train worker per role, all in lockstep, exchanging through a collective.
+
+Rank r runs role r. Every worker builds its own role and dataset, draws the same
+batches, and calls the same `Session` code as the single-process executor; only
+the exchange (an all_gather in the worker group's process group) differs.
+Checkpoints: each rank reports its own `<role>.pt`, Ray merges them into one
+checkpoint folder; re-running with the same run name resumes from the latest.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+import ray
+import torch
+
+from ray_kd.checkpoint import safe_load
+from ray_kd.config import RunConfig
+from ray_kd.errors import UserError
+from ray_kd.exchange import CollectiveExchange
+from ray_kd.local_executor import write_role_files
+from ray_kd.session import History, Session, all_roles, fit, progress_line
+
+
+class ClusterError(UserError, RuntimeError):
+    """The cluster cannot ever hold this run (too few CPUs/GPUs), or cannot be reached."""
+
+
+class RayTrainStore:
+    """Checkpoints through `ray.train.report`: every rank adds its role file, rank 0 the history."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def restore(self, session: Session) -> History:
+        import json
+
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return []
+        with checkpoint.as_directory() as folder:
+            folder = Path(folder)
+            session.load_role_states({r.role.name: safe_load(folder / f"{r.role.name}.pt") for r in session.runners})
+            return json.loads((folder / "history.json").read_text())
+
+    def save(self, session: Session, history: History) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            write_role_files(Path(tmp), session, history if self.rank == 0 else None)
+            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_worker(config: dict) -> None:
+    """What every Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from ray_kd.tracking import MetricSync
+
+    cfg = RunConfig.model_validate(config["run"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.set_num_threads(cfg.runtime.threads_per_worker)
+    roles = all_roles(cfg)
+    session = Session(cfg, [rank], CollectiveExchange([r.name for r in roles], rank), ray.train.torch.get_device())
+    lead = rank == 0
+    sync = MetricSync(config["tracking_uri"], config["run_id"]) if lead and config.get("run_id") else None
+    fit(session, RayTrainStore(rank), sync)
+
+
+def use_gpu(cfg: RunConfig) -> bool:
+    if cfg.runtime.use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) >= 1
+    return cfg.runtime.use_gpu == "yes"
+
+
+def connect(cfg: RunConfig) -> None:
+    """Join the cluster in runtime.address / RAY_ADDRESS (as under `ray job submit`), or start a local one."""
+    if ray.is_initialized():
+        return
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    # Worker logs stay in Ray's log files unless asked for: the driver prints progress itself.
+    kwargs = dict(include_dashboard=False, log_to_driver=cfg.runtime.worker_logs, logging_level="ERROR")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count(), **kwargs)
+
+
+def check_fits(cfg: RunConfig, gpu: bool) -> None:
+    """Fail now, not hang forever, when the cluster can never place one worker per role."""
+    n = len(all_roles(cfg))
+    have = ray.cluster_resources()
+    need_cpu = n * cfg.runtime.cpus_per_worker
+    if need_cpu > have.get("CPU", 0):
+        raise ClusterError(f"{n} role workers x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker} need "
+                           f"{need_cpu:g} CPUs but the cluster has {have.get('CPU', 0):g}; lower "
+                           "runtime.cpus_per_worker or add nodes")
+    if gpu and n > have.get("GPU", 0):
+        raise ClusterError(f"{n} role workers need {n} GPUs but the cluster has {have.get('GPU', 0):g}; "
+                           "set runtime.use_gpu=no or add GPUs")
+
+
+def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callbacks=(), name: str = "ray"):
+    """The TorchTrainer of one distillation run (the Tune driver wraps this too)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpu = use_gpu(cfg)
+    check_fits(cfg, gpu)
+    backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if gpu else "gloo")
+    resources = {"CPU": cfg.runtime.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"run": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id},
+        scaling_config=ScalingConfig(num_workers=len(all_roles(cfg)), use_gpu=gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend=backend),
+        run_config=TrainRunConfig(
+            name=name, storage_path=str(cfg.run_dir), callbacks=list(callbacks),
+            failure_config=FailureConfig(max_failures=cfg.runtime.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None) -> Path:
+    """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint."""
+    connect(cfg)
+    trainer = make_trainer(cfg, tracking_uri, run_id)
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_progress, args=(tracking_uri, run_id, cfg.optim.epochs, stop), daemon=True)
+    if run_id:
+        watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if run_id:
+            watcher.join()
+    return Path(result.checkpoint.path)
+
+
+def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, every: float = 0.5) -> None:
+    """Print the progress line of each epoch as rank 0 logs it to MLflow (workers print nothing)."""
+    from ray_kd.tracking import client
+
+    mlflow, show, shown = client(uri), progress_line(epochs), 0.0
+    while True:
+        finished = stop.wait(every)
+        metrics = mlflow.get_run(run_id).data.metrics
+        if metrics.get("epoch", 0.0) > shown:
+            show(metrics)
+            shown = metrics["epoch"]
+        if finished:
+            return

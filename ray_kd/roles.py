@@ -1,0 +1,99 @@
+"""One role's model, optimiser and step, wherever it runs (a Ray worker, or beside the others)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ray_kd.checkpoint import load_model_file
+from ray_kd.config import OptimConfig
+from ray_kd.data import Dataset, eval_batches
+from ray_kd.errors import UserError
+from ray_kd.methods import Method, Outputs, Role, RoleNet
+from ray_kd.models import create_model
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """A loss term became NaN or inf: training stops rather than corrupting the weights."""
+
+
+class RoleRunner:
+    """Builds a role (backbone, the method's extras, the optimiser over what trains) and steps it."""
+
+    def __init__(self, role: Role, index: int, method: Method, dataset: Dataset, optim: OptimConfig,
+                 seed: int, device: torch.device):
+        self.role, self.method, self.device = role, method, device
+        torch.manual_seed(seed * 1000 + index)  # same init in every executor
+        channels = method.input_channels(role, dataset.in_channels)
+        backbone = create_model(role.model, dataset.num_classes, channels)
+        if role.checkpoint is not None:
+            backbone.load_state_dict(load_model_file(role.checkpoint, role.model, dataset.num_classes, channels))
+        self.net = RoleNet(backbone, method.extras(role, backbone, dataset.num_classes)).to(device)
+        if method.backbone_frozen(role):
+            self.net.backbone.requires_grad_(False)
+        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        self.optimizer = (torch.optim.SGD(trainable, lr=optim.lr, momentum=optim.momentum,
+                                          weight_decay=optim.weight_decay) if trainable else None)
+        self.scheduler = (torch.optim.lr_scheduler.MultiStepLR(self.optimizer, optim.milestones, optim.gamma)
+                          if self.optimizer else None)
+        self.step = 0
+
+    @property
+    def trains(self) -> bool:
+        return self.optimizer is not None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[Outputs, Outputs]:
+        """This step's outputs, and the part of them the role publishes."""
+        self.method.set_train_mode(self.role, self.net)
+        with torch.set_grad_enabled(self.trains):
+            outputs = self.method.forward(self.role, self.net, x, y)
+        return outputs, self.method.publish(self.role, outputs)
+
+    def update(self, outputs: Outputs, published: dict[str, Outputs], y: torch.Tensor) -> dict[str, float]:
+        """One optimiser step on this role's loss; returns its terms as floats."""
+        self.step += 1
+        if not self.trains:
+            return {}
+        terms = self.method.loss(self.role, outputs, published, y)
+        values = {name: float(t.detach()) for name, t in terms.items()}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"role {self.role.name}: loss term {name!r} is {value} at step "
+                                         f"{self.step}; lower optim.lr or the loss weights")
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        self.optimizer.step()
+        return values
+
+    def end_epoch(self) -> None:
+        if self.scheduler:
+            self.scheduler.step()
+
+    @torch.no_grad()
+    def evaluate(self, dataset: Dataset) -> dict[str, float]:
+        """Top-1 of each of the role's heads on val and test, e.g. {'student_0/val_acc': 91.2}."""
+        self.net.eval()
+        metrics = {}
+        for split_name, split in (("val", dataset.val), ("test", dataset.test)):
+            correct: dict[str, int] = {}
+            for x, y in eval_batches(split, dataset):
+                x, y = x.to(self.device), y.to(self.device)
+                outputs = self.method.forward(self.role, self.net, x, y)
+                for head, logits in self.method.eval_heads(self.role, outputs).items():
+                    correct[head] = correct.get(head, 0) + int((logits.argmax(1) == y).sum())
+            for head, n in correct.items():
+                metrics[f"{head}/{split_name}_acc"] = 100.0 * n / len(split.labels)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "step": self.step,
+                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.step = state["step"]
+        if self.optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,146 @@
+"""The epoch loop both executors share.
+
+A `Session` holds the roles one process runs: all of them in the single-process
+executor, exactly one on each Ray worker. Each step every local role does its
+forward pass, the published outputs are exchanged, and every local role updates.
+Because only the exchange differs, the two executors compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable
+
+import torch
+
+from ray_kd.config import RunConfig
+from ray_kd.data import Dataset, load_dataset, seeded_batches
+from ray_kd.methods import Role
+from ray_kd.roles import RoleRunner
+
+History = list[dict[str, float]]
+"""One dict of merged metrics (every role's) per completed epoch; entry i has 'epoch' == i + 1."""
+
+
+def all_roles(cfg: RunConfig) -> list[Role]:
+    """Rank order: the teacher (if any) first, then student_0, student_1, ..."""
+    roles = [Role("teacher", cfg.teacher.model, cfg.teacher.checkpoint)] if cfg.teacher else []
+    roles += [Role(f"student_{k}", s.model, s.checkpoint) for k, s in enumerate(cfg.students)]
+    return roles
+
+
+class Session:
+    def __init__(self, cfg: RunConfig, role_indices: list[int], exchange, device: torch.device,
+                 dataset: Dataset | None = None):
+        self.cfg, self.exchange, self.device = cfg, exchange, device
+        self.dataset = dataset or load_dataset(cfg.data)
+        self.method = cfg.method.build()
+        roles = all_roles(cfg)
+        self.runners = [RoleRunner(roles[i], i, self.method, self.dataset, cfg.optim, cfg.seed, device)
+                        for i in role_indices]
+        self.best: dict[str, dict] = {}  # student role -> {'val_acc', 'epoch', 'state_dict'}
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch (0-based), evaluate every role; returns every role's metrics merged."""
+        metrics = self._train_epoch(epoch)
+        for runner in self.runners:
+            scores = runner.evaluate(self.dataset)
+            metrics.update(scores)
+            self._keep_best(runner, scores, epoch + 1)
+        merged = {"epoch": float(epoch + 1)}
+        for part in self.exchange.gather_objects(metrics):
+            merged.update(part)
+        return merged
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        sums: dict[str, dict[str, float]] = {r.role.name: {} for r in self.runners}
+        compute = {r.role.name: 0.0 for r in self.runners}
+        steps, samples = 0, 0
+        self.exchange.seconds = 0.0
+        start = time.perf_counter()
+        for x, y in seeded_batches(self.dataset, self.cfg.data.batch_size, self.cfg.seed, epoch,
+                                   self.cfg.optim.steps_per_epoch):
+            x, y = x.to(self.device), y.to(self.device)
+            outputs, published = {}, {}
+            for r in self.runners:
+                t = time.perf_counter()
+                outputs[r.role.name], published[r.role.name] = r.forward(x, y)
+                compute[r.role.name] += time.perf_counter() - t
+            everyone = self.exchange.all_gather(published)
+            for r in self.runners:
+                t = time.perf_counter()
+                for term, value in r.update(outputs[r.role.name], everyone, y).items():
+                    sums[r.role.name][term] = sums[r.role.name].get(term, 0.0) + value
+                compute[r.role.name] += time.perf_counter() - t
+            steps += 1
+            samples += len(y)
+        wall = time.perf_counter() - start
+        metrics: dict[str, float] = {}
+        for r in self.runners:
+            name = r.role.name
+            r.end_epoch()
+            metrics.update({f"{name}/loss_{term}": total / steps for term, total in sums[name].items()})
+            metrics[f"{name}/samples_per_s"] = samples / wall
+            metrics[f"{name}/compute_ms"] = 1000 * compute[name] / steps
+            metrics[f"{name}/exchange_ms"] = 1000 * self.exchange.seconds / steps
+            if r.scheduler:
+                metrics[f"{name}/lr"] = r.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def _keep_best(self, runner: RoleRunner, scores: dict[str, float], epoch: int) -> None:
+        name = runner.role.name
+        if runner.role.is_teacher:
+            return
+        val = scores[f"{name}/val_acc"]
+        if name not in self.best or val > self.best[name]["val_acc"]:
+            self.best[name] = {"val_acc": val, "epoch": epoch,
+                               "state_dict": copy.deepcopy(runner.net.backbone.state_dict())}
+
+    # --- checkpoints -------------------------------------------------------
+    def role_states(self) -> dict[str, dict]:
+        """What each local role saves: its training state, plus a student's best weights so far."""
+        return {r.role.name: {**r.state_dict(), "best": self.best.get(r.role.name)} for r in self.runners}
+
+    def load_role_states(self, states: dict[str, dict]) -> None:
+        for r in self.runners:
+            state = states[r.role.name]
+            r.load_state_dict(state)
+            if state.get("best") is not None:
+                self.best[r.role.name] = state["best"]
+
+
+ProgressFn = Callable[[dict[str, float]], None]
+
+
+def progress_line(total_epochs: int) -> ProgressFn:
+    """One line per epoch: every head's val/test top-1, the students' losses, throughput."""
+
+    def show(m: dict[str, float]) -> None:
+        heads = sorted({k.split("/")[0] for k in m if k.endswith("/val_acc")})
+        accs = "  ".join(f"{h} {m[f'{h}/val_acc']:.1f}/{m[f'{h}/test_acc']:.1f}" for h in heads)
+        speed = max((v for k, v in m.items() if k.endswith("/samples_per_s")), default=0.0)
+        print(f"epoch {int(m['epoch'])}/{total_epochs}  val/test top-1: {accs}  ({speed:.0f} samples/s)",
+              flush=True)
+
+    return show
+
+
+def fit(session: Session, store, sync=None, progress: ProgressFn | None = None) -> History:
+    """Run the remaining epochs: restore, then per epoch train+evaluate, checkpoint, log, show.
+
+    `store` restores and saves checkpoints (`restore(session) -> History`,
+    `save(session, history)`); `sync` logs new epochs to MLflow once the
+    checkpoint holding them is safe, so a restart never logs an epoch twice.
+    """
+    history = store.restore(session)
+    if sync is not None:
+        sync.sync(history)
+    for epoch in range(len(history), session.cfg.optim.epochs):
+        history.append(session.run_epoch(epoch))
+        store.save(session, history)
+        if sync is not None:
+            sync.sync(history)
+        if progress is not None:
+            progress(history[-1])
+    return history
