@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     teacher = sub.add_parser("train-teacher", help="train a teacher (students.0) with cross-entropy and save it")
     run_args(teacher)
     teacher.add_argument("--out", required=True, help="where to write the teacher checkpoint (.pt)")
+    tune = sub.add_parser("tune", help="search hyper-parameters with Ray Tune (each trial a full distillation run)")
+    run_args(tune)
+    tune.add_argument("--space", "-s", required=True, help="YAML search space (see tuning/spaces/)")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods")
     return parser
@@ -43,16 +46,23 @@ def _dispatch(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         return 0
     if args.command == "methods":
-        from ray_kd.methods import METHODS
+        from ray_kd.methods import METHODS, WRAPPERS
 
         for name, cls in sorted(METHODS.items()):
             print(f"{name:12s} {sys.modules[cls.__module__].__doc__.strip().splitlines()[0]}")
+        for name, compose in sorted(WRAPPERS.items()):
+            print(f"+{name:11s} (wrapper, e.g. kd+{name}) {sys.modules[compose.__module__].__doc__.strip().splitlines()[0]}")
         return 0
     from ray_kd.config import load_config
     from ray_kd import run
 
     if args.command == "train":
         run.train(load_config(args.config, args.overrides))
+    elif args.command == "tune":
+        from tuning.space import load_space
+        from tuning.sweep import sweep
+
+        sweep(load_config(args.config, args.overrides), load_space(args.space))
     elif args.command == "train-teacher":
         run.train_teacher(load_config(args.config, args.overrides), Path(args.out))
     return 0

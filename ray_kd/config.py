@@ -25,7 +25,7 @@ class Strict(BaseModel):
 
 
 class DataConfig(Strict):
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder"] = "digits"
+    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
     root: str | None = Field(None, description="dataset root, or a .tar.gz of an ImageFolder tree")
     download: bool = Field(False, description="let torchvision download CIFAR if the root lacks it")
     batch_size: int = Field(64, gt=0)

@@ -18,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ray_kd import synthetic
 from ray_kd.config import DataConfig
 from ray_kd.errors import UserError
 
@@ -53,14 +54,20 @@ class Dataset:
 
 def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
     """Train/val/test of `cfg.dataset`; val is a fixed stratified share of train (seed 0, not the run seed)."""
-    loaders = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder}
+    loaders = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder,
+               "synthetic": _synthetic}
     train, test, num_classes = loaders[cfg.dataset](cfg)
     train, val = _stratified_split(train, cfg.val_fraction)
     if cfg.train_subset is not None and cfg.train_subset < len(train.labels):
         train, _ = _stratified_split(train, 1 - cfg.train_subset / len(train.labels))
-    x = train.images.float().div(255)
-    augment = cfg.augment if cfg.augment != "auto" else ("none" if cfg.dataset == "digits" else "crop_flip")
-    return Dataset(train, val, test, num_classes, x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3), augment)
+    if cfg.dataset == "synthetic":  # fixed, so LW-KD scales its fresh draws exactly as the teacher was trained
+        mean, std = torch.full((synthetic.CHANNELS,), synthetic.MEAN), torch.full((synthetic.CHANNELS,), synthetic.STD)
+    else:
+        x = train.images.float().div(255)
+        mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    plain = cfg.dataset in ("digits", "synthetic")  # flips and crops would change what a digit says
+    augment = cfg.augment if cfg.augment != "auto" else ("none" if plain else "crop_flip")
+    return Dataset(train, val, test, num_classes, mean, std, augment)
 
 
 def _stratified_split(split: Split, fraction: float) -> tuple[Split, Split]:
@@ -82,6 +89,17 @@ def _digits(cfg: DataConfig) -> tuple[Split, Split, int]:
     everything = Split(images, torch.from_numpy(bunch.target.astype(np.int64)))
     train, test = _stratified_split(everything, 0.2)
     return train, test, 10
+
+
+def _synthetic(cfg: DataConfig) -> tuple[Split, Split, int]:
+    """LW-KD's synthesized digit-glyph classes, rendered in memory; `data.root` holds the spec
+    (e.g. "classes=100,size=32,per_class=100"; see `ray_kd.synthetic.SyntheticSpec`)."""
+    try:
+        spec = synthetic.SyntheticSpec.parse(cfg.root)
+    except ValueError as err:
+        raise DataError(f"data.root={cfg.root!r} for dataset synthetic: {err}") from None
+    (train_x, train_y), (test_x, test_y) = synthetic.make_splits(spec)
+    return Split(train_x, train_y), Split(test_x, test_y), spec.classes
 
 
 def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:

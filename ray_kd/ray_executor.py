@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 import ray
+import ray.train
 import torch
 
 from ray_kd.checkpoint import safe_load
@@ -85,11 +86,13 @@ def connect(cfg: RunConfig) -> None:
         return
     address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
     # Worker logs stay in Ray's log files unless asked for: the driver prints progress itself.
-    kwargs = dict(include_dashboard=False, log_to_driver=cfg.runtime.worker_logs, logging_level="ERROR")
+    kwargs = dict(log_to_driver=cfg.runtime.worker_logs, logging_level="ERROR")
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count(), **kwargs)
+        # The dashboard serves the State API that Ray Train's placement-group cleaner needs (without
+        # it, a finished sweep trial leaks its workers' resources); it listens on loopback only.
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def check_fits(cfg: RunConfig, gpu: bool) -> None:
@@ -138,11 +141,35 @@ def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | No
         watcher.start()
     try:
         result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise explain_failure(err, cfg) from None
     finally:
         stop.set()
         if run_id:
             watcher.join()
     return Path(result.checkpoint.path)
+
+
+class WorkerFailedError(UserError, RuntimeError):
+    """A role's worker kept failing after every restart the run allows."""
+
+
+def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
+    """The one-line error a user can act on: the worker's own UserError (a NaN loss, a bad checkpoint)
+    if it raised one, else which role failed, after how many restarts, and how to resume."""
+    roles = all_roles(cfg)
+    for rank, failure in sorted(getattr(err, "worker_failures", {}).items()):
+        cause = failure
+        while cause is not None:
+            if isinstance(cause, UserError):
+                return cause
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        first = str(failure).strip().splitlines()[-1][:300] if str(failure).strip() else type(failure).__name__
+        return WorkerFailedError(f"role {roles[rank].name} (rank {rank}) failed after runtime.max_failures="
+                                 f"{cfg.runtime.max_failures} restarts: {first}; checkpoints are kept in "
+                                 f"{cfg.run_dir / 'ray'}: run the same command to resume")
+    return WorkerFailedError(f"the run failed ({str(err).strip().splitlines()[0][:300]}); checkpoints are kept in "
+                             f"{cfg.run_dir / 'ray'}: run the same command to resume")
 
 
 def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, every: float = 0.5) -> None:

@@ -26,14 +26,18 @@ def train(cfg: RunConfig, parent_run_id: str | None = None) -> dict:
     run_id = tracking.start_or_resume(cfg, uri, parent_run_id)
     print(f"run {cfg.name}: folder {cfg.run_dir}, MLflow run {run_id} in {uri}", flush=True)
     start = time.perf_counter()
-    if cfg.runtime.executor == "local":
-        from ray_kd.local_executor import run_local
+    try:
+        if cfg.runtime.executor == "local":
+            from ray_kd.local_executor import run_local
 
-        last = run_local(cfg, tracking.MetricSync(uri, run_id))
-    else:
-        from ray_kd.ray_executor import run_on_ray
+            last = run_local(cfg, tracking.MetricSync(uri, run_id))
+        else:
+            from ray_kd.ray_executor import run_on_ray
 
-        last = run_on_ray(cfg, uri, run_id)
+            last = run_on_ray(cfg, uri, run_id)
+    except BaseException:  # Ctrl-C included: the run shows as failed until a resume finishes it
+        tracking.client(uri).set_terminated(run_id, "FAILED")
+        raise
     return finish(cfg, last, uri, run_id, time.perf_counter() - start)
 
 

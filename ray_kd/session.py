@@ -19,6 +19,9 @@ from ray_kd.data import Dataset, load_dataset, seeded_batches
 from ray_kd.methods import Role
 from ray_kd.roles import RoleRunner
 
+OBJECTIVE = "best_student_val_acc"
+"""Per epoch: the val top-1 of the best student that epoch."""
+
 History = list[dict[str, float]]
 """One dict of merged metrics (every role's) per completed epoch; entry i has 'epoch' == i + 1."""
 
@@ -51,6 +54,10 @@ class Session:
         merged = {"epoch": float(epoch + 1)}
         for part in self.exchange.gather_objects(metrics):
             merged.update(part)
+        students = [k.split("/")[0] for k in merged if k.startswith("student_") and k.endswith("/val_acc")]
+        top = max(students, key=lambda s: merged[f"{s}/val_acc"])
+        merged[OBJECTIVE] = merged[f"{top}/val_acc"]  # what sweeps maximise: validation only
+        merged["best_student_test_acc"] = merged[f"{top}/test_acc"]  # reported beside it, never searched on
         return merged
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:

@@ -15,7 +15,8 @@ CIFAR_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+             logging_level="ERROR")
     yield ray
     ray.shutdown()
 

@@ -1,18 +1,23 @@
 """Method registry: every module in this package that defines a `Method` subclass with a `name` registers it.
 
-A method name may also compose a wrapper over a base method, as in `kd+skd`
-(see `compose` in the wrapper's module); `method_class` resolves both.
+A method name may also compose a wrapper over a base method, as in `kd+skd`:
+a module that defines `compose(base) -> type[Method]` is a wrapper named after
+the module (skd.py: `skd`); `method_class` resolves both.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from typing import Callable
 
 from ray_kd.methods.base import Method, MethodParams, Outputs, Role, RoleNet
 
+WRAPPERS: dict[str, Callable[[type[Method]], type[Method]]] = {}
 for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+    _loaded = importlib.import_module(f"{__name__}.{_module.name}")
+    if hasattr(_loaded, "compose"):
+        WRAPPERS[_module.name] = _loaded.compose
 
 
 def _registered() -> dict[str, type[Method]]:
@@ -29,9 +34,17 @@ METHODS: dict[str, type[Method]] = _registered()
 
 
 def method_class(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+    """`kd` is a registered method; `kd+skd` is the `skd` wrapper composed over it."""
+    base, *wrappers = name.split("+")
+    if base not in METHODS:
+        raise ValueError(f"unknown method {base!r}; choose one of: {', '.join(sorted(METHODS))}")
+    cls = METHODS[base]
+    for wrapper in wrappers:
+        if wrapper not in WRAPPERS:
+            raise ValueError(f"unknown wrapper {wrapper!r} in method {name!r}; "
+                             f"choose one of: {', '.join(sorted(WRAPPERS))}")
+        cls = WRAPPERS[wrapper](cls)
+    return cls
 
 
-__all__ = ["METHODS", "Method", "MethodParams", "Outputs", "Role", "RoleNet", "method_class"]
+__all__ = ["METHODS", "WRAPPERS", "Method", "MethodParams", "Outputs", "Role", "RoleNet", "method_class"]

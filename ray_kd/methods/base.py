@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from ray_kd.methods.losses import soft_target
 from ray_kd.models import StagedNet
 
 Outputs = dict[str, torch.Tensor]
@@ -100,6 +101,16 @@ class Method:
         A role with nothing to train returns {}.
         """
         raise NotImplementedError
+
+    def distill(self, role: Role, z_learner: torch.Tensor, z_target: torch.Tensor,
+                temperature: float) -> torch.Tensor:
+        """ST(z_learner, z_target) for a role learning from logits another role published.
+
+        Methods route every received soft target through this one hook, so a
+        wrapper (SKD) can reshape the target before the loss without knowing
+        the method.
+        """
+        return soft_target(z_learner, z_target, temperature)
 
     def eval_heads(self, role: Role, outputs: Outputs) -> dict[str, torch.Tensor]:
         """Logits to score at evaluation, by label: the role's own, plus e.g. a bridge's."""

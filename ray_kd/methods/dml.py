@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ray_kd.methods.base import Method, MethodParams
-from ray_kd.methods.losses import cross_entropy, soft_target
+from ray_kd.methods.losses import cross_entropy
 
 
 class DMLParams(MethodParams):
@@ -27,5 +27,5 @@ class DML(Method):
         p = self.params
         z = outputs["logits"]
         peers = [out["logits"] for name, out in published.items() if name != role.name and name != "teacher"]
-        mimicry = sum(soft_target(z, z_peer, p.temperature) for z_peer in peers) / len(peers)
+        mimicry = sum(self.distill(role, z, z_peer, p.temperature) for z_peer in peers) / len(peers)
         return self.with_total({"ce": p.ce_weight * cross_entropy(z, y), "kd": p.kd_weight * mimicry})

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from ray_kd.methods.base import Method, MethodParams
-from ray_kd.methods.losses import cross_entropy, soft_target
+from ray_kd.methods.losses import cross_entropy
 
 
 class KDParams(MethodParams):
@@ -28,5 +28,5 @@ class KD(Method):
         z_s = outputs["logits"]
         return self.with_total({
             "ce": p.ce_weight * cross_entropy(z_s, y),
-            "kd": p.kd_weight * soft_target(z_s, published["teacher"]["logits"], p.temperature),
+            "kd": p.kd_weight * self.distill(role, z_s, published["teacher"]["logits"], p.temperature),
         })

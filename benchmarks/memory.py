@@ -1,0 +1,150 @@
+"""Peak resident memory per worker for the CIFAR-size pairs, sampled inside each worker with psutil.
+
+Each Ray worker runs the project's own train_worker under a sampling thread (every 20 ms); the
+single-process executor is sampled the same way in its (fresh) process for comparison.
+
+    .venv/bin/python benchmarks/memory.py [--cases cifar-kd cifar-dml] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import RESULTS, absolute_paths, machine, random_teacher, save, trainer_with
+
+CASES = {  # name -> (config, random teacher model)
+    "cifar-kd": ("configs/bench_cifar10_kd.yaml", "resnet20"),
+    "cifar-dml": ("configs/bench_cifar10_dml.yaml", None),
+}
+
+
+class PeakRSS:
+    """A daemon thread sampling this process's RSS; `baseline` is the RSS when it started."""
+
+    def __init__(self, every: float = 0.02):
+        import threading
+
+        import psutil
+
+        self.proc, self.every = psutil.Process(), every
+        self.baseline = self.peak = self.proc.memory_info().rss
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self) -> None:
+        while not self.stop.wait(self.every):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def finish(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        return {"baseline_mb": self.baseline / 2**20, "peak_mb": self.peak / 2**20}
+
+
+def sampled_worker(out: str):
+    """The project's train_worker, sampled; each rank writes its figures to `out`/rank<r>.json."""
+
+    def run(config: dict) -> None:
+        import json
+
+        import ray.train
+
+        from ray_kd.config import RunConfig
+        from ray_kd.ray_executor import train_worker
+        from ray_kd.session import all_roles
+
+        sampler = PeakRSS()
+        train_worker(config)
+        rank = ray.train.get_context().get_world_rank()
+        role = all_roles(RunConfig.model_validate(config["run"]))[rank]
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump({"role": f"{role.name} ({role.model})", **sampler.finish()}, f)
+
+    return run
+
+
+def overrides_for(case: str, executor: str, tmp: Path, steps: int) -> tuple[str, list[str]]:
+    config, teacher = CASES[case]
+    overrides = [*absolute_paths(config), f"output_dir={tmp}", f"name={case}-{executor}", "optim.epochs=1", f"optim.steps_per_epoch={steps}"]
+    if teacher:
+        overrides.append(f"teacher.checkpoint={random_teacher(config, overrides, teacher)}")
+    return config, overrides
+
+
+def measure_ray(case: str, tmp: Path, steps: int) -> list[dict]:
+    from ray_kd.config import load_config
+    from ray_kd.ray_executor import connect
+    from ray_kd.session import all_roles
+
+    config, overrides = overrides_for(case, "ray", tmp, steps)
+    n = len(all_roles(load_config(config, overrides)))
+    cfg = load_config(config, overrides + ["runtime.threads_per_worker=1", f"runtime.cpus_per_worker={2 / n}"])
+    connect(cfg)
+    out = tmp / f"{case}-ranks"
+    out.mkdir()
+    trainer_with(cfg, sampled_worker(str(out)), name="memory").fit()
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def child(case: str, steps: int, out: Path) -> None:
+    """The single-process executor, sampled in this fresh process."""
+    from ray_kd.config import load_config
+    from ray_kd.local_executor import run_local
+    from ray_kd.session import all_roles
+
+    sampler = PeakRSS()
+    config, overrides = overrides_for(case, "local", out.parent, steps)
+    cfg = load_config(config, overrides)
+    n = len(all_roles(cfg))
+    run_local(load_config(config, overrides + ["runtime.executor=local", f"runtime.threads_per_worker={n}"]),
+              show_progress=False)
+    roles = " + ".join(f"{r.name} ({r.model})" for r in all_roles(cfg))
+    out.write_text(json.dumps({"role": f"all: {roles}", **sampler.finish()}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=20, help="training steps (one epoch, then a full evaluation)")
+    parser.add_argument("--child", nargs=2, metavar=("CASE", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], args.steps, Path(args.child[1]))
+    info = machine()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ray-kd-memory-") as tmp:
+        for case in args.cases:
+            for r in measure_ray(case, Path(tmp), args.steps):
+                rows.append({"case": case, "executor": "ray (1 worker per role)", **r})
+            out = Path(tmp) / f"{case}-local.json"
+            subprocess.run([sys.executable, sys.argv[0], "--steps", str(args.steps), "--child", case, str(out)],
+                           check=True)
+            rows.append({"case": case, "executor": "local (one process)", **json.loads(out.read_text())})
+            for r in rows[-3:]:
+                r["added_mb"] = r["peak_mb"] - r["baseline_mb"]
+            print(rows[-3:], flush=True)
+    import ray
+
+    ray.shutdown()
+    for case in args.cases:
+        ray_rows = [r for r in rows if r["case"] == case and r["executor"].startswith("ray")]
+        rows.append({"case": case, "executor": "ray, all workers", "role": "sum",
+                     **{k: sum(r[k] for r in ray_rows) for k in ("baseline_mb", "peak_mb", "added_mb")}})
+    notes = ("MiB. peak_mb: the highest RSS sampled every 20 ms while the role trained one epoch of "
+             f"{args.steps} steps (batch 128) and evaluated on val (5,000) and test (10,000); baseline_mb: the RSS "
+             "before the run started in that process (Python, torch, Ray worker); added_mb = peak - baseline. "
+             "Every process holds the whole decoded CIFAR-10 copy (60,000 x 3 x 32 x 32 uint8 = 176 MiB) and the "
+             "training subset it indexes out of it.")
+    save("memory", "Peak resident memory per worker, CIFAR-size pairs", rows,
+         ["case", "executor", "role", "baseline_mb", "peak_mb", "added_mb"], info, notes)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Seconds from the command to the first training step, phase by phase, on both executors.
+
+Each measurement is a fresh Python process that does what `ray-kd train` does (imports, preflight,
+MLflow run, ray.init, the project's TorchTrainer), with the worker function timed at each stage
+(dataset load, Session = models + optimisers, first step = forward + all_gather + update).
+
+    .venv/bin/python benchmarks/startup.py [--cases digits-dml cifar-kd cifar-kd-cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import RESULTS, RUNS, absolute_paths, machine, random_teacher, save, trainer_with
+
+CASES = {  # name -> (config, overrides, random teacher model)
+    "digits-dml": ("configs/digits_dml.yaml", [], None),
+    "cifar-kd": ("configs/bench_cifar10_kd.yaml", [], "resnet20"),
+    # the first run on a machine: the archive unpacked and 60,000 JPEGs decoded into the cache
+    "cifar-kd-cold": ("configs/bench_cifar10_kd.yaml", ["data.cache_dir={tmp}/cache"], "resnet20"),
+}
+
+
+def timed_worker(out: str):
+    """ray_executor.train_worker's set-up, with a timestamp after each stage and one step instead of fit()."""
+
+    def run(config: dict) -> None:
+        import time
+
+        entered = time.time()
+        import json
+
+        import psutil
+        import ray.train
+        import ray.train.torch
+        import torch
+
+        from ray_kd.config import RunConfig
+        from ray_kd.data import load_dataset
+        from ray_kd.exchange import CollectiveExchange
+        from ray_kd.session import Session, all_roles
+
+        cfg = RunConfig.model_validate(config["run"])
+        rank = ray.train.get_context().get_world_rank()
+        torch.set_num_threads(cfg.runtime.threads_per_worker)
+        t = {"process_created": psutil.Process().create_time(), "entered": entered, "imports": time.time()}
+        data = load_dataset(cfg.data)
+        t["dataset"] = time.time()
+        session = Session(cfg, [rank], CollectiveExchange([r.name for r in all_roles(cfg)], rank),
+                          ray.train.torch.get_device(), dataset=data)
+        t["models"] = time.time()
+        session._train_epoch(0)  # steps_per_epoch=1: exactly the first step
+        t["first_step"] = time.time()
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump(t, f)
+
+    return run
+
+
+def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
+    """One measured start, in this fresh process (the parent made the random teacher file beforehand)."""
+    import psutil
+
+    t = {"process_created": psutil.Process().create_time()}
+    import torch
+
+    from ray_kd import tracking
+    from ray_kd.config import load_config
+    from ray_kd.data import load_dataset
+    from ray_kd.exchange import LocalExchange
+    from ray_kd.ray_executor import connect
+    from ray_kd.run import preflight
+    from ray_kd.session import Session, all_roles
+
+    t["imports"] = time.time()
+    config, overrides = case_overrides(case, out.parent)
+    overrides += [f"name={case}-{executor}", "optim.steps_per_epoch=1", "optim.epochs=1"]
+    if teacher_file:
+        overrides.append(f"teacher.checkpoint={teacher_file}")
+    n = len(all_roles(load_config(config, overrides)))
+    overrides += ([f"runtime.executor=local", f"runtime.threads_per_worker={n}"] if executor == "local"
+                  else ["runtime.threads_per_worker=1", f"runtime.cpus_per_worker={2 / n}"])
+    cfg = load_config(config, overrides)
+    t["config"] = time.time()
+    preflight(cfg)
+    t["preflight"] = time.time()
+    uri = tracking.tracking_uri(cfg)
+    tracking.check_reachable(uri)
+    tracking.start_or_resume(cfg, uri)
+    t["mlflow"] = time.time()
+    if executor == "local":
+        torch.set_num_threads(n)
+        data = load_dataset(cfg.data)
+        t["dataset"] = time.time()
+        session = Session(cfg, list(range(n)), LocalExchange(), torch.device("cpu"), dataset=data)
+        t["models"] = time.time()
+        session._train_epoch(0)
+        t["first_step"] = time.time()
+        ranks = []
+    else:
+        connect(cfg)
+        t["ray.init"] = time.time()
+        workers = out.parent / "workers"
+        workers.mkdir()
+        trainer_with(cfg, timed_worker(str(workers)), name="startup").fit()
+        ranks = [json.loads(p.read_text()) for p in sorted(workers.glob("rank*.json"))]
+        import ray
+
+        ray.shutdown()
+    out.write_text(json.dumps({"driver": t, "ranks": ranks}))
+
+
+def case_overrides(case: str, tmp: Path) -> tuple[str, list[str]]:
+    config, overrides, _ = CASES[case]
+    return config, [*absolute_paths(config), *(o.format(tmp=tmp) for o in overrides), f"output_dir={tmp}"]
+
+
+def phases(m: dict) -> dict[str, float]:
+    """Seconds per phase along the critical path (the last rank to reach each stage)."""
+    d, ranks = m["driver"], m["ranks"]
+    p = {"python + imports": d["imports"] - d["process_created"],
+         "config": d["config"] - d["imports"],
+         "preflight (driver loads data, checks teacher)": d["preflight"] - d["config"],
+         "MLflow run": d["mlflow"] - d["preflight"]}
+    if not ranks:
+        p.update({"dataset load": d["dataset"] - d["mlflow"], "models + optimisers": d["models"] - d["dataset"],
+                  "first step": d["first_step"] - d["models"]})
+        end = d["first_step"]
+    else:
+        last = lambda key: max(r[key] for r in ranks)  # noqa: E731
+        p.update({"ray.init": d["ray.init"] - d["mlflow"],
+                  "worker group start (controller, placement group, workers, gloo)": last("entered") - d["ray.init"],
+                  "worker imports": last("imports") - last("entered"),
+                  "dataset load (each worker)": last("dataset") - last("imports"),
+                  "models + optimisers": last("models") - last("dataset"),
+                  "first step (incl. waiting for the slowest role)": last("first_step") - last("models")})
+        end = last("first_step")
+    p["total: command to first step"] = end - d["process_created"]
+    return p
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--child", nargs=4, metavar=("CASE", "EXECUTOR", "OUT", "TEACHER"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child[0], args.child[1], Path(args.child[2]), args.child[3])
+    info = machine()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tempfile.mkdtemp(prefix='ray-kd-startup-mlflow-')}/mlflow.db"}
+    columns, results = ["phase"], {}
+    for case in args.cases:
+        for executor in ("ray", "local"):
+            with tempfile.TemporaryDirectory(prefix="ray-kd-startup-") as tmp:
+                out = Path(tmp) / "timings.json"
+                config, _, model = CASES[case]  # the teacher file from the warm cache: "cold" stays cold
+                teacher_file = random_teacher(config, absolute_paths(config), model) if model else ""
+                subprocess.run([sys.executable, sys.argv[0], "--child", case, executor, str(out), teacher_file],
+                               env=env, check=True)
+                results[f"{case} {executor}"] = phases(json.loads(out.read_text()))
+            columns.append(f"{case} {executor}")
+            print(case, executor, {k: round(v, 2) for k, v in results[f"{case} {executor}"].items()}, flush=True)
+    names = list(dict.fromkeys(k for p in results.values() for k in p))
+    names.append(names.pop(names.index("total: command to first step")))
+    rows = [{"phase": name, **{col: round(p[name], 2) if name in p else "" for col, p in results.items()}}
+            for name in names]
+    totals = {col: p["total: command to first step"] for col, p in results.items()}
+    dominant = {col: max((k for k in p if not k.startswith("total")), key=p.get) for col, p in results.items()}
+    notes = ("Seconds; each column one fresh process. Ray columns: the last rank to reach each stage. "
+             "Dominant phase: " + "; ".join(f"{c}: {dominant[c]} ({results[c][dominant[c]]:.1f} of {totals[c]:.1f} s)"
+                                           for c in results) + ".")
+    save("startup", "Start-up: seconds from the command to the first step", rows, columns, info, notes,
+         {"phases": results})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""`python -m jobs.sweep --config RUN.yaml --space SPACE.yaml [key=value ...]`: a Ray Tune sweep on the cluster."""
+
+import sys
+
+from ray_kd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["tune", *sys.argv[1:]]))

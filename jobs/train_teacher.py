@@ -1,0 +1,8 @@
+"""`python -m jobs.train_teacher --config TEACHER.yaml --out PATH [key=value ...]`: train and save a teacher."""
+
+import sys
+
+from ray_kd.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train-teacher", *sys.argv[1:]]))

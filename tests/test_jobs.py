@@ -1,0 +1,82 @@
+"""`ray job submit` against a real local Ray head: the job succeeds and its run lands in MLflow."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from ray_kd.tracking import client
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head():
+    """`ray start --head` on loopback ports in its own temp dir; afterwards exactly its processes are killed
+    (`ray stop` would also kill the test session's own cluster)."""
+    temp_dir = tempfile.mkdtemp(prefix="rkhead", dir="/tmp")  # short: Ray's unix socket paths have a length limit
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}  # the CLI then sends ~/.ray/auth_token
+    # Every port of its own, so it never collides with the test session's cluster (the job agent's above all).
+    ports = {flag: _free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
+                                             "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                                             "metrics-export-port", "ray-client-server-port")}
+    try:
+        subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
+                        "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
+                        "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
+                       check=True, env=env, capture_output=True, timeout=180)
+        yield env, f"http://127.0.0.1:{ports['dashboard-port']}"
+    finally:
+        for proc in psutil.process_iter(["cmdline"]):
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_submitted_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
+    env, address = ray_head
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    runtime_env = '{"env_vars": {"MLFLOW_TRACKING_URI": "%s"}}' % uri
+    for _ in range(40):  # the job agent takes a few seconds to come up after `ray start`
+        submit = subprocess.run(
+            [BIN / "ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait",
+             "--submission-id", "distil-test", "--runtime-env-json", runtime_env, "--",
+             "python", "-m", "jobs.distil", "--config", "configs/digits_dml.yaml", "optim.epochs=2",
+             "optim.milestones=[1]", f"output_dir={tmp_path / 'runs'}", "name=job-run"],
+            env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(3)
+    assert submit.returncode == 0, submit.stderr
+    status = ""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        status = subprocess.run([BIN / "ray", "job", "status", "--address", address, "distil-test"],
+                                env=env, capture_output=True, text=True, timeout=60).stdout.lower()
+        if any(f"job 'distil-test' {s}" in status for s in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(3)
+    logs = subprocess.run([BIN / "ray", "job", "logs", "--address", address, "distil-test"],
+                          env=env, capture_output=True, text=True, timeout=60).stdout
+    assert "job 'distil-test' succeeded" in status, logs[-3000:]
+    assert "epoch 2/2" in logs
+
+    mlflow = client(uri)
+    runs = mlflow.search_runs(mlflow.get_experiment_by_name("ray-kd").experiment_id, "tags.mlflow.runName = 'job-run'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert [m.step for m in mlflow.get_metric_history(runs[0].info.run_id, "student_0/val_acc")] == [1, 2]
+    assert (tmp_path / "runs" / "job-run" / "summary.json").is_file()

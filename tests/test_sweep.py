@@ -1,0 +1,49 @@
+"""A real small sweep on the digits: parent and child runs, the best config, early stopping by ASHA."""
+
+import csv
+
+import pytest
+import yaml
+
+from ray_kd.config import ConfigError, load_config
+from ray_kd.tracking import client
+from tuning.space import SweepSpace, load_space
+from tuning.sweep import sweep
+
+
+def test_random_sweep_with_asha(ray_cluster, mlflow_uri, tmp_path):
+    space = SweepSpace.model_validate({
+        "searcher": "random", "num_samples": 5, "max_concurrent_trials": 1,
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2},
+        "params": {"optim.lr": {"type": "loguniform", "low": 0.0005, "high": 0.2},
+                   "method.temperature": {"type": "uniform", "low": 1.0, "high": 4.0}},
+    })
+    cfg = load_config("configs/digits_dml.yaml", [f"output_dir={tmp_path}", "name=sw", "optim.epochs=3",
+                                                  "optim.milestones=[2]", "seed=1"])
+    best = sweep(cfg, space)
+
+    folder = tmp_path / "sw-sweep"
+    rows = list(csv.DictReader((folder / "results.csv").open()))
+    assert len(rows) == 5
+    assert any(r["status"] == "stopped early" for r in rows), rows  # ASHA cut at least one trial short
+    assert best["best_val_acc"] == max(float(r["best_val_acc"]) for r in rows if r["best_val_acc"])
+
+    best_cfg = load_config(folder / "best_config.yaml")  # a ready-to-run, valid run spec
+    assert best_cfg.optim.lr == float(best["optim.lr"]) and best_cfg.name == "sw-best"
+
+    mlflow = client(mlflow_uri)
+    parent = mlflow.search_runs(mlflow.get_experiment_by_name("ray-kd").experiment_id,
+                                "tags.mlflow.runName = 'sw-sweep'")[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_acc"] == best["best_val_acc"]
+    children = mlflow.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 5 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    artifacts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
+    assert {"results.csv", "best_config.yaml", "objective.png", "space.yaml"} <= artifacts
+
+
+def test_bad_space_is_one_line(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({"params": {"optim.lr": {"type": "loguniform", "low": 0, "high": 1}}}))
+    with pytest.raises(ConfigError, match=r"params\.optim\.lr: .*loguniform parameter needs low > 0$"):
+        load_space(path)

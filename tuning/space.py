@@ -1,0 +1,86 @@
+"""A sweep's search space in YAML, validated: which fields to search, how, and how to stop early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ray_kd.config import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Param(Strict):
+    """One searched field: a distribution (uniform/loguniform/randint) or a list of values (choice/grid)."""
+
+    type: Literal["uniform", "loguniform", "randint", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Param":
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"a {self.type} parameter needs a non-empty `values` list")
+        elif self.low is None or self.high is None or not self.low < self.high:
+            raise ValueError(f"a {self.type} parameter needs low < high")
+        elif self.type == "loguniform" and self.low <= 0:
+            raise ValueError("a loguniform parameter needs low > 0")
+        return self
+
+
+class Scheduler(Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, gt=0, description="epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepSpace(Strict):
+    searcher: Literal["optuna", "random", "grid"] = "optuna"
+    num_samples: int = Field(8, gt=0, description="trials (for grid: repeats of the whole grid)")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="None: as many as the cluster holds")
+    scheduler: Scheduler = Field(default_factory=Scheduler)
+    params: dict[str, Param] = Field(min_length=1, description="dotted run-config field -> how to search it")
+
+    @model_validator(mode="after")
+    def _grid_is_grid(self) -> "SweepSpace":
+        kinds = {p.type for p in self.params.values()}
+        if self.searcher == "grid" and kinds - {"grid"}:
+            raise ValueError("searcher grid takes only `type: grid` parameters")
+        if self.searcher != "grid" and "grid" in kinds:
+            raise ValueError(f"`type: grid` parameters need `searcher: grid` (got {self.searcher})")
+        return self
+
+
+def load_space(path: str | Path) -> SweepSpace:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space {path} does not exist")
+    try:
+        return SweepSpace.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"search space {path}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"search space {path} is not valid YAML: {err}") from None
+
+
+def tune_domain(param: Param):
+    from ray import tune
+
+    if param.type == "uniform":
+        return tune.uniform(param.low, param.high)
+    if param.type == "loguniform":
+        return tune.loguniform(param.low, param.high)
+    if param.type == "randint":
+        return tune.randint(int(param.low), int(param.high))
+    if param.type == "choice":
+        return tune.choice(param.values)
+    return tune.grid_search(param.values)
