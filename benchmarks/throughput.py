@@ -77,15 +77,18 @@ def plot(rows: list[dict], path: Path) -> None:
     bars, labels = [], []
     for r in rows:
         for role, ms in r["raw"]["ray"]["compute_ms"].items():
-            labels.append(f"{r['case']}\n{role}")
+            labels.append(f"{r['case']} {role}")
             bars.append((ms, r["raw"]["ray"]["exchange_ms"][role]))
-    y = range(len(bars))
-    right.barh(list(y), [b[0] for b in bars], label="compute")
-    right.barh(list(y), [b[1] for b in bars], left=[b[0] for b in bars], label="exchange (incl. waiting)")
-    right.set_yticks(list(y), labels, fontsize=7)
-    right.set_xscale("log")
-    right.set_xlabel("ms per step on Ray (log)")
-    right.legend(fontsize=8)
+    y = list(range(len(bars)))
+    share = [100 * c / (c + e) for c, e in bars]
+    right.barh(y, share, label="compute")
+    right.barh(y, [100 - s for s in share], left=share, label="exchange (incl. waiting)")
+    for i, (c, e) in enumerate(bars):
+        right.text(2, i, f"{c + e:.1f} ms/step", va="center", fontsize=7, color="white")
+    right.set_yticks(y, labels, fontsize=7)
+    right.set_xlim(0, 100)
+    right.set_xlabel("share of a Ray step (%)")
+    right.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

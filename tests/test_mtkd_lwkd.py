@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from equivalence import assert_same_run, run_both
+from formulas import direct_ce, direct_st
 
 from ray_kd import synthetic
 from ray_kd.checkpoint import save_model_file, safe_load
@@ -23,23 +24,6 @@ from ray_kd.run import preflight
 
 CPU = torch.device("cpu")
 STUDENT, TEACHER = Role("student_0", "digits_cnn_s"), Role("teacher", "digits_cnn_l")
-
-
-def direct_st(z_s, z_t, T):
-    """T^2 * mean_b sum_c p_t (log p_t - log p_s), written out by hand."""
-    total = 0.0
-    for row_s, row_t in zip(z_s.tolist(), z_t.tolist()):
-        ps = [math.exp(v / T) for v in row_s]
-        pt = [math.exp(v / T) for v in row_t]
-        ps = [v / sum(ps) for v in ps]
-        pt = [v / sum(pt) for v in pt]
-        total += sum(t * (math.log(t) - math.log(s)) for s, t in zip(ps, pt))
-    return T * T * total / len(z_s)
-
-
-def direct_ce(z, y):
-    rows = zip(z.tolist(), y.tolist())
-    return sum(math.log(sum(math.exp(v) for v in row)) - row[label] for row, label in rows) / len(y)
 
 
 def rand(*shape, seed):

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 from equivalence import assert_same_run, run_both
-from test_losses import Y, Z_S, Z_T, direct_st
+from formulas import direct_st
+from test_losses import Y, Z_S, Z_T
 
 from ray_kd.checkpoint import safe_load
 from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
