@@ -60,7 +60,8 @@ def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None) 
         return json.loads(marker.read_text())["run_id"]
     mlflow = client(uri)
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = experiment.experiment_id if experiment else mlflow.create_experiment(cfg.tracking.experiment)
+    exp_id = (experiment.experiment_id if experiment
+              else mlflow.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri)))
     tags = {"mlflow.runName": cfg.name, "ray_kd.method": cfg.method.name}
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
@@ -73,6 +74,15 @@ def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None) 
     mlflow.log_text(run_id, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config.yaml")
     atomic_write_json({"run_id": run_id, "tracking_uri": uri}, marker)
     return run_id
+
+
+def _artifact_root(uri: str) -> str | None:
+    """Artifacts of a sqlite store go beside the database file, not into whatever directory the process
+    runs in (under `ray job submit` that is a temporary copy of the working dir)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix):
+        return (Path(uri[len(prefix):]).parent / "mlruns").as_uri()
+    return None  # a tracking server decides
 
 
 class MetricSync:

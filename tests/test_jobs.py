@@ -80,3 +80,6 @@ def test_submitted_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert [m.step for m in mlflow.get_metric_history(runs[0].info.run_id, "student_0/val_acc")] == [1, 2]
     assert (tmp_path / "runs" / "job-run" / "summary.json").is_file()
+    artifacts = {a.path for a in mlflow.list_artifacts(runs[0].info.run_id)}
+    assert {"summary.json", "best_student.pt", "accuracy.png"} <= artifacts
+    assert list((tmp_path / "mlruns").rglob("best_student.pt"))  # beside the store, not in the job's temp copy
