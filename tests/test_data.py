@@ -1,0 +1,72 @@
+"""Datasets: fixed splits, identical seeded batches on every worker, ImageFolder archives, the real CIFAR-10 copy."""
+
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from conftest import CIFAR_ARCHIVE
+from PIL import Image
+
+from ray_kd.config import DataConfig
+from ray_kd.data import DataError, load_dataset, seeded_batches
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = load_dataset(DataConfig()), load_dataset(DataConfig())
+    assert (len(a.train.labels), len(a.val.labels), len(a.test.labels)) == (1293, 144, 360)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.test.labels, b.test.labels)
+    assert torch.bincount(a.test.labels).min() >= 35  # every class present in test, ~36 each
+
+
+def test_every_worker_draws_the_same_augmented_batches(tmp_path):
+    data = load_dataset(DataConfig(dataset="imagefolder", root=str(_tiny_archive(tmp_path)),
+                                   cache_dir=str(tmp_path / "cache")))
+    assert data.augment == "crop_flip"
+    first = list(seeded_batches(data, 8, seed=3, epoch=1))
+    again = list(seeded_batches(data, 8, seed=3, epoch=1))
+    other = list(seeded_batches(data, 8, seed=3, epoch=2))
+    for (x1, y1), (x2, y2) in zip(first, again):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not all(torch.equal(x1, x3) for (x1, _), (x3, _) in zip(first, other))
+
+
+def test_imagefolder_archive_is_unpacked_decoded_and_cached(tmp_path):
+    cfg = DataConfig(dataset="imagefolder", root=str(_tiny_archive(tmp_path)), cache_dir=str(tmp_path / "cache"))
+    data = load_dataset(cfg)
+    assert data.num_classes == 3 and data.in_channels == 3 and data.train.images.dtype == torch.uint8
+    assert len(data.train.labels) + len(data.val.labels) == 30 and len(data.test.labels) == 9
+    assert list((tmp_path / "cache").glob("imagefolder-*.pt"))
+    assert torch.equal(load_dataset(cfg).test.images, data.test.images)  # from the cache, same tensors
+
+
+def test_a_broken_archive_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.tar.gz"
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(DataError, match="is not a readable .tar.gz"):
+        load_dataset(DataConfig(dataset="imagefolder", root=str(bad), cache_dir=str(tmp_path / "cache")))
+
+
+@pytest.mark.skipif(not CIFAR_ARCHIVE.is_file(), reason="the shared CIFAR-10 copy is not beside this checkout")
+def test_the_real_cifar10_copy(tmp_path):
+    data = load_dataset(DataConfig(dataset="imagefolder", root=str(CIFAR_ARCHIVE), cache_dir=str(tmp_path / "cache")))
+    assert data.num_classes == 10 and tuple(data.train.images.shape[1:]) == (3, 32, 32)
+    assert (len(data.train.labels), len(data.val.labels), len(data.test.labels)) == (45000, 5000, 10000)
+    assert torch.bincount(data.test.labels).tolist() == [1000] * 10
+
+
+def _tiny_archive(tmp_path):
+    """3 classes of 10 train and 3 test 12x12 images, as ImageFolder in a .tar.gz."""
+    root = tmp_path / "tiny"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 10), ("test", 3)):
+        for c in range(3):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (rng.random((12, 12, 3)) * 80 + c * 80).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="tiny")
+    return archive
