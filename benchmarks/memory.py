@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import RESULTS, absolute_paths, machine, random_teacher, save, trainer_with
+from common import absolute_paths, machine, random_teacher, save, trainer_with
 
 CASES = {  # name -> (config, random teacher model)
     "cifar-kd": ("configs/bench_cifar10_kd.yaml", "resnet20"),

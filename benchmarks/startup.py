@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, RUNS, absolute_paths, machine, random_teacher, save, trainer_with
+from common import RUNS, absolute_paths, machine, random_teacher, save, trainer_with
 
 CASES = {  # name -> (config, overrides, random teacher model)
     "digits-dml": ("configs/digits_dml.yaml", [], None),
