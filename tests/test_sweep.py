@@ -47,3 +47,29 @@ def test_bad_space_is_one_line(tmp_path):
     path.write_text(yaml.safe_dump({"params": {"optim.lr": {"type": "loguniform", "low": 0, "high": 1}}}))
     with pytest.raises(ConfigError, match=r"params\.optim\.lr: .*loguniform parameter needs low > 0$"):
         load_space(path)
+
+
+SPACE_CONFIGS = {"ce": "digits_alone", "kd": "digits_kd", "dml": "digits_dml", "dml_digits_demo": "digits_dml",
+                 "sokd": "sokd_digits", "kd_skd": "skd_kd_digits", "mtkd_ssr": "mtkd_digits",
+                 "lwkd": "lwkd_digits", "tfkd": "tfkd_digits"}
+
+
+@pytest.mark.parametrize("space", sorted(SPACE_CONFIGS))
+def test_every_shipped_space_searches_real_fields_of_its_method(space):
+    """Both ends of every range must make a valid run spec for the method's own digits config."""
+    spec = load_space(f"tuning/spaces/{space}.yaml")
+    for end in ("low", "high"):
+        overrides = [f"{name}={getattr(p, end) if p.values is None else p.values[0]}" for name, p in spec.params.items()]
+        cfg = load_config(f"configs/{SPACE_CONFIGS[space]}.yaml", overrides)
+        for name in spec.params:
+            section, field = name.split(".")
+            assert hasattr(getattr(cfg, section), field) or field in (getattr(cfg, section).model_extra or {}), name
+
+
+def test_there_is_a_space_for_every_method():
+    from pathlib import Path
+
+    from ray_kd.methods import METHODS
+
+    shipped = {p.stem for p in Path("tuning/spaces").glob("*.yaml")}
+    assert set(METHODS) | {"kd_skd"} <= shipped
