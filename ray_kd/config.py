@@ -120,6 +120,19 @@ class RunConfig(Strict):
     def run_dir(self) -> Path:
         return Path(self.output_dir).resolve() / self.name
 
+    def with_absolute_paths(self) -> "RunConfig":
+        """The same spec with its file paths made absolute: Tune runs each trial in a directory of its own."""
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).resolve())
+
+        root = self.data.root if self.data.dataset == "synthetic" else absolute(self.data.root)  # synthetic: a spec
+        roles = {"teacher": None if self.teacher is None else
+                 self.teacher.model_copy(update={"checkpoint": absolute(self.teacher.checkpoint)}),
+                 "students": [s.model_copy(update={"checkpoint": absolute(s.checkpoint)}) for s in self.students]}
+        return self.model_copy(update={
+            "output_dir": absolute(self.output_dir), **roles,
+            "data": self.data.model_copy(update={"root": root, "cache_dir": absolute(self.data.cache_dir)})})
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")

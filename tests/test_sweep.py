@@ -1,6 +1,8 @@
 """A real small sweep on the digits: parent and child runs, the best config, early stopping by ASHA."""
 
 import csv
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -40,6 +42,21 @@ def test_random_sweep_with_asha(ray_cluster, mlflow_uri, tmp_path):
     assert len(children) == 5 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
     artifacts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "best_config.yaml", "objective.png", "space.yaml"} <= artifacts
+
+
+def test_trials_find_files_given_as_relative_paths(ray_cluster, mlflow_uri, digits_teacher, tmp_path, monkeypatch):
+    """Tune runs each trial in its own directory; the teacher file and output folder named relative to the
+    command's directory must still be found there."""
+    config = Path("configs/digits_kd.yaml").resolve()
+    shutil.copy(digits_teacher, tmp_path / "teacher.pt")
+    monkeypatch.chdir(tmp_path)
+    space = SweepSpace.model_validate({"searcher": "grid", "scheduler": {"type": "none"},
+                                       "params": {"method.temperature": {"type": "grid", "values": [2.0]}}})
+    cfg = load_config(config, ["teacher.checkpoint=teacher.pt", "output_dir=out", "name=rel",
+                               "optim.epochs=1", "optim.steps_per_epoch=3"])
+    best = sweep(cfg, space)
+    assert best["status"] == "ok", best
+    assert (tmp_path / "out" / "rel-sweep" / "results.csv").is_file()
 
 
 def test_bad_space_is_one_line(tmp_path):

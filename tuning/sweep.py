@@ -67,7 +67,7 @@ def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
     print(f"sweep {name}: folder {sweep_dir}, MLflow parent run {parent_id} in {uri}", flush=True)
 
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg.model_dump(), sweep_dir=str(sweep_dir), uri=uri,
+        tune.with_parameters(run_trial, base=cfg.with_absolute_paths().model_dump(), sweep_dir=str(sweep_dir), uri=uri,
                              parent_run_id=parent_id),
         {"CPU": TRIAL_DRIVER_CPU},  # the trial only drives its Train run; its workers hold the real resources
     )
