@@ -20,6 +20,7 @@ from pathlib import Path
 
 import ray
 import torch
+import torch.distributed as dist
 
 from common import RESULTS, machine, save, trainer_with
 from ray_kd.config import load_config
@@ -107,6 +108,42 @@ def naive(n: int, steps: int, warmup: int) -> dict[str, list[float]]:
     return times
 
 
+def _plain_rank(rank: int, n: int, port: int, steps: int, warmup: int, queue) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+    times = {}
+    for b, c in SHAPES:
+        flat, seconds = torch.randn(b * c), []
+        for _ in range(warmup + steps):
+            start = time.perf_counter()
+            dist.all_gather([torch.empty_like(flat) for _ in range(n)], flat)
+            seconds.append(time.perf_counter() - start)
+        times[f"{b}x{c}"] = seconds[warmup:]
+    queue.put(times)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def plain_processes(n: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """The bare gloo all_gather among n plain processes, no Ray: what the transport costs on these cores."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_plain_rank, args=(r, n, port, steps, warmup, queue)) for r in range(n)]
+    for p in procs:
+        p.start()
+    per_rank = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return {key: [max(r[key][i] for r in per_rank) for i in range(steps)] for key in per_rank[0]}
+
+
 def quantile(xs: list[float], q: float) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[int(q * 100) - 1]
 
@@ -146,12 +183,14 @@ def main() -> None:
         for n in args.workers:
             coll = collective(n, args.steps, args.warmup, Path(tmp))
             slow = naive(n, args.steps, args.warmup)
+            plain = plain_processes(n, args.steps, args.warmup)
             for b, c in SHAPES:
                 key = f"{b}x{c}"
                 row = {"shape": key, "workers": n,
                        "collective_median_ms": 1000 * statistics.median(coll[key]),
                        "collective_p90_ms": 1000 * quantile(coll[key], 0.9),
                        "bare_all_gather_median_ms": 1000 * statistics.median(coll[f"raw {key}"]),
+                       "gloo_without_ray_median_ms": 1000 * statistics.median(plain[key]),
                        "naive_median_ms": 1000 * statistics.median(slow[key]),
                        "naive_p90_ms": 1000 * quantile(slow[key], 0.9)}
                 row["naive/collective"] = row["naive_median_ms"] / row["collective_median_ms"]
@@ -163,14 +202,15 @@ def main() -> None:
     key = next((r for r in rows if r["shape"] == "128x100" and r["workers"] == 3), rows[0])
     notes = (f"Per step: median and 90th percentile over {args.steps} steps after {args.warmup} warm-up steps; "
              "collective = the slowest rank's CollectiveExchange.all_gather call; naive = the driver's round trip. "
-             f"bare_all_gather = dist.all_gather of the same tensor without the project's flatten/pad/unflatten. "
+             f"bare_all_gather = dist.all_gather of the same tensor in the same workers, without the project's "
+             "flatten/pad/unflatten; gloo_without_ray = that bare all_gather among plain processes (no Ray). "
              f"Targets ({key['shape']}, {key['workers']} workers): collective < 1 ms -> {key['collective_median_ms']:.3f} ms "
              f"({'met' if key['collective_median_ms'] < 1 else 'MISSED'}); naive/collective >= 10 -> "
              f"{key['naive/collective']:.1f}x ({'met' if key['naive/collective'] >= 10 else 'MISSED'}). "
              "Plot: exchange.png.")
     save("exchange", "Exchange latency per step: collective vs object store through the driver", rows,
          ["shape", "workers", "collective_median_ms", "collective_p90_ms", "naive_median_ms", "naive_p90_ms",
-          "naive/collective", "bare_all_gather_median_ms"], info, notes, {"steps": args.steps, "warmup": args.warmup})
+          "naive/collective", "bare_all_gather_median_ms", "gloo_without_ray_median_ms"], info, notes, {"steps": args.steps, "warmup": args.warmup})
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ training subset as the students (LW-KD's on its synthesized glyphs). Every metho
 defaults; the protocol (PROTOCOL below) was fixed before any run and nothing is chosen on test.
 Runs use the single-process executor (equal to the Ray one: tests/test_executors.py) and are resumable:
 a run whose summary.json exists is skipped, a half-done one resumes from its last epoch.
+`<method>@tuned` rows run the method with the values its validation sweep chose (benchmarks/sweeps.py,
+results/tuned_<dataset>.json), on the same seeds and protocol.
 
     MLFLOW_TRACKING_URI=sqlite:////tmp/ray-kd-bench/mlflow.db .venv/bin/python benchmarks/quality.py \
         --dataset digits [--methods ce kd ...] [--seeds 0 1 2]
@@ -47,6 +49,21 @@ SEEDS = {"digits": list(range(10)), "cifar10": [0, 1, 2]}  # the digits runs tak
 LOCAL = ["runtime.executor=local", "runtime.threads_per_worker=2"]
 
 
+def tuned(dataset: str) -> dict[str, dict]:
+    """method -> the values its validation sweep chose (benchmarks/sweeps.py); {} before any sweep."""
+    path = RESULTS / f"tuned_{dataset}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def variants(dataset: str) -> list[str]:
+    """Every method at its config's defaults, then `<method>@tuned` for each method swept on validation."""
+    return METHODS + [f"{m}@tuned" for m in METHODS if m in tuned(dataset)]
+
+
+def run_name(method: str) -> str:
+    return method.replace("+", "_").replace("@", "-")
+
+
 def out_dir(dataset: str) -> Path:
     return RUNS / "quality" / dataset
 
@@ -70,14 +87,16 @@ def run(dataset: str, method: str, seed: int) -> dict:
     from ray_kd.config import load_config
     from ray_kd.run import train
 
-    name = f"{method.replace('+', '_')}-s{seed}"
+    name = f"{run_name(method)}-s{seed}"
     summary = out_dir(dataset) / name / "summary.json"
     if not summary.is_file():
-        overrides = [*PROTOCOL[dataset], *LOCAL, f"seed={seed}", f"name={name}", f"output_dir={out_dir(dataset)}"]
-        cfg = load_config(CONFIGS[dataset][method], overrides)
+        base, _, variant = method.partition("@")
+        chosen = [f"{k}={v}" for k, v in tuned(dataset)[base].items()] if variant else []
+        overrides = [*PROTOCOL[dataset], *LOCAL, *chosen, f"seed={seed}", f"name={name}", f"output_dir={out_dir(dataset)}"]
+        cfg = load_config(CONFIGS[dataset][base], overrides)
         if cfg.teacher is not None:
-            kind = "lwkd_teacher" if method == "lwkd" else "teacher"
-            cfg = load_config(CONFIGS[dataset][method], [*overrides, f"teacher.checkpoint={teacher(dataset, kind)}"])
+            kind = "lwkd_teacher" if base == "lwkd" else "teacher"
+            cfg = load_config(CONFIGS[dataset][base], [*overrides, f"teacher.checkpoint={teacher(dataset, kind)}"])
         print(f"== {dataset} {method} seed {seed}", flush=True)
         train(cfg)
     return json.loads(summary.read_text())
@@ -85,7 +104,7 @@ def run(dataset: str, method: str, seed: int) -> dict:
 
 def aggregate(dataset: str, runs: list[dict]) -> list[dict]:
     rows = []
-    for method in [m for m in METHODS if any(r["method"] == m for r in runs)]:
+    for method in [m for m in variants(dataset) if any(r["method"] == m for r in runs)]:
         mine = [r for r in runs if r["method"] == method]
         row = {"method": method, "seeds": len(mine)}
         for key in ("best_val_epoch_test", "last_test"):
@@ -95,16 +114,29 @@ def aggregate(dataset: str, runs: list[dict]) -> list[dict]:
         if method == "dml":
             row["note"] = ("peer student_0; best-by-val peer: "
                            f"{statistics.fmean(r['dml_best_peer_test'] for r in mine):.2f}")
+        if method.endswith("@tuned"):
+            row["note"] = " ".join(f"{k.removeprefix('method.')}={v:.3g}"
+                                   for k, v in tuned(dataset)[method.partition("@")[0]].items())
         row["train_minutes_per_run"] = statistics.fmean(r["wall_seconds"] for r in mine) / 60
         rows.append(row)
-    base = next((r for r in rows if r["method"] == "ce"), None)
-    kd = next((r for r in rows if r["method"] == "kd"), None)
+    means = {r["method"]: r["best_val_epoch_test_mean"] for r in rows}
     for row in rows:
-        if base and row["method"] != "ce":
-            row["vs_ce"] = row["best_val_epoch_test_mean"] - base["best_val_epoch_test_mean"]
-        if kd and row["method"] in SEED_METHODS:
-            row["vs_kd"] = row["best_val_epoch_test_mean"] - kd["best_val_epoch_test_mean"]
+        method = row["method"]
+        if "ce" in means and method != "ce":
+            row["vs_ce"] = row["best_val_epoch_test_mean"] - means["ce"]
+            row["vs_ce_paired_std"] = paired_std(runs, method, "ce")
+        kd = "kd@tuned" if method.endswith("@tuned") and "kd@tuned" in means else "kd"  # tuned against tuned
+        if kd in means and method.partition("@")[0] in SEED_METHODS:
+            row["vs_kd"] = row["best_val_epoch_test_mean"] - means[kd]
+            row["vs_kd_paired_std"] = paired_std(runs, method, kd)
     return rows
+
+
+def paired_std(runs: list[dict], method: str, other: str) -> float | str:
+    """Std over seeds of (method - other) on the same seed (same batches, same augmentation draws)."""
+    by_seed = {r["seed"]: r["best_val_epoch_test"] for r in runs if r["method"] == other}
+    diffs = [r["best_val_epoch_test"] - by_seed[r["seed"]] for r in runs if r["method"] == method and r["seed"] in by_seed]
+    return statistics.stdev(diffs) if len(diffs) > 1 else ""
 
 
 def plot(dataset: str, rows: list[dict], teachers: dict, path: Path) -> None:
@@ -124,7 +156,8 @@ def plot(dataset: str, rows: list[dict], teachers: dict, path: Path) -> None:
             ax.axhline(acc, color="grey", linestyle=":", linewidth=1, label=f"teacher test top-1 {acc:.1f}")
     ax.set_xticks(list(x), [r["method"] for r in rows])
     low = min(r["last_test_mean"] - r["last_test_std"] for r in rows)
-    ax.set_ylim(max(0, low - 5), 100 if dataset == "digits" else max(r["best_val_epoch_test_mean"] for r in rows) + 8)
+    high = max([r["best_val_epoch_test_mean"] + r["best_val_epoch_test_std"] for r in rows] + [teachers.get("teacher", 0)])
+    ax.set_ylim(max(0, low - 5), min(100, high + 3))
     ax.set_ylabel("student test top-1 (%)")
     ax.set_title(f"{dataset}: mean and std over seeds")
     ax.legend(fontsize=7, loc="lower right")
@@ -137,18 +170,21 @@ def plot(dataset: str, rows: list[dict], teachers: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=list(CONFIGS), required=True)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", help="default: every method and every @tuned variant")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0-9 on the digits, 0-2 on CIFAR-10")
     args = parser.parse_args()
+    unknown = set(args.methods or []) - set(variants(args.dataset))
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}; choose from {variants(args.dataset)}")
     os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:////tmp/ray-kd-bench/mlflow.db")
     Path("/tmp/ray-kd-bench").mkdir(exist_ok=True)
     info = machine()
     for seed in args.seeds or SEEDS[args.dataset]:  # seed-major: a partial run still compares every method on the same seeds
-        for method in args.methods:
+        for method in args.methods or variants(args.dataset):
             run(args.dataset, method, seed)
     runs = []
-    for method in METHODS:  # every finished run of this dataset, not only this call's
-        for summary in sorted(out_dir(args.dataset).glob(f"{method.replace('+', '_')}-s*/summary.json")):
+    for method in variants(args.dataset):  # every finished run of this dataset, not only this call's
+        for summary in sorted(out_dir(args.dataset).glob(f"{run_name(method)}-s*/summary.json")):
             s = json.loads(summary.read_text())
             student = s["roles"]["student_0"]
             runs.append({"method": method, "seed": int(summary.parent.name.rsplit("-s", 1)[1]),
@@ -172,11 +208,12 @@ def main() -> None:
     below_kd = [f"{r['method']} {r['vs_kd']:+.2f}" for r in rows if r.get("vs_kd", 1) <= 0]
     notes = (f"Student test top-1 (%), mean and sample std over seeds: at the epoch of its best validation top-1, "
              f"and at the last epoch. Protocol (fixed beforehand): {' '.join(PROTOCOL[args.dataset])}, every other "
-             "setting from the method's config under configs/ (its defaults); teacher trained once on the same "
+             "setting from the method's config under configs/ (its defaults; `@tuned` rows: the values in the note column, "
+             f"chosen on validation by benchmarks/sweeps.py, see sweeps_{args.dataset}.md, and their vs_kd is against kd@tuned); teacher trained once on the same "
              f"subset ({' '.join(TEACHER_EPOCHS[args.dataset]) or 'the same schedule'}): "
              + ", ".join(f"{k} test top-1 {v:.2f}" + (" (on its synthetic glyphs)" if k == "lwkd_teacher" else "")
                         for k, v in teachers.items())
-             + ". vs_ce / vs_kd: difference of the best-val-epoch means; train_minutes_per_run: the executor's wall time from summary.json (without MLflow set-up and model logging). Targets: every method above ce -> "
+             + ". vs_ce / vs_kd: difference of the best-val-epoch means, and the std over seeds of the same-seed difference (same batches and augmentation); train_minutes_per_run: the executor's wall time from summary.json (without MLflow set-up and model logging). Targets: every method above ce -> "
              + ("met" if not short else "missed by " + ", ".join(short))
              + "; seed methods above kd -> " + ("met" if not below_kd else "missed by " + ", ".join(below_kd))
              + f". Teachers as train_teacher kept them (the first epoch of best val): {'; '.join(detail)}"
@@ -184,11 +221,11 @@ def main() -> None:
              f"Wall time of all runs (teachers included, from their summary.json): {total / 60:.1f} min.")
     save(f"quality_{args.dataset}", f"Distillation quality on {args.dataset}", rows,
          ["method", "seeds", "best_val_epoch_test_mean", "best_val_epoch_test_std", "last_test_mean",
-          "last_test_std", "vs_ce", "vs_kd", "train_minutes_per_run", "note"], info, notes,
+          "last_test_std", "vs_ce", "vs_ce_paired_std", "vs_kd", "vs_kd_paired_std", "train_minutes_per_run", "note"], info, notes,
          {"runs": runs, "teachers": teachers, "protocol": PROTOCOL[args.dataset]})
     (RESULTS / f"quality_{args.dataset}_runs.md").write_text(
         f"# Every run behind quality_{args.dataset}.md\n\n" + markdown_table(
-            sorted(runs, key=lambda r: (METHODS.index(r["method"]), r["seed"])),
+            sorted(runs, key=lambda r: (variants(args.dataset).index(r["method"]), r["seed"])),
             ["method", "seed", "best_val", "best_epoch", "best_val_epoch_test", "last_test", "wall_seconds"]) + "\n")
 
 
