@@ -81,7 +81,7 @@ def main() -> None:
     for r in rows:  # floats for the table's formatting
         r.update({k: float(v) for k, v in r.items() if k in params or k.endswith("_acc") if v not in ("", None)})
     notes = ("One sweep per method, seed 0, the quality protocol (" + " ".join(PROTOCOL[args.dataset]) + "); "
-             "spaces: " + ", ".join(f"{m}: {space_file(m)}" for m in tuned) + ". Rows sorted by best "
+             "spaces: " + ", ".join(f"{m}: {space_file(m)}" for m in TUNED if m in tuned) + ". Rows sorted by best "
              "validation top-1 within each method; the first row of each method is the one chosen (written to "
              f"{tuned_file.name} and run on every seed by quality.py as `<method>@tuned`). `kd@tuned` is not swept: it "
              "is KD with kd+skd's chosen temperature and KD weight, the simplifier removed, which tells what share of "
