@@ -82,9 +82,19 @@ def teacher(dataset: str, kind: str) -> str:
     return str(path)
 
 
+def method_config(dataset: str, method: str, overrides: list[str]):
+    """The method's config for this dataset with `overrides`, pointed at the dataset's trained teacher if it has one."""
+    from ray_kd.config import load_config
+
+    cfg = load_config(CONFIGS[dataset][method], overrides)
+    if cfg.teacher is None:
+        return cfg
+    kind = "lwkd_teacher" if method == "lwkd" else "teacher"
+    return load_config(CONFIGS[dataset][method], [*overrides, f"teacher.checkpoint={teacher(dataset, kind)}"])
+
+
 def run(dataset: str, method: str, seed: int) -> dict:
     """One run's summary (from its summary.json when it is already done)."""
-    from ray_kd.config import load_config
     from ray_kd.run import train
 
     name = f"{run_name(method)}-s{seed}"
@@ -92,11 +102,8 @@ def run(dataset: str, method: str, seed: int) -> dict:
     if not summary.is_file():
         base, _, variant = method.partition("@")
         chosen = [f"{k}={v}" for k, v in tuned(dataset)[base].items()] if variant else []
-        overrides = [*PROTOCOL[dataset], *LOCAL, *chosen, f"seed={seed}", f"name={name}", f"output_dir={out_dir(dataset)}"]
-        cfg = load_config(CONFIGS[dataset][base], overrides)
-        if cfg.teacher is not None:
-            kind = "lwkd_teacher" if base == "lwkd" else "teacher"
-            cfg = load_config(CONFIGS[dataset][base], [*overrides, f"teacher.checkpoint={teacher(dataset, kind)}"])
+        cfg = method_config(dataset, base, [*PROTOCOL[dataset], *LOCAL, *chosen, f"seed={seed}", f"name={name}",
+                                            f"output_dir={out_dir(dataset)}"])
         print(f"== {dataset} {method} seed {seed}", flush=True)
         train(cfg)
     return json.loads(summary.read_text())
@@ -179,11 +186,12 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:////tmp/ray-kd-bench/mlflow.db")
     Path("/tmp/ray-kd-bench").mkdir(exist_ok=True)
     info = machine()
+    order = variants(args.dataset)
     for seed in args.seeds or SEEDS[args.dataset]:  # seed-major: a partial run still compares every method on the same seeds
-        for method in args.methods or variants(args.dataset):
+        for method in args.methods or order:
             run(args.dataset, method, seed)
     runs = []
-    for method in variants(args.dataset):  # every finished run of this dataset, not only this call's
+    for method in order:  # every finished run of this dataset, not only this call's
         for summary in sorted(out_dir(args.dataset).glob(f"{run_name(method)}-s*/summary.json")):
             s = json.loads(summary.read_text())
             student = s["roles"]["student_0"]
@@ -225,7 +233,7 @@ def main() -> None:
          {"runs": runs, "teachers": teachers, "protocol": PROTOCOL[args.dataset]})
     (RESULTS / f"quality_{args.dataset}_runs.md").write_text(
         f"# Every run behind quality_{args.dataset}.md\n\n" + markdown_table(
-            sorted(runs, key=lambda r: (variants(args.dataset).index(r["method"]), r["seed"])),
+            sorted(runs, key=lambda r: (order.index(r["method"]), r["seed"])),
             ["method", "seed", "best_val", "best_epoch", "best_val_epoch_test", "last_test", "wall_seconds"]) + "\n")
 
 

@@ -19,8 +19,8 @@ import json
 import os
 from pathlib import Path
 
-from common import RESULTS, RUNS, machine, markdown_table, save
-from quality import CONFIGS, PROTOCOL, teacher
+from common import RESULTS, RUNS, machine, save
+from quality import CONFIGS, PROTOCOL, method_config
 
 TUNED = ["kd+skd", "mtkd_ssr", "lwkd"]  # the seed methods that missed their targets at their defaults
 
@@ -35,16 +35,12 @@ def sweep_name(dataset: str, method: str) -> str:
 
 def sweep_method(dataset: str, method: str) -> dict:
     """The best values of one method's sweep (run, resumed or re-read)."""
-    from ray_kd.config import load_config
     from tuning.space import load_space
     from tuning.sweep import sweep
 
     space = load_space(space_file(method))
-    overrides = [*PROTOCOL[dataset], "seed=0", f"output_dir={RUNS / 'tune'}", f"name={sweep_name(dataset, method)}"]
-    cfg = load_config(CONFIGS[dataset][method], overrides)
-    if cfg.teacher is not None:
-        kind = "lwkd_teacher" if method == "lwkd" else "teacher"
-        cfg = load_config(CONFIGS[dataset][method], [*overrides, f"teacher.checkpoint={teacher(dataset, kind)}"])
+    cfg = method_config(dataset, method, [*PROTOCOL[dataset], "seed=0", f"output_dir={RUNS / 'tune'}",
+                                          f"name={sweep_name(dataset, method)}"])
     print(f"== sweep: {dataset} {method} over {space_file(method)}", flush=True)
     best = sweep(cfg, space)
     return {k: best[k] for k in space.params}
