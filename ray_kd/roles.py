@@ -1,4 +1,9 @@
-"""One role's model, optimiser and step, wherever it runs (a Ray worker, or beside the others)."""
+"""One role's module, optimiser and step, wherever it runs (a Ray worker, or beside the others).
+
+The method decides what the role computes (its `RoleModule`); a `RoleRunner`
+does what every role shares: seeded construction, loading the backbone's
+weights, the optimiser over what trains, the step, evaluation, checkpoints.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from ray_kd.checkpoint import load_model_file
 from ray_kd.config import OptimConfig
 from ray_kd.data import Dataset, eval_batches
 from ray_kd.errors import UserError
-from ray_kd.methods import Method, Outputs, Role, RoleNet
+from ray_kd.methods import Method, Outputs, Role, Step
 from ray_kd.models import create_model
 
 
@@ -19,20 +24,18 @@ class NonFiniteLossError(UserError, RuntimeError):
 
 
 class RoleRunner:
-    """Builds a role (backbone, the method's extras, the optimiser over what trains) and steps it."""
+    """Builds a role (its backbone, then the method's module around it, the optimiser over what trains) and steps it."""
 
     def __init__(self, role: Role, index: int, method: Method, dataset: Dataset, optim: OptimConfig,
                  seed: int, device: torch.device):
-        self.role, self.method, self.device = role, method, device
+        self.role, self.device = role, device
         torch.manual_seed(seed * 1000 + index)  # same init in every executor
         channels = method.input_channels(role, dataset.in_channels)
         backbone = create_model(role.model, dataset.num_classes, channels)
         if role.checkpoint is not None:
             backbone.load_state_dict(load_model_file(role.checkpoint, role.model, dataset.num_classes, channels))
-        self.net = RoleNet(backbone, method.extras(role, backbone, dataset.num_classes)).to(device)
-        if method.backbone_frozen(role):
-            self.net.backbone.requires_grad_(False)
-        trainable = [p for p in self.net.parameters() if p.requires_grad]
+        self.net = method.build_role(role, backbone, dataset.num_classes).to(device)
+        trainable = self.net.trainable_parameters()
         self.optimizer = (torch.optim.SGD(trainable, lr=optim.lr, momentum=optim.momentum,
                                           weight_decay=optim.weight_decay) if trainable else None)
         self.scheduler = (torch.optim.lr_scheduler.MultiStepLR(self.optimizer, optim.milestones, optim.gamma)
@@ -45,17 +48,18 @@ class RoleRunner:
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[Outputs, Outputs]:
         """This step's outputs, and the part of them the role publishes."""
-        self.method.set_train_mode(self.role, self.net)
+        self.net.train()
         with torch.set_grad_enabled(self.trains):
-            outputs = self.method.forward(self.role, self.net, x, y)
-        return outputs, self.method.publish(self.role, outputs)
+            outputs = self.net(x, y)
+        return outputs, self.net.publish(outputs)
 
-    def update(self, outputs: Outputs, published: dict[str, Outputs], y: torch.Tensor) -> dict[str, float]:
+    def update(self, outputs: Outputs, published: dict[str, Outputs], y: torch.Tensor, epoch: int) -> dict[str, float]:
         """One optimiser step on this role's loss; returns its terms as floats."""
+        step = Step(self.step, epoch)
         self.step += 1
         if not self.trains:
             return {}
-        terms = self.method.loss(self.role, outputs, published, y)
+        terms = self.net.losses(outputs, published, y, step)
         values = {name: float(t.detach()) for name, t in terms.items()}
         for name, value in values.items():
             if not math.isfinite(value):
@@ -79,8 +83,8 @@ class RoleRunner:
             correct: dict[str, int] = {}
             for x, y in eval_batches(split, dataset):
                 x, y = x.to(self.device), y.to(self.device)
-                outputs = self.method.forward(self.role, self.net, x, y)
-                for head, logits in self.method.eval_heads(self.role, outputs).items():
+                outputs = self.net(x, y)
+                for head, logits in self.net.eval_heads(outputs).items():
                     correct[head] = correct.get(head, 0) + int((logits.argmax(1) == y).sum())
             for head, n in correct.items():
                 metrics[f"{head}/{split_name}_acc"] = 100.0 * n / len(split.labels)

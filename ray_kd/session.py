@@ -77,7 +77,7 @@ class Session:
             everyone = self.exchange.all_gather(published)
             for r in self.runners:
                 t = time.perf_counter()
-                for term, value in r.update(outputs[r.role.name], everyone, y).items():
+                for term, value in r.update(outputs[r.role.name], everyone, y, epoch).items():
                     sums[r.role.name][term] = sums[r.role.name].get(term, 0.0) + value
                 compute[r.role.name] += time.perf_counter() - t
             steps += 1

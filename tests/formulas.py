@@ -1,6 +1,18 @@
-"""The losses written out by hand, element by element: what every method's loss test checks against."""
+"""The losses written out by hand, element by element: what every method's loss test checks against,
+and the one way those tests build a role's module (as the executors do, minus the optimiser)."""
 
 import math
+
+from ray_kd.methods import Method, Role, RoleModule, Step
+from ray_kd.models import create_model
+
+STEP = Step(step=0, epoch=0)
+
+
+def build_role(method: Method, role: Role, num_classes: int = 3, in_channels: int = 1) -> RoleModule:
+    """The module `method` runs for `role`, around a fresh backbone of `role.model`."""
+    backbone = create_model(role.model, num_classes, method.input_channels(role, in_channels))
+    return method.build_role(role, backbone, num_classes)
 
 
 def direct_st(z_s, z_t, T):

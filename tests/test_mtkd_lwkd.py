@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from equivalence import assert_same_run, run_both
-from formulas import direct_ce, direct_st
+from formulas import STEP, build_role, direct_ce, direct_st
 
 from ray_kd import synthetic
 from ray_kd.checkpoint import save_model_file, safe_load
@@ -44,16 +44,14 @@ def mtkd_tensors():
 
 
 def mtkd_student(**params):
-    method = MTKDSSR(MTKDParams(stage_alignment="deepest", **params))
-    method.extras(STUDENT, create_model("digits_cnn_s", 3, 1), 3)
-    return method
+    return build_role(MTKDSSR(MTKDParams(stage_alignment="deepest", **params)), STUDENT)
 
 
 def test_mtkd_student_terms_match_formulas():
-    method = mtkd_student(temperature=4.0, scd_temperature=2.0, ce_weight=0.5, head_ce_weight=0.3,
-                          scd_weight=0.7, srd_weight=0.2, crd_weight=0.9)
+    student = mtkd_student(temperature=4.0, scd_temperature=2.0, ce_weight=0.5, head_ce_weight=0.3,
+                           scd_weight=0.7, srd_weight=0.2, crd_weight=0.9)
     s, t = mtkd_tensors()
-    terms = method.loss(STUDENT, s, {"teacher": t}, Y)
+    terms = student.losses(s, {"teacher": t}, Y, STEP)
     # deepest alignment: student stage i pairs with teacher stage i + 1
     assert float(terms["ce"]) == pytest.approx(0.5 * direct_ce(s["logits"], Y), abs=1e-5)
     head_ce = (direct_ce(s["head0"], Y) + direct_ce(s["head1"], Y)) / 2
@@ -70,25 +68,26 @@ def test_mtkd_student_terms_match_formulas():
     assert float(terms["scd"]) == pytest.approx(0.7 * scd, abs=1e-5)
     assert float(terms["total"]) == pytest.approx(sum(float(v) for k, v in terms.items() if k != "total"), abs=1e-5)
     # with known adapter weights, SCD compares softmax(W d_S + b) with the teacher's descriptor
-    adapters = method._adapters["student_0"]
+    adapters = student.extras["adapters"]
     with torch.no_grad():
         for i, adapter in enumerate(adapters):
             adapter.weight.copy_(rand(*adapter.weight.shape, seed=20 + i))
             adapter.bias.copy_(rand(*adapter.bias.shape, seed=30 + i))
-    terms = method.loss(STUDENT, s, {"teacher": t}, Y)
+    terms = student.losses(s, {"teacher": t}, Y, STEP)
     widened = [s[f"channels{i}"] @ adapters[i].weight.T + adapters[i].bias for i in range(2)]
     scd = (direct_st(widened[0], t["channels1"], 2) + direct_st(widened[1], t["channels2"], 2)) / 2
     assert float(terms["scd"]) == pytest.approx(0.7 * scd, abs=1e-5)
 
 
 def test_mtkd_weight_zero_turns_a_term_off_and_teacher_heads_learn_from_labels():
-    method = mtkd_student(scd_weight=0.0, crd_weight=0.0, srd_final=False, srd_weight=1.0)
+    method = MTKDSSR(MTKDParams(stage_alignment="deepest", scd_weight=0.0, crd_weight=0.0, srd_final=False,
+                                srd_weight=1.0))
     s, t = mtkd_tensors()
-    terms = method.loss(STUDENT, s, {"teacher": t}, Y)
+    terms = build_role(method, STUDENT).losses(s, {"teacher": t}, Y, STEP)
     assert set(terms) == {"ce", "head_ce", "srd", "total"}
     assert float(terms["srd"]) == pytest.approx((direct_st(s["head0"], t["head1"], 4)
                                                  + direct_st(s["head1"], t["head2"], 4)) / 2, abs=1e-5)
-    teacher_terms = method.loss(TEACHER, t, {"teacher": t}, Y)
+    teacher_terms = build_role(method, TEACHER).losses(t, {"teacher": t}, Y, STEP)
     want = sum(direct_ce(t[f"head{i}"], Y) for i in range(3)) / 3
     assert set(teacher_terms) == {"head_ce", "total"}
     assert float(teacher_terms["total"]) == pytest.approx(want, abs=1e-5)
@@ -119,7 +118,7 @@ def test_mtkd_gradients_reach_heads_adapters_and_student_but_not_the_frozen_teac
     for r in (teacher, student):
         outputs[r.role.name], published[r.role.name] = r.forward(x, y)
     for r in (teacher, student):
-        r.update(outputs[r.role.name], published, y)
+        r.update(outputs[r.role.name], published, y, epoch=0)
     assert all(p.grad is None for p in teacher.net.backbone.parameters())
     for name, tensor in teacher.net.backbone.state_dict().items():  # weights and BN statistics
         torch.testing.assert_close(tensor, frozen[name])
@@ -128,12 +127,11 @@ def test_mtkd_gradients_reach_heads_adapters_and_student_but_not_the_frozen_teac
     for part in (student.net.backbone, *student.net.extras["heads"], *student.net.extras["adapters"]):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters()), part
     # once the adapters have moved off zero, SCD alone pushes on the student's backbone
-    scd_only = MTKDSSR(MTKDParams(stage_alignment="deepest", ce_weight=0, head_ce_weight=0, srd_weight=0, crd_weight=0))
-    scd_only._adapters = method._adapters
+    student.net.params = MTKDParams(stage_alignment="deepest", ce_weight=0, head_ce_weight=0, srd_weight=0,
+                                    crd_weight=0)
     x, y = next(seeded_batches(data, 32, 0, 1))
     student.net.zero_grad()
-    terms = scd_only.loss(STUDENT, scd_only.forward(STUDENT, student.net, x, y),
-                          {"teacher": teacher.forward(x, y)[1]}, y)
+    terms = student.net.losses(student.net(x, y), {"teacher": teacher.forward(x, y)[1]}, y, STEP)
     terms["scd"].backward()
     assert student.net.backbone.stages[0][0].weight.grad.abs().sum() > 0
 
@@ -236,8 +234,9 @@ Z_T = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.5], [0.0, 4.0, 0.0]])
 def test_lwkd_terms_match_formulas():
     method = LWKD(LWKDParams(temperature=4.0, alpha=0.7, adv_weight=0.2, adv_temperature=2.0, disc_weight=0.5))
     torch.manual_seed(0)
-    d = method.extras(STUDENT, create_model("digits_cnn_s", 3, 1), 3)["discriminator"]
-    terms = method.loss(STUDENT, {"logits": Z_S}, {"teacher": {"logits": Z_T}}, Y)
+    student = build_role(method, STUDENT)
+    d = student.extras["discriminator"]
+    terms = student.losses({"logits": Z_S}, {"teacher": {"logits": Z_T}}, Y, STEP)
 
     def disc(z):  # D by hand: Linear -> LeakyReLU(0.2) -> Linear on softmax(z / 2)
         h = F.softmax(z / 2.0, dim=1) @ d[0].weight.T + d[0].bias
@@ -252,16 +251,17 @@ def test_lwkd_terms_match_formulas():
     assert float(terms["adv"]) == pytest.approx(0.2 * adv, abs=1e-5)
     real, fake = -sum(log_sigmoid(disc(Z_T))) / 3, -sum(log_sigmoid(-disc(Z_S))) / 3
     assert float(terms["disc"]) == pytest.approx(0.5 * (real + fake) / 2, abs=1e-5)
-    off = LWKD(LWKDParams(adv_weight=0.0)).loss(STUDENT, {"logits": Z_S}, {"teacher": {"logits": Z_T}}, Y)
+    off = build_role(LWKD(LWKDParams(adv_weight=0.0)), STUDENT).losses(
+        {"logits": Z_S}, {"teacher": {"logits": Z_T}}, Y, STEP)
     assert set(off) == {"ce", "kd", "total"}
 
 
 def test_lwkd_one_backward_trains_each_side_on_its_own_loss():
     """The student's adversarial loss never moves D; D's loss never moves the student."""
-    method = LWKD(LWKDParams())
-    d = method.extras(STUDENT, create_model("digits_cnn_s", 3, 1), 3)["discriminator"]
+    student = build_role(LWKD(LWKDParams()), STUDENT)
+    d = student.extras["discriminator"]
     z = Z_S.clone().requires_grad_(True)
-    terms = method.loss(STUDENT, {"logits": z}, {"teacher": {"logits": Z_T}}, Y)
+    terms = student.losses({"logits": z}, {"teacher": {"logits": Z_T}}, Y, STEP)
     terms["adv"].backward(retain_graph=True)
     assert z.grad.abs().sum() > 0 and all(p.grad is None for p in d.parameters())
     z.grad = None
@@ -286,7 +286,7 @@ def test_lwkd_teacher_sees_fresh_synthesized_samples_and_stays_frozen():
     assert first["logits"].shape == (32, 10) and not torch.equal(first["logits"], second["logits"])
     assert int(teacher.net.extras["draws"].draws) == 2
     outputs, _ = student.forward(x, y)
-    student.update(outputs, {"teacher": published}, y)
+    student.update(outputs, {"teacher": published}, y, epoch=0)
     assert all(p.grad is None for p in teacher.net.backbone.parameters())
     for part in (student.net.backbone, student.net.extras["discriminator"]):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
@@ -300,13 +300,14 @@ def test_lwkd_teacher_sees_fresh_synthesized_samples_and_stays_frozen():
 
 # --- Teacher-free KD -----------------------------------------------------------
 def test_tfkd_matches_its_fixed_target():
-    method = TFKD(TFKDParams(temperature=2.0, alpha=0.6, correct_prob=0.8))
-    terms = method.loss(STUDENT, {"logits": Z_S}, {}, Y)
+    terms = build_role(TFKD(TFKDParams(temperature=2.0, alpha=0.6, correct_prob=0.8)), STUDENT).losses(
+        {"logits": Z_S}, {}, Y, STEP)
     rest = math.log(0.2 / 2)
     target = torch.tensor([[rest, math.log(0.8), rest], [math.log(0.8), rest, rest], [rest, rest, math.log(0.8)]])
     assert float(terms["ce"]) == pytest.approx(0.4 * direct_ce(Z_S, Y), abs=1e-5)
     assert float(terms["kd"]) == pytest.approx(0.6 * direct_st(Z_S, target, 2.0), abs=1e-5)
-    at_t1 = TFKD(TFKDParams(temperature=1.0, alpha=1.0, correct_prob=0.8)).loss(STUDENT, {"logits": Z_S}, {}, Y)
+    at_t1 = build_role(TFKD(TFKDParams(temperature=1.0, alpha=1.0, correct_prob=0.8)), STUDENT).losses(
+        {"logits": Z_S}, {}, Y, STEP)
     q = target.exp()
     assert q.sum(1).tolist() == pytest.approx([1.0, 1.0, 1.0])
     want = float((q * (q.log() - F.log_softmax(Z_S, 1))).sum(1).mean())

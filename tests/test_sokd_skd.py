@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from equivalence import assert_same_run, run_both
-from formulas import direct_st
+from formulas import STEP, build_role, direct_st
 from test_losses import Y, Z_S, Z_T
 
 from ray_kd.checkpoint import safe_load
@@ -53,7 +53,7 @@ def step(runners, x, y):
     outputs, published = {}, {}
     for r in runners:
         outputs[r.role.name], published[r.role.name] = r.forward(x, y)
-    return {r.role.name: r.update(outputs[r.role.name], published, y) for r in runners}
+    return {r.role.name: r.update(outputs[r.role.name], published, y, epoch=0) for r in runners}
 
 
 def one_batch(data, size=32):
@@ -70,7 +70,7 @@ def skd(base, **params):
 def test_sokd_bridge_loss_matches_formula():
     method = SOKD(SOKDParams(bridge_ce_weight=0.5, bridge_teacher_weight=2.0, bridge_student_weight=3.0))
     published = {"teacher": {"bridge": Z_A}, "student_0": {"logits": Z_S}, "student_1": {"logits": Z_3}}
-    terms = method.loss(TEACHER, {"logits": Z_T, "bridge": Z_A}, published, Y)
+    terms = build_role(method, TEACHER).losses({"logits": Z_T, "bridge": Z_A}, published, Y, STEP)
     assert float(terms["bridge_ce"]) == pytest.approx(0.5 * direct_ce(Z_A, Y), abs=1e-6)
     assert float(terms["bridge_teacher"]) == pytest.approx(2.0 * direct_st(Z_A, Z_T, T), abs=1e-5)
     assert float(terms["bridge_student"]) == pytest.approx(
@@ -81,12 +81,13 @@ def test_sokd_bridge_loss_matches_formula():
 
 def test_sokd_student_learns_from_the_bridge():
     method = SOKD(SOKDParams(ce_weight=0.7, kd_weight=1.5))
-    terms = method.loss(STUDENT, {"logits": Z_S}, {"teacher": {"bridge": Z_A}, "student_0": {"logits": Z_S}}, Y)
+    student, teacher = build_role(method, STUDENT), build_role(method, TEACHER)
+    terms = student.losses({"logits": Z_S}, {"teacher": {"bridge": Z_A}, "student_0": {"logits": Z_S}}, Y, STEP)
     assert float(terms["ce"]) == pytest.approx(0.7 * direct_ce(Z_S, Y), abs=1e-6)
     assert float(terms["kd"]) == pytest.approx(1.5 * direct_st(Z_S, Z_A, T), abs=1e-5)
-    sent = method.publish(TEACHER, {"logits": Z_T, "bridge": Z_A.clone().requires_grad_(True)})
+    sent = teacher.publish({"logits": Z_T, "bridge": Z_A.clone().requires_grad_(True)})
     assert sent.keys() == {"bridge"} and not sent["bridge"].requires_grad  # z_T and the feature map stay home
-    assert method.eval_heads(TEACHER, {"logits": Z_T, "bridge": Z_A}).keys() == {"teacher", "bridge"}
+    assert teacher.eval_heads({"logits": Z_T, "bridge": Z_A}).keys() == {"teacher", "bridge"}
 
 
 def test_sokd_bridge_and_students_train_and_the_teacher_backbone_does_not():
@@ -128,11 +129,11 @@ def test_sokd_teacher_bn_mode(mode):
 # --- SKD ---------------------------------------------------------------------------------------
 
 def test_skd_loss_matches_formula():
-    method = skd("kd", temperature=T, ce_weight=0.1, kd_weight=0.9, simplifier_ce_weight=0.5)
-    simplifier = method.extras(STUDENT, None, 3)["simplifier"]
+    student = build_role(skd("kd", temperature=T, ce_weight=0.1, kd_weight=0.9, simplifier_ce_weight=0.5), STUDENT)
+    simplifier = student.extras["simplifier"]
     torch.manual_seed(1)
     torch.nn.init.normal_(simplifier.value.weight)  # away from the identity start
-    terms = method.loss(STUDENT, {"logits": Z_S}, {"teacher": {"logits": Z_T}}, Y)
+    terms = student.losses({"logits": Z_S}, {"teacher": {"logits": Z_T}}, Y, STEP)
     s = direct_attention(Z_T / T, simplifier).detach()
     assert float(terms["ce"]) == pytest.approx(0.1 * direct_ce(Z_S, Y), abs=1e-6)
     # softmax(T*s / T) = softmax(s): the simplified logits as a target at temperature T
@@ -143,9 +144,9 @@ def test_skd_loss_matches_formula():
 
 def test_skd_starts_as_its_base_method():
     method, base = skd("kd"), method_class("kd")(method_class("kd").Params())
-    method.extras(STUDENT, None, 3)
     published = {"teacher": {"logits": Z_T}}
-    got, want = method.loss(STUDENT, {"logits": Z_S}, published, Y), base.loss(STUDENT, {"logits": Z_S}, published, Y)
+    got = build_role(method, STUDENT).losses({"logits": Z_S}, published, Y, STEP)
+    want = build_role(base, STUDENT).losses({"logits": Z_S}, published, Y, STEP)
     assert got.keys() == want.keys()
     for name in want:
         assert float(got[name]) == pytest.approx(float(want[name]), abs=1e-6)
@@ -154,12 +155,12 @@ def test_skd_starts_as_its_base_method():
 def test_skd_simplifier_learns_from_the_distillation_loss_alone():
     grads = {}
     for scale in (None, 1.0):
-        method = skd("kd", simplifier_grad_scale=scale)
         torch.manual_seed(1)
-        simplifier = method.extras(STUDENT, None, 3)["simplifier"]
+        student = build_role(skd("kd", simplifier_grad_scale=scale), STUDENT)
+        simplifier = student.extras["simplifier"]
         torch.nn.init.normal_(simplifier.value.weight)
         z_s, z_t = Z_S.clone().requires_grad_(True), Z_T.clone().requires_grad_(True)
-        method.loss(STUDENT, {"logits": z_s}, {"teacher": {"logits": z_t}}, Y)["kd"].backward()
+        student.losses({"logits": z_s}, {"teacher": {"logits": z_t}}, Y, STEP)["kd"].backward()
         assert z_s.grad.abs().sum() > 0 and z_t.grad is None  # never into the teacher
         grads[scale] = {name: p.grad.clone() for name, p in simplifier.named_parameters()}
         assert all(g.abs().sum() > 0 for g in grads[scale].values())
@@ -174,10 +175,11 @@ def test_skd_compositions_merge_params_and_keep_the_base_roles():
     assert {"temperature", "kd_weight", "simplifier_dim", "simplifier_residual"} <= set(kd.Params.model_fields)
     assert {"teacher_bn", "bridge_student_weight", "simplifier_ce_weight"} <= set(sokd.Params.model_fields)
     method = sokd(sokd.Params(simplifier_dim=2))
-    assert method.extras(TEACHER, create_model("digits_cnn_l", 10, 1), 10).keys() == {"bridge"}
-    assert method.extras(STUDENT, None, 10)["simplifier"].query.out_features == 2
+    teacher = build_role(method, TEACHER, num_classes=10)
+    assert teacher.extras.keys() == {"bridge"}
+    assert build_role(method, STUDENT, num_classes=10).extras["simplifier"].query.out_features == 2
     published = {"teacher": {"bridge": Z_A}, "student_0": {"logits": Z_S}}
-    bridge_terms = method.loss(TEACHER, {"logits": Z_T, "bridge": Z_A}, published, Y)  # the bridge is untouched
+    bridge_terms = teacher.losses({"logits": Z_T, "bridge": Z_A}, published, Y, STEP)  # the bridge is untouched
     assert float(bridge_terms["bridge_student"]) == pytest.approx(direct_st(Z_A, Z_S, T), abs=1e-5)
     for bad, says in ((["method.name=ce+skd"], "neither"), (["method.name=kd+skd+skd"], "already"),
                       (["method.name=kd+sk"], "unknown wrapper"),

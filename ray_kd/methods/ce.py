@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-from ray_kd.methods.base import Method
+from ray_kd.methods.base import Method, RoleModule
 from ray_kd.methods.losses import cross_entropy
+from ray_kd.methods.registry import register_method
 
 
+class AloneStudent(RoleModule):
+    def loss(self, outputs, published, y, step):
+        return {"ce": cross_entropy(outputs["logits"], y)}
+
+
+@register_method
 class CrossEntropy(Method):
     name = "ce"
 
-    def loss(self, role, outputs, published, y):
-        return self.with_total({"ce": cross_entropy(outputs["logits"], y)})
+    def build_role(self, role, backbone, num_classes):
+        return AloneStudent(role, backbone)

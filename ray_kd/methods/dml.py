@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ray_kd.methods.base import Method, MethodParams
+from ray_kd.methods.base import Method, MethodParams, RoleModule
 from ray_kd.methods.losses import cross_entropy
+from ray_kd.methods.registry import register_method
 
 
 class DMLParams(MethodParams):
@@ -18,14 +19,23 @@ class DMLParams(MethodParams):
     kd_weight: float = Field(1.0, ge=0)
 
 
+class Peer(RoleModule):
+    def __init__(self, role, backbone, params: DMLParams):
+        super().__init__(role, backbone)
+        self.params = params
+
+    def loss(self, outputs, published, y, step):
+        p, z = self.params, outputs["logits"]
+        peers = [out["logits"] for name, out in published.items() if name not in (self.role.name, "teacher")]
+        mimicry = sum(self.distill(z, z_peer, p.temperature) for z_peer in peers) / len(peers)
+        return {"ce": p.ce_weight * cross_entropy(z, y), "kd": p.kd_weight * mimicry}
+
+
+@register_method
 class DML(Method):
     name = "dml"
     Params = DMLParams
     min_students = 2
 
-    def loss(self, role, outputs, published, y):
-        p = self.params
-        z = outputs["logits"]
-        peers = [out["logits"] for name, out in published.items() if name != role.name and name != "teacher"]
-        mimicry = sum(self.distill(role, z, z_peer, p.temperature) for z_peer in peers) / len(peers)
-        return self.with_total({"ce": p.ce_weight * cross_entropy(z, y), "kd": p.kd_weight * mimicry})
+    def build_role(self, role, backbone, num_classes):
+        return Peer(role, backbone, self.params)

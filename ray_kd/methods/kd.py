@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from ray_kd.methods.base import Method, MethodParams
+from ray_kd.methods.base import FrozenTeacher, Method, MethodParams, RoleModule
 from ray_kd.methods.losses import cross_entropy
+from ray_kd.methods.registry import register_method
 
 
 class KDParams(MethodParams):
@@ -14,6 +15,18 @@ class KDParams(MethodParams):
     kd_weight: float = Field(0.9, ge=0)
 
 
+class KDStudent(RoleModule):
+    def __init__(self, role, backbone, params: KDParams):
+        super().__init__(role, backbone)
+        self.params = params
+
+    def loss(self, outputs, published, y, step):
+        p, z_s = self.params, outputs["logits"]
+        return {"ce": p.ce_weight * cross_entropy(z_s, y),
+                "kd": p.kd_weight * self.distill(z_s, published["teacher"]["logits"], p.temperature)}
+
+
+@register_method
 class KD(Method):
     """Defaults are the RepDistiller/mdistiller CIFAR-100 protocol (T=4, a=0.1, b=0.9)."""
 
@@ -21,12 +34,5 @@ class KD(Method):
     Params = KDParams
     needs_teacher = True
 
-    def loss(self, role, outputs, published, y):
-        if role.is_teacher:
-            return {}
-        p = self.params
-        z_s = outputs["logits"]
-        return self.with_total({
-            "ce": p.ce_weight * cross_entropy(z_s, y),
-            "kd": p.kd_weight * self.distill(role, z_s, published["teacher"]["logits"], p.temperature),
-        })
+    def build_role(self, role, backbone, num_classes):
+        return FrozenTeacher(role, backbone) if role.is_teacher else KDStudent(role, backbone, self.params)

@@ -33,8 +33,9 @@ from torch import nn
 from torch.func import functional_call
 
 from ray_kd import synthetic
-from ray_kd.methods.base import Method, MethodParams
+from ray_kd.methods.base import Method, MethodParams, RoleModule
 from ray_kd.methods.losses import cross_entropy
+from ray_kd.methods.registry import register_method
 
 
 class LWKDParams(MethodParams):
@@ -76,49 +77,55 @@ def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
 
 
+class GlyphTeacher(RoleModule):
+    """The frozen lightweight teacher: for each label, its logits on a fresh synthesized sample of that class."""
+
+    def __init__(self, role, backbone, params: LWKDParams, num_classes: int):
+        super().__init__(role, backbone, frozen_backbone=True)
+        self.params = params
+        # the seed comes from the role's seeded init: the same in every executor
+        self.extras["draws"] = SyntheticDraws(num_classes, int(torch.randint(2**31 - 1, ())))
+
+    def forward(self, x, y):
+        if not self.training:  # evaluation: the teacher has no target images to score
+            return {}
+        logits, _ = self.backbone(self.extras["draws"](y, self.params.synthetic_size or x.shape[-1]))
+        return {"logits": logits}
+
+    def eval_heads(self, outputs):
+        return {}
+
+
+class AdversarialStudent(RoleModule):
+    """KD from the glyph teacher, plus a discriminator (owned here) that tells the two output distributions apart."""
+
+    def __init__(self, role, backbone, params: LWKDParams, num_classes: int):
+        super().__init__(role, backbone)
+        self.params = params
+        self.extras["discriminator"] = discriminator(num_classes, params.disc_hidden)
+
+    def loss(self, outputs, published, y, step):
+        p, z, z_t = self.params, outputs["logits"], published["teacher"]["logits"]
+        terms = {"ce": (1 - p.alpha) * cross_entropy(z, y), "kd": p.alpha * self.distill(z, z_t, p.temperature)}
+        if p.adv_weight:
+            d = self.extras["discriminator"]
+            p_s, p_t = F.softmax(z / p.adv_temperature, dim=1), F.softmax(z_t.detach() / p.adv_temperature, dim=1)
+            frozen = {name: w.detach() for name, w in d.named_parameters()}
+            terms["adv"] = p.adv_weight * _bce(functional_call(d, frozen, (p_s,)), 1.0)
+            terms["disc"] = p.disc_weight * (_bce(d(p_t), 1.0) + _bce(d(p_s.detach()), 0.0)) / 2
+        return terms
+
+
+@register_method
 class LWKD(Method):
     name = "lwkd"
     Params = LWKDParams
     needs_teacher = True
 
-    def __init__(self, params: MethodParams):
-        super().__init__(params)
-        # The loss hook gets no modules, and D must see the teacher's published
-        # logits, so each local student's discriminator is kept here by role name.
-        self._discriminators: dict[str, nn.Module] = {}
-
     def input_channels(self, role, data_channels):
         return synthetic.CHANNELS if role.is_teacher else data_channels
 
-    def extras(self, role, backbone, num_classes):
-        extras = super().extras(role, backbone, num_classes)
-        if role.is_teacher:  # the seed comes from the role's seeded init: the same in every executor
-            extras["draws"] = SyntheticDraws(num_classes, int(torch.randint(2**31 - 1, ())))
-        else:
-            extras["discriminator"] = self._discriminators[role.name] = discriminator(
-                num_classes, self.params.disc_hidden)
-        return extras
-
-    def forward(self, role, net, x, y):
-        if not role.is_teacher:
-            return super().forward(role, net, x, y)
-        if not net.training:  # evaluation: the teacher has no target images to score
-            return {}
-        logits, _ = net.backbone(net.extras["draws"](y, self.params.synthetic_size or x.shape[-1]))
-        return {"logits": logits}
-
-    def loss(self, role, outputs, published, y):
+    def build_role(self, role, backbone, num_classes):
         if role.is_teacher:
-            return {}
-        p, z, z_t = self.params, outputs["logits"], published["teacher"]["logits"]
-        terms = {"ce": (1 - p.alpha) * cross_entropy(z, y), "kd": p.alpha * self.distill(role, z, z_t, p.temperature)}
-        if p.adv_weight:
-            d = self._discriminators[role.name]
-            p_s, p_t = F.softmax(z / p.adv_temperature, dim=1), F.softmax(z_t.detach() / p.adv_temperature, dim=1)
-            frozen = {name: w.detach() for name, w in d.named_parameters()}
-            terms["adv"] = p.adv_weight * _bce(functional_call(d, frozen, (p_s,)), 1.0)
-            terms["disc"] = p.disc_weight * (_bce(d(p_t), 1.0) + _bce(d(p_s.detach()), 0.0)) / 2
-        return self.with_total(terms)
-
-    def eval_heads(self, role, outputs):
-        return {} if role.is_teacher else super().eval_heads(role, outputs)
+            return GlyphTeacher(role, backbone, self.params, num_classes)
+        return AdversarialStudent(role, backbone, self.params, num_classes)

@@ -36,8 +36,9 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-from ray_kd.methods.base import Method, MethodParams
+from ray_kd.methods.base import Method, MethodParams, RoleModule
 from ray_kd.methods.losses import cross_entropy, soft_target
+from ray_kd.methods.registry import register_method
 from ray_kd.models import create_model
 from ray_kd.models.base import ClassifierHead
 from ray_kd.models.layers import conv_bn, init_weights
@@ -93,16 +94,83 @@ def _stage_count(model: str, num_classes: int, in_channels: int) -> int:
     return len(create_model(model, num_classes, in_channels).stage_channels)
 
 
+def stage_heads(backbone: nn.Module, num_classes: int, width: int | None) -> nn.ModuleList:
+    return nn.ModuleList(stage_head(c, num_classes, width or c) for c in backbone.stage_channels)
+
+
+def staged_outputs(backbone: nn.Module, heads: nn.ModuleList, x: torch.Tensor, training: bool) -> dict:
+    """Final logits; in training also every stage head's logits and channel descriptor (GAP of the map)."""
+    logits, features = backbone(x)
+    outputs = {"logits": logits}
+    if not training:  # evaluation scores the final logits only
+        return outputs
+    for i, (feature, head) in enumerate(zip(features, heads)):
+        outputs[f"head{i}"] = head(feature)
+        outputs[f"channels{i}"] = feature.mean(dim=(2, 3))
+    return outputs
+
+
+class HeadedTeacher(RoleModule):
+    """The frozen teacher with a head on every stage, trained with CE alone; publishes all heads and descriptors."""
+
+    def __init__(self, role, backbone, params: MTKDParams, num_classes: int):
+        super().__init__(role, backbone, frozen_backbone=True)
+        self.extras["heads"] = stage_heads(backbone, num_classes, params.head_width)
+
+    def forward(self, x, y):
+        return staged_outputs(self.backbone, self.extras["heads"], x, self.training)
+
+    def publish(self, outputs):
+        return {name: t.detach() for name, t in outputs.items()}
+
+    def loss(self, outputs, published, y, step):
+        heads = [outputs[f"head{i}"] for i in range(len(self.extras["heads"]))]
+        return {"head_ce": _mean(cross_entropy(h, y) for h in heads)}
+
+
+class SelfReviewingStudent(RoleModule):
+    """A student with stage heads (and SCD's channel adapters) learning from the teacher's stages and its own."""
+
+    def __init__(self, role, backbone, params: MTKDParams, num_classes: int):
+        super().__init__(role, backbone)
+        self.params = params
+        self.extras["heads"] = stage_heads(backbone, num_classes, params.head_width)
+        if params.scd_weight:  # an adapter SCD never runs would stay unbuilt in the checkpoint
+            self.extras["adapters"] = nn.ModuleList(ChannelAdapter() for _ in backbone.stage_channels)
+
+    def forward(self, x, y):
+        return staged_outputs(self.backbone, self.extras["heads"], x, self.training)
+
+    def loss(self, outputs, published, y, step):
+        p, teacher, z = self.params, published["teacher"], outputs["logits"]
+        heads = [outputs[f"head{i}"] for i in range(len(self.extras["heads"]))]
+        offset = _count(teacher, "channels") - len(heads)  # > 0 only under stage_alignment=deepest
+        terms = {"ce": p.ce_weight * cross_entropy(z, y)}
+        if p.head_ce_weight:
+            terms["head_ce"] = p.head_ce_weight * _mean(cross_entropy(h, y) for h in heads)
+        if p.scd_weight:
+            scd = []
+            for i, adapter in enumerate(self.extras["adapters"]):
+                target = teacher[f"channels{i + offset}"]
+                scd.append(soft_target(adapter(outputs[f"channels{i}"], target.shape[1]), target, p.scd_temperature))
+            terms["scd"] = p.scd_weight * _mean(scd)
+        if p.srd_weight:
+            pairs = [(h, teacher[f"head{i + offset}"]) for i, h in enumerate(heads)]
+            pairs += [(z, teacher["logits"])] if p.srd_final else []
+            terms["srd"] = p.srd_weight * _mean(self.distill(s, t, p.temperature) for s, t in pairs)
+        if p.crd_weight:
+            chain = heads + [z]
+            terms["crd"] = p.crd_weight * _mean(
+                _mean(soft_target(chain[i], deeper, p.temperature) for deeper in chain[i + 1:])
+                for i in range(len(heads)))
+        return terms
+
+
+@register_method
 class MTKDSSR(Method):
     name = "mtkd_ssr"
     Params = MTKDParams
     needs_teacher = True
-
-    def __init__(self, params: MethodParams):
-        super().__init__(params)
-        # The loss hook gets no modules, and SCD's adapters act only once the teacher's
-        # descriptors arrive, so each local student's adapters are kept here by role name.
-        self._adapters: dict[str, nn.ModuleList] = {}
 
     def check_roles(self, roles, num_classes, in_channels):
         teacher = next(r for r in roles if r.is_teacher)
@@ -121,56 +189,10 @@ class MTKDSSR(Method):
                 raise ValueError(f"mtkd_ssr cannot map a deeper student onto a shallower teacher: {pair}; "
                                  f"pick a student with at most {n_t} stages")
 
-    def extras(self, role, backbone, num_classes):
-        p = self.params
-        extras = super().extras(role, backbone, num_classes)
-        extras["heads"] = nn.ModuleList(stage_head(c, num_classes, p.head_width or c) for c in backbone.stage_channels)
-        if not role.is_teacher and p.scd_weight:  # an adapter SCD never runs would stay unbuilt in the checkpoint
-            extras["adapters"] = self._adapters[role.name] = nn.ModuleList(
-                ChannelAdapter() for _ in backbone.stage_channels)
-        return extras
-
-    def forward(self, role, net, x, y):
-        logits, features = net.backbone(x)
-        outputs = {"logits": logits}
-        if not net.training:  # evaluation scores the final logits only
-            return outputs
-        for i, (feature, head) in enumerate(zip(features, net.extras["heads"])):
-            outputs[f"head{i}"] = head(feature)
-            outputs[f"channels{i}"] = feature.mean(dim=(2, 3))
-        return outputs
-
-    def publish(self, role, outputs):
-        if not role.is_teacher:
-            return {"logits": outputs["logits"].detach()}
-        return {name: t.detach() for name, t in outputs.items()}
-
-    def loss(self, role, outputs, published, y):
-        heads = [outputs[f"head{i}"] for i in range(_count(outputs, "head"))]
+    def build_role(self, role, backbone, num_classes):
         if role.is_teacher:
-            return self.with_total({"head_ce": _mean(cross_entropy(h, y) for h in heads)})
-        p, teacher, z = self.params, published["teacher"], outputs["logits"]
-        offset = _count(teacher, "channels") - len(heads)  # > 0 only under stage_alignment=deepest
-        terms = {"ce": p.ce_weight * cross_entropy(z, y)}
-        if p.head_ce_weight:
-            terms["head_ce"] = p.head_ce_weight * _mean(cross_entropy(h, y) for h in heads)
-        if p.scd_weight:
-            adapters, scd = self._adapters[role.name], []
-            for i in range(len(heads)):
-                target = teacher[f"channels{i + offset}"]
-                widened = adapters[i](outputs[f"channels{i}"], target.shape[1])
-                scd.append(soft_target(widened, target, p.scd_temperature))
-            terms["scd"] = p.scd_weight * _mean(scd)
-        if p.srd_weight:
-            pairs = [(h, teacher[f"head{i + offset}"]) for i, h in enumerate(heads)]
-            pairs += [(z, teacher["logits"])] if p.srd_final else []
-            terms["srd"] = p.srd_weight * _mean(self.distill(role, s, t, p.temperature) for s, t in pairs)
-        if p.crd_weight:
-            chain = heads + [z]
-            terms["crd"] = p.crd_weight * _mean(
-                _mean(soft_target(chain[i], deeper, p.temperature) for deeper in chain[i + 1:])
-                for i in range(len(heads)))
-        return self.with_total(terms)
+            return HeadedTeacher(role, backbone, self.params, num_classes)
+        return SelfReviewingStudent(role, backbone, self.params, num_classes)
 
 
 def _count(outputs: dict, prefix: str) -> int:

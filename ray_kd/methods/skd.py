@@ -1,8 +1,8 @@
 """SKD (student-friendly KD): a learning simplifier reshapes the teacher signal of another method.
 
 `compose(base)` builds `<base>+skd` (e.g. `kd+skd`, `dml+skd`, `sokd+skd`): the
-base method unchanged, except that every soft target a student receives (the
-base's `distill` hook) first goes through that student's simplifier, and the
+base method unchanged, except that every soft target a student receives (its
+role module's `distill` hook) first goes through that student's simplifier, and the
 loss becomes T^2 * KL(softmax(simplifier(z_target / T)) || softmax(z_S / T)),
 with gradient into the student *and* the simplifier (trained jointly, by the
 distillation loss alone). Other roles (SOKD's bridge) keep the base's loss.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import ClassVar
 
 import pydantic
 import torch
@@ -39,6 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from ray_kd.methods.base import Method, MethodParams
+from ray_kd.methods.registry import register_wrapper
 from ray_kd.methods.losses import cross_entropy
 
 
@@ -70,28 +72,22 @@ class Simplifier(nn.Module):
         return u + out if self.residual else out
 
 
-class SKD(Method):
-    """The wrapper; only usable composed over a base method (see `compose`)."""
+class SimplifiedSoftTarget:
+    """A student's soft-target hook under SKD: the target goes through the student's simplifier first.
 
-    def __init__(self, params: MethodParams):
-        super().__init__(params)
-        # The loss hook gets no modules, so each student's simplifier is kept here by role name.
-        self._simplifiers: dict[str, Simplifier] = {}
-        self._simplified: list[torch.Tensor] = []  # this loss call's simplified targets, for the CE guard
+    It replaces the role's `soft_target`, so every target the base method's
+    loss receives is simplified; the targets simplified during one loss call are
+    kept until `ce_terms` (the role's extra-terms hook, called right after the
+    loss) turns them into the anti-collapse CE.
+    """
 
-    def extras(self, role, backbone, num_classes):
-        extras = super().extras(role, backbone, num_classes)
-        if not role.is_teacher:
-            p = self.params
-            extras["simplifier"] = self._simplifiers[role.name] = Simplifier(
-                num_classes, p.simplifier_dim, p.simplifier_residual)
-        return extras
+    def __init__(self, simplifier: Simplifier, params: SKDParams):
+        self.simplifier, self.params = simplifier, params
+        self.simplified: list[torch.Tensor] = []
 
-    def distill(self, role, z_learner, z_target, temperature):
-        if role.name not in self._simplifiers:
-            return super().distill(role, z_learner, z_target, temperature)
-        simplified = self._simplifiers[role.name](z_target.detach() / temperature)
-        self._simplified.append(simplified)
+    def __call__(self, z_learner: torch.Tensor, z_target: torch.Tensor, temperature: float) -> torch.Tensor:
+        simplified = self.simplifier(z_target.detach() / temperature)
+        self.simplified.append(simplified)
         scale = self.params.simplifier_grad_scale
         scale = 1 / temperature**2 if scale is None else scale
         simplified = simplified.detach() + scale * (simplified - simplified.detach())  # same value
@@ -100,17 +96,43 @@ class SKD(Method):
                       reduction="batchmean", log_target=True)
         return kl * temperature**2
 
-    def loss(self, role, outputs, published, y):
-        self._simplified = []
-        terms = super().loss(role, outputs, published, y)
+    def ce_terms(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        simplified, self.simplified = self.simplified, []
         w = self.params.simplifier_ce_weight
-        if not self._simplified or w == 0:
-            return terms
-        terms.pop("total")
-        ce = sum(cross_entropy(s, y) for s in self._simplified) / len(self._simplified)
-        return self.with_total({**terms, "simplifier_ce": w * ce})
+        if not simplified or w == 0:
+            return {}
+        return {"simplifier_ce": w * sum(cross_entropy(s, y) for s in simplified) / len(simplified)}
 
 
+class SKD(Method):
+    """A base method whose students pass every received soft target through their own simplifier."""
+
+    base: ClassVar[type[Method]]
+
+    def __init__(self, params: MethodParams):
+        super().__init__(params)
+        own = self.base.Params.model_fields
+        self.inner = self.base(self.base.Params(**{k: v for k, v in params.model_dump().items() if k in own}))
+
+    def input_channels(self, role, data_channels):
+        return self.inner.input_channels(role, data_channels)
+
+    def check_roles(self, roles, num_classes, in_channels):
+        self.inner.check_roles(roles, num_classes, in_channels)
+
+    def build_role(self, role, backbone, num_classes):
+        module = self.inner.build_role(role, backbone, num_classes)
+        if role.is_teacher:  # other roles (SOKD's bridge) keep the base's loss
+            return module
+        p = self.params
+        simplifier = module.extras["simplifier"] = Simplifier(num_classes, p.simplifier_dim, p.simplifier_residual)
+        hook = SimplifiedSoftTarget(simplifier, p)
+        module.soft_target = hook
+        module.extra_terms.append(hook.ce_terms)
+        return module
+
+
+@register_wrapper("skd")
 @functools.cache
 def compose(base: type[Method]) -> type[Method]:
     """`<base>+skd`: SKD over `base`, with params merging SKD's and the base's."""
@@ -118,7 +140,13 @@ def compose(base: type[Method]) -> type[Method]:
         raise ValueError(f"method {base.name!r} already has SKD's simplifier")
     if not base.needs_teacher and base.min_students < 2:
         raise ValueError(f"SKD simplifies a teacher or peer signal, and method {base.name!r} has neither")
-    params = pydantic.create_model(f"{base.__name__}SKDParams", __base__=(SKDParams, base.Params))
-    return type(f"{base.__name__}SKD", (SKD, base), {
-        "name": f"{base.name}+skd", "Params": params, "__module__": __name__,
-        "__doc__": f"{base.__name__} with SKD's learning simplifier on its students' soft targets."})
+
+    class Composed(SKD):
+        __doc__ = f"{base.__name__} with SKD's learning simplifier on its students' soft targets."
+        name = f"{base.name}+skd"
+        Params = pydantic.create_model(f"{base.__name__}SKDParams", __base__=(SKDParams, base.Params))
+        needs_teacher, min_students = base.needs_teacher, base.min_students
+
+    Composed.base = base
+    Composed.__name__ = Composed.__qualname__ = f"{base.__name__}SKD"
+    return Composed

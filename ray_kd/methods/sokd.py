@@ -24,8 +24,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ray_kd.methods.base import Method, MethodParams
+from ray_kd.methods.base import Method, MethodParams, RoleModule
 from ray_kd.methods.losses import cross_entropy, soft_target
+from ray_kd.methods.registry import register_method
 from ray_kd.models import create_model
 from ray_kd.models.base import ClassifierHead
 from ray_kd.models.layers import init_weights
@@ -56,50 +57,59 @@ class KnowledgeBridge(nn.Module):
         return self.head(self.stage(penultimate))
 
 
+class BridgedTeacher(RoleModule):
+    """The frozen teacher plus its knowledge bridge, the only part of this role that trains."""
+
+    def __init__(self, role, backbone, params: SOKDParams, num_classes: int):
+        super().__init__(role, backbone, frozen_backbone=True)
+        self.params = params
+        self.extras["bridge"] = KnowledgeBridge(role.model, backbone.stage_channels[-1], num_classes)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and self.params.teacher_bn == "train":
+            self.backbone.train()
+        return self
+
+    def forward(self, x, y):
+        logits, features = self.backbone(x)
+        return {"logits": logits, "bridge": self.extras["bridge"](features[-2].detach())}
+
+    def publish(self, outputs):  # the students learn from the bridge only
+        return {"bridge": outputs["bridge"].detach()}
+
+    def loss(self, outputs, published, y, step):
+        p, z_a = self.params, outputs["bridge"]
+        students = [out["logits"] for name, out in published.items() if name != self.role.name]
+        return {
+            "bridge_ce": p.bridge_ce_weight * cross_entropy(z_a, y),
+            "bridge_teacher": p.bridge_teacher_weight * soft_target(z_a, outputs["logits"], p.temperature),
+            "bridge_student": p.bridge_student_weight
+            * sum(soft_target(z_a, z_s, p.temperature) for z_s in students) / len(students),
+        }
+
+    def eval_heads(self, outputs):
+        return {"teacher": outputs["logits"], "bridge": outputs["bridge"]}
+
+
+class BridgeTaughtStudent(RoleModule):
+    def __init__(self, role, backbone, params: SOKDParams):
+        super().__init__(role, backbone)
+        self.params = params
+
+    def loss(self, outputs, published, y, step):
+        p, z_s = self.params, outputs["logits"]
+        return {"ce": p.ce_weight * cross_entropy(z_s, y),
+                "kd": p.kd_weight * self.distill(z_s, published["teacher"]["bridge"], p.temperature)}
+
+
+@register_method
 class SOKD(Method):
     name = "sokd"
     Params = SOKDParams
     needs_teacher = True
 
-    def extras(self, role, backbone, num_classes):
-        if not role.is_teacher:
-            return {}
-        return {"bridge": KnowledgeBridge(role.model, backbone.stage_channels[-1], num_classes)}
-
-    def set_train_mode(self, role, net):
-        super().set_train_mode(role, net)
-        if role.is_teacher and self.params.teacher_bn == "train":
-            net.backbone.train()
-
-    def forward(self, role, net, x, y):
-        if not role.is_teacher:
-            return super().forward(role, net, x, y)
-        logits, features = net.backbone(x)
-        return {"logits": logits, "bridge": net.extras["bridge"](features[-2].detach())}
-
-    def publish(self, role, outputs):
-        if role.is_teacher:  # the students learn from the bridge only
-            return {"bridge": outputs["bridge"].detach()}
-        return super().publish(role, outputs)
-
-    def loss(self, role, outputs, published, y):
-        p, T = self.params, self.params.temperature
+    def build_role(self, role, backbone, num_classes):
         if role.is_teacher:
-            z_a = outputs["bridge"]
-            students = [out["logits"] for name, out in published.items() if name != role.name]
-            return self.with_total({
-                "bridge_ce": p.bridge_ce_weight * cross_entropy(z_a, y),
-                "bridge_teacher": p.bridge_teacher_weight * soft_target(z_a, outputs["logits"], T),
-                "bridge_student": p.bridge_student_weight * sum(soft_target(z_a, z_s, T) for z_s in students)
-                / len(students),
-            })
-        z_s = outputs["logits"]
-        return self.with_total({
-            "ce": p.ce_weight * cross_entropy(z_s, y),
-            "kd": p.kd_weight * self.distill(role, z_s, published["teacher"]["bridge"], T),
-        })
-
-    def eval_heads(self, role, outputs):
-        if role.is_teacher:
-            return {"teacher": outputs["logits"], "bridge": outputs["bridge"]}
-        return super().eval_heads(role, outputs)
+            return BridgedTeacher(role, backbone, self.params, num_classes)
+        return BridgeTaughtStudent(role, backbone, self.params)

@@ -18,8 +18,9 @@ import math
 import torch
 from pydantic import Field
 
-from ray_kd.methods.base import Method, MethodParams
+from ray_kd.methods.base import Method, MethodParams, RoleModule
 from ray_kd.methods.losses import cross_entropy, soft_target
+from ray_kd.methods.registry import register_method
 
 
 class TFKDParams(MethodParams):
@@ -35,12 +36,21 @@ def fixed_target_logits(y: torch.Tensor, num_classes: int, correct_prob: float) 
     return logits.scatter_(1, y.view(-1, 1), math.log(correct_prob))
 
 
+class TeacherFreeStudent(RoleModule):
+    def __init__(self, role, backbone, params: TFKDParams):
+        super().__init__(role, backbone)
+        self.params = params
+
+    def loss(self, outputs, published, y, step):
+        p, z = self.params, outputs["logits"]
+        target = fixed_target_logits(y, z.shape[1], p.correct_prob)  # not received from a role: no distill hook
+        return {"ce": (1 - p.alpha) * cross_entropy(z, y), "kd": p.alpha * soft_target(z, target, p.temperature)}
+
+
+@register_method
 class TFKD(Method):
     name = "tfkd"
     Params = TFKDParams
 
-    def loss(self, role, outputs, published, y):
-        p, z = self.params, outputs["logits"]
-        target = fixed_target_logits(y, z.shape[1], p.correct_prob)
-        return self.with_total({"ce": (1 - p.alpha) * cross_entropy(z, y),
-                                "kd": p.alpha * soft_target(z, target, p.temperature)})
+    def build_role(self, role, backbone, num_classes):
+        return TeacherFreeStudent(role, backbone, self.params)
