@@ -81,14 +81,9 @@ def save(name: str, title: str, rows: list[dict], columns: list[str], info: dict
 def trainer_with(cfg, worker_fn, name: str):
     """The project's own TorchTrainer for `cfg` (ray_executor.make_trainer: one worker per role, same
     resources and backend), with `worker_fn(config)` in place of train_worker; it may wrap train_worker."""
-    from ray_kd import ray_executor
+    from ray_kd.ray_executor import make_trainer
 
-    original = ray_executor.train_worker
-    ray_executor.train_worker = worker_fn
-    try:
-        return ray_executor.make_trainer(cfg, None, None, name=name)
-    finally:
-        ray_executor.train_worker = original
+    return make_trainer(cfg, None, None, name=name, worker_loop=worker_fn)
 
 
 def random_teacher(config: str, overrides: list[str], model: str) -> str:

@@ -85,7 +85,7 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
     if teacher_file:
         overrides.append(f"teacher.checkpoint={teacher_file}")
     n = len(all_roles(load_config(config, overrides)))
-    overrides += ([f"runtime.executor=local", f"runtime.threads_per_worker={n}"] if executor == "local"
+    overrides += (["runtime.executor=local", f"runtime.threads_per_worker={n}"] if executor == "local"
                   else ["runtime.threads_per_worker=1", f"runtime.cpus_per_worker={2 / n}"])
     cfg = load_config(config, overrides)
     t["config"] = time.time()

@@ -1,10 +1,9 @@
-"""`ray-kd`: a thin command line over ray_kd.run (and the Tune driver). Errors: one line, exit 2."""
+"""`ray-kd`: a thin command line over the Python API (`ray_kd.api`). Errors: one line, exit 2."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ray_kd.errors import UserError
 
@@ -41,30 +40,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "models":
-        from ray_kd.models import list_models
+        from ray_kd.models import list_models, model_origin
 
-        print("\n".join(list_models()))
+        for name in list_models():
+            print(f"{name:16s} {model_origin(name)}")
         return 0
     if args.command == "methods":
-        from ray_kd.methods import METHODS, WRAPPERS
+        from ray_kd.methods import list_methods
 
-        for name, cls in sorted(METHODS.items()):
-            print(f"{name:12s} {sys.modules[cls.__module__].__doc__.strip().splitlines()[0]}")
-        for name, compose in sorted(WRAPPERS.items()):
-            print(f"+{name:11s} (wrapper, e.g. kd+{name}) {sys.modules[compose.__module__].__doc__.strip().splitlines()[0]}")
+        for name, origin, summary in list_methods():
+            print(f"{name:12s} {origin:24s} {summary}")
         return 0
-    from ray_kd.config import load_config
-    from ray_kd import run
+    from ray_kd import api
 
     if args.command == "train":
-        run.train(load_config(args.config, args.overrides))
+        api.train(args.config, args.overrides)
     elif args.command == "tune":
-        from tuning.space import load_space
-        from tuning.sweep import sweep
-
-        sweep(load_config(args.config, args.overrides), load_space(args.space))
+        api.tune(args.config, args.space, args.overrides)
     elif args.command == "train-teacher":
-        run.train_teacher(load_config(args.config, args.overrides), Path(args.out))
+        api.train_teacher(args.config, args.out, args.overrides)
     return 0
 
 

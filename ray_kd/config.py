@@ -6,6 +6,7 @@ fails with one line naming it (see `ConfigError`).
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,25 +15,39 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ray_kd.errors import UserError
 from ray_kd.methods import method_class
+from ray_kd.validation import Strict, one_line
 
 
 class ConfigError(UserError, ValueError):
     """A run spec that cannot run; the message names the field and the fix."""
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class SyntheticConfig(Strict):
+    """LW-KD's synthesized digit-glyph classes (`data.dataset: synthetic`, drawn by `ray_kd.synthetic`)."""
+
+    classes: int = Field(10, ge=1)
+    size: int = Field(32, ge=4, description="image side in pixels (the target images' side)")
+    per_class: int = Field(300, ge=1, description="training images per class; the test split gets a fifth")
+    seed: int = 0
 
 
 class DataConfig(Strict):
     dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
     root: str | None = Field(None, description="dataset root, or a .tar.gz of an ImageFolder tree")
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     download: bool = Field(False, description="let torchvision download CIFAR if the root lacks it")
     batch_size: int = Field(64, gt=0)
     augment: Literal["auto", "none", "crop_flip"] = "auto"
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out for validation")
     train_subset: int | None = Field(None, gt=0, description="use only this many training images (stratified)")
     cache_dir: str = ".cache/ray_kd"
+
+    @model_validator(mode="after")
+    def _root_fits_dataset(self) -> "DataConfig":
+        if self.dataset == "synthetic" and self.root is not None:
+            raise ValueError("the synthetic dataset has no root: set data.synthetic.classes / size / per_class "
+                             "(e.g. data.synthetic.size=8) and remove data.root")
+        return self
 
 
 class MethodConfig(BaseModel):
@@ -104,7 +119,7 @@ class RunConfig(Strict):
         try:
             params = cls.Params(**(self.method.model_extra or {}))
         except ValidationError as err:
-            raise ValueError(_one_line(err, prefix="method.")) from None
+            raise ValueError(one_line(err, prefix="method.")) from None
         self.method = MethodConfig(name=self.method.name, **params.model_dump())
         if cls.needs_teacher and self.teacher is None:
             raise ValueError(f"method {cls.name!r} needs a teacher: set teacher.model and teacher.checkpoint")
@@ -125,16 +140,21 @@ class RunConfig(Strict):
         def absolute(path: str | None) -> str | None:
             return None if path is None else str(Path(path).resolve())
 
-        root = self.data.root if self.data.dataset == "synthetic" else absolute(self.data.root)  # synthetic: a spec
         roles = {"teacher": None if self.teacher is None else
                  self.teacher.model_copy(update={"checkpoint": absolute(self.teacher.checkpoint)}),
                  "students": [s.model_copy(update={"checkpoint": absolute(s.checkpoint)}) for s in self.students]}
         return self.model_copy(update={
             "output_dir": absolute(self.output_dir), **roles,
-            "data": self.data.model_copy(update={"root": root, "cache_dir": absolute(self.data.cache_dir)})})
+            "data": self.data.model_copy(update={"root": absolute(self.data.root),
+                                                 "cache_dir": absolute(self.data.cache_dir)})})
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+Overrides = list[str] | dict[str, Any]
+"""`["optim.lr=0.1", "teacher=null"]` (values parse as YAML scalars) or `{"optim.lr": 0.1}` (typed values)."""
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """tree['students'][0]['model'] = value, for dotted = 'students.0.model'."""
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
@@ -151,56 +171,62 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def apply_overrides(tree: dict, overrides: list[str]) -> dict:
-    """`optim.lr=0.1`, `students.0.model=resnet8`, `teacher=null`: values parse as YAML scalars."""
+def apply_overrides(tree: dict, overrides: Overrides) -> dict:
+    """Set each overridden field in `tree` (a config as a dict); a section it lacks starts from the defaults."""
     defaults = RunConfig().model_dump(exclude={"method"})
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not key=value (e.g. optim.epochs=5)")
-        key, raw = item.split("=", 1)
-        section = key.strip().split(".")[0]
+    items = overrides.items() if isinstance(overrides, dict) else (_parse_override(o) for o in overrides)
+    for key, value in items:
+        section = key.split(".")[0]
         if "." in key and section in defaults and section not in tree:
             tree[section] = defaults[section]  # e.g. students.0.model=... edits the default students
         try:
-            _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+            set_dotted(tree, key, value)
         except (IndexError, ValueError) as err:
-            raise ConfigError(f"override {item!r}: {err}") from None
+            raise ConfigError(f"override {key}={value!r}: {err}") from None
     return tree
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections (name, data, method, ...)")
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (e.g. optim.epochs=5)")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
+
+
+def load_config(source: str | Path | dict | RunConfig | None = None, overrides: Overrides | None = None) -> RunConfig:
+    """A validated run spec from a YAML file, a dict or a RunConfig (None: the defaults), overrides applied."""
+    if isinstance(source, RunConfig):
+        tree = source.model_dump()
+    elif isinstance(source, dict):
+        tree = copy.deepcopy(source)
+    elif source is not None:
+        tree = _read_yaml(Path(source))
+    else:
+        tree = {}
     return validate_config(apply_overrides(tree, overrides or []))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (name, data, method, ...)")
+    return tree
 
 
 def validate_config(tree: dict) -> RunConfig:
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_one_line(err)) from None
-
-
-def _one_line(err: ValidationError, prefix: str = "") -> str:
-    """The first error as `where: what` (the count of the rest after it)."""
-    first = err.errors()[0]
-    where = prefix + ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key; check its spelling against configs/ and the README"
-    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    if prefix:  # raised inside a model validator: the outer call adds the head
-        return f"{where}: {msg}{more}"
-    return f"config error at {where}: {msg}{more}" if where else f"config error: {msg}{more}"
+        head = "config error at " if err.errors()[0]["loc"] else "config error: "
+        raise ConfigError(head + one_line(err)) from None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:

@@ -92,13 +92,9 @@ def _digits(cfg: DataConfig) -> tuple[Split, Split, int]:
 
 
 def _synthetic(cfg: DataConfig) -> tuple[Split, Split, int]:
-    """LW-KD's synthesized digit-glyph classes, rendered in memory; `data.root` holds the spec
-    (e.g. "classes=100,size=32,per_class=100"; see `ray_kd.synthetic.SyntheticSpec`)."""
-    try:
-        spec = synthetic.SyntheticSpec.parse(cfg.root)
-    except ValueError as err:
-        raise DataError(f"data.root={cfg.root!r} for dataset synthetic: {err}") from None
-    (train_x, train_y), (test_x, test_y) = synthetic.make_splits(spec)
+    """LW-KD's synthesized digit-glyph classes as `data.synthetic` describes them, rendered in memory."""
+    spec = cfg.synthetic
+    (train_x, train_y), (test_x, test_y) = synthetic.make_splits(spec.classes, spec.size, spec.per_class, spec.seed)
     return Split(train_x, train_y), Split(test_x, test_y), spec.classes
 
 

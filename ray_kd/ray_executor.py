@@ -13,6 +13,7 @@ import os
 import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import ray
 import ray.train
@@ -109,8 +110,10 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
                            "set runtime.use_gpu=no or add GPUs")
 
 
-def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callbacks=(), name: str = "ray"):
-    """The TorchTrainer of one distillation run (the Tune driver wraps this too)."""
+def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callbacks=(), name: str = "ray",
+                 worker_loop: Callable[[dict], None] = train_worker):
+    """The TorchTrainer of one distillation run (the Tune driver wraps this too; benchmarks pass their own
+    `worker_loop`, which may wrap `train_worker`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -119,7 +122,7 @@ def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callback
     backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if gpu else "gloo")
     resources = {"CPU": cfg.runtime.cpus_per_worker, **({"GPU": 1} if gpu else {})}
     return TorchTrainer(
-        train_worker,
+        worker_loop,
         train_loop_config={"run": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=len(all_roles(cfg)), use_gpu=gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend=backend),

@@ -54,13 +54,14 @@ def preflight(cfg: RunConfig) -> None:
             load_model_file(role.checkpoint, role.model, data.num_classes, method.input_channels(role, data.in_channels))
 
 
-def train_teacher(cfg: RunConfig, out: Path) -> Path:
-    """Train `cfg.students[0]` alone with cross-entropy and save its best weights as a teacher file."""
+def train_teacher(cfg: RunConfig, out: Path) -> dict:
+    """Train `cfg.students[0]` alone with cross-entropy and save its best weights as a teacher file;
+    returns the run's summary, with the file's path as `teacher_file`."""
     summary = train(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(summary["best_student_file"], out)
     print(f"teacher: {out} (val top-1 {summary['roles']['student_0']['best_val_acc']:.2f})", flush=True)
-    return out
+    return {**summary, "teacher_file": str(out)}
 
 
 def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float) -> dict:

@@ -18,8 +18,6 @@ stored split (`data.dataset: synthetic`) and when fed fresh draws during LW-KD.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
-
 import torch
 import torch.nn.functional as F
 
@@ -39,30 +37,6 @@ _FONT = {  # 5 columns x 7 rows per digit
     9: (".###.", "#...#", "#...#", ".####", "....#", "...#.", ".##.."),
 }
 _GLYPHS = torch.tensor([[[c == "#" for c in row] for row in _FONT[d]] for d in range(10)], dtype=torch.float32)
-
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """What `data.root` says when `data.dataset` is `synthetic`, e.g. "classes=100,size=32,per_class=100"."""
-
-    classes: int = 10
-    size: int = 32
-    per_class: int = 300  # training images per class; the test split gets a fifth of that
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, text: str | None) -> "SyntheticSpec":
-        known = {f.name for f in fields(cls)}
-        values: dict[str, int] = {}
-        for item in filter(None, (text or "").replace(" ", "").split(",")):
-            key, _, raw = item.partition("=")
-            if key not in known or not raw.lstrip("-").isdigit():
-                raise ValueError(f"bad item {item!r}: expected key=integer with key one of {sorted(known)}")
-            values[key] = int(raw)
-        spec = cls(**values)
-        if spec.classes < 1 or spec.size < 4 or spec.per_class < 1:
-            raise ValueError(f"need classes >= 1, size >= 4 and per_class >= 1, got {spec}")
-        return spec
 
 
 def digits_per_class(num_classes: int) -> int:
@@ -102,11 +76,12 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float().div_(255) - MEAN) / STD
 
 
-def make_splits(spec: SyntheticSpec) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def make_splits(classes: int, size: int, per_class: int, seed: int = 0
+                ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train, test) as (uint8 images, labels); per_class of every class in train, a fifth of that in test."""
-    generator = torch.Generator().manual_seed(spec.seed)
+    generator = torch.Generator().manual_seed(seed)
     splits = []
-    for per_class in (spec.per_class, max(1, spec.per_class // 5)):
-        labels = torch.arange(spec.classes).repeat(per_class)
-        splits.append((render(labels, spec.classes, spec.size, generator), labels))
+    for n in (per_class, max(1, per_class // 5)):
+        labels = torch.arange(classes).repeat(n)
+        splits.append((render(labels, classes, size, generator), labels))
     return splits[0], splits[1]

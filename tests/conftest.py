@@ -38,4 +38,4 @@ def digits_teacher(tmp_path_factory) -> str:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     cfg = load_config("configs/digits_teacher.yaml", ["runtime.executor=local", "optim.epochs=8",
                                                       "optim.milestones=[6]", f"output_dir={root}"])
-    return str(train_teacher(cfg, root / "teacher.pt"))
+    return train_teacher(cfg, root / "teacher.pt")["teacher_file"]

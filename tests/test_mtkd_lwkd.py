@@ -13,7 +13,7 @@ from formulas import STEP, build_role, direct_ce, direct_st
 from ray_kd import synthetic
 from ray_kd.checkpoint import save_model_file, safe_load
 from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
-from ray_kd.data import DataError, load_dataset, seeded_batches
+from ray_kd.data import load_dataset, seeded_batches
 from ray_kd.methods import Role
 from ray_kd.methods.lwkd import LWKD, LWKDParams, SyntheticDraws
 from ray_kd.methods.mtkd_ssr import MTKDParams, MTKDSSR
@@ -157,9 +157,9 @@ def test_mtkd_accepts_matching_and_shallower_students():
 
 # --- the synthesized dataset ---------------------------------------------------
 def test_synthetic_is_deterministic_per_seed_and_has_k_classes():
-    a = synthetic.make_splits(synthetic.SyntheticSpec(classes=100, size=8, per_class=5, seed=3))
-    b = synthetic.make_splits(synthetic.SyntheticSpec(classes=100, size=8, per_class=5, seed=3))
-    c = synthetic.make_splits(synthetic.SyntheticSpec(classes=100, size=8, per_class=5, seed=4))
+    a = synthetic.make_splits(classes=100, size=8, per_class=5, seed=3)
+    b = synthetic.make_splits(classes=100, size=8, per_class=5, seed=3)
+    c = synthetic.make_splits(classes=100, size=8, per_class=5, seed=4)
     assert torch.equal(a[0][0], b[0][0]) and torch.equal(a[1][0], b[1][0])
     assert not torch.equal(a[0][0], c[0][0])
     (train_x, train_y), (test_x, test_y) = a
@@ -169,14 +169,18 @@ def test_synthetic_is_deterministic_per_seed_and_has_k_classes():
 
 
 def test_synthetic_dataset_choice_loads_with_fixed_normalisation():
-    data = load_dataset(DataConfig(dataset="synthetic", root="classes=7, size=12, per_class=20"))
+    data = load_dataset(load_config(None, {"data.dataset": "synthetic", "data.synthetic": {
+        "classes": 7, "size": 12, "per_class": 20}}).data)
     assert data.num_classes == 7 and data.in_channels == 1 and data.train.images.shape[-1] == 12
     assert data.augment == "none"
     images = data.val.images[:4]
     torch.testing.assert_close(data.normalize(images), synthetic.normalize(images), rtol=0, atol=0)
-    for bad in ("classes=ten", "colour=3", "size=2"):
-        with pytest.raises(DataError, match="synthetic"):
-            load_dataset(DataConfig(dataset="synthetic", root=bad))
+    for bad, says in ((["data.synthetic.classes=ten"], "data.synthetic.classes"),
+                      (["data.synthetic.colour=3"], "data.synthetic.colour: unknown key"),
+                      (["data.synthetic.size=2"], "data.synthetic.size"),
+                      (["data.root=classes=10,size=8"], "the synthetic dataset has no root")):
+        with pytest.raises(ConfigError, match=says):
+            load_config(None, ["data.dataset=synthetic", *bad])
 
 
 def train_quickly(model: str, data, steps: int) -> tuple[torch.nn.Module, float, float]:
@@ -204,7 +208,8 @@ def train_quickly(model: str, data, steps: int) -> tuple[torch.nn.Module, float,
 @pytest.fixture(scope="session")
 def lwkd_teacher(tmp_path_factory):
     """A digits_cnn_l trained briefly on 10 synthesized classes at 8x8: LW-KD's teacher for the digits."""
-    data = load_dataset(DataConfig(dataset="synthetic", root="classes=10,size=8,per_class=150"))
+    data = load_dataset(load_config(None, {"data.dataset": "synthetic", "data.synthetic": {
+        "classes": 10, "size": 8, "per_class": 150}}).data)
     net, acc, seconds = train_quickly("digits_cnn_l", data, steps=100)
     path = tmp_path_factory.mktemp("lwkd") / "teacher.pt"
     save_model_file(path, "digits_cnn_l", 10, synthetic.CHANNELS, net.state_dict())

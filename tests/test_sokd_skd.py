@@ -16,7 +16,6 @@ from ray_kd.data import load_dataset, seeded_batches
 from ray_kd.local_executor import run_local
 from ray_kd.methods import Role, method_class
 from ray_kd.methods.sokd import SOKD, SOKDParams
-from ray_kd.models import create_model
 from ray_kd.roles import RoleRunner
 
 T = 4.0

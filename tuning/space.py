@@ -6,13 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ray_kd.config import ConfigError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from ray_kd.validation import Strict, one_line
 
 
 class Param(Strict):
@@ -65,9 +62,7 @@ def load_space(path: str | Path) -> SweepSpace:
     try:
         return SweepSpace.model_validate(yaml.safe_load(path.read_text()) or {})
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"search space {path}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
+        raise ConfigError(f"search space {path}: {one_line(err)}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"search space {path} is not valid YAML: {err}") from None
 

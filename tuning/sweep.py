@@ -38,7 +38,7 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
     from ray_kd.ray_executor import make_trainer
 
     trial_id = tune.get_context().get_trial_id()
-    tree = apply_overrides(copy.deepcopy(base), [f"{k}={v}" for k, v in params.items()])
+    tree = apply_overrides(copy.deepcopy(base), params)  # typed values, never through YAML strings
     tree.update(name=f"{base['name']}-{trial_id}", output_dir=str(Path(sweep_dir) / "trials"))
     cfg = validate_config(tree)
     run_id = tracking.start_or_resume(cfg, uri, parent_run_id)
@@ -130,7 +130,7 @@ def _report(cfg: RunConfig, space: SweepSpace, results, sweep_dir: Path, uri: st
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    best_tree = apply_overrides(cfg.model_dump(), [f"{k}={best[k]}" for k in space.params])
+    best_tree = apply_overrides(cfg.model_dump(), {k: best[k] for k in space.params})
     best_tree["name"] = f"{cfg.name}-best"
     best_file = sweep_dir / "best_config.yaml"
     best_file.write_text(yaml.safe_dump(best_tree, sort_keys=False))

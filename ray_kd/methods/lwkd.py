@@ -6,7 +6,7 @@ through KD loss plus an adversarial loss that makes the student's outputs
 indistinguishable from the teacher's. Inferred, each a setting:
 - the synthesized set is `ray_kd.synthetic` (digit glyphs, K classes) and the teacher
   any small zoo net trained on it with `ray-kd train-teacher` and
-  `data: {dataset: synthetic, root: "classes=K,size=S"}`, S the target's image size
+  `data: {dataset: synthetic, synthetic: {classes: K, size: S}}`, S the target's image size
   (`synthetic_size`, None = the target's); it eats `synthetic.CHANNELS` (1) channels;
 - the teacher never sees the target images: for a sample of label y its soft target
   is its output on a fresh synthesized sample of class y, drawn for that instance on

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 from importlib.metadata import entry_points
 from typing import Callable
@@ -57,9 +56,9 @@ def _origin(module: str) -> str:
     return "built-in" if module.startswith("ray_kd.") else f"module {module}"
 
 
-@functools.cache
 def load_plugins() -> None:
-    """Import every `ray_kd.methods` entry point once; a broken plugin is one line naming it."""
+    """Import every `ray_kd.methods` entry point (again each call: a plugin installed since is found; loading
+    the same class twice is harmless); a broken plugin is one line naming it."""
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         origin = f"plugin {entry.dist.name if entry.dist else entry.value}"
         try:

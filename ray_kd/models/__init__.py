@@ -4,6 +4,6 @@ from ray_kd.models import (  # noqa: F401
     digits, mobilenetv2, resnet, shufflenetv1, shufflenetv2, vgg, wrn,
 )
 from ray_kd.models.base import StagedNet
-from ray_kd.models.registry import create_model, list_models, register_model
+from ray_kd.models.registry import create_model, list_models, model_origin, register_model
 
-__all__ = ["StagedNet", "create_model", "list_models", "register_model"]
+__all__ = ["StagedNet", "create_model", "list_models", "model_origin", "register_model"]

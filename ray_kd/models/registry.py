@@ -1,27 +1,65 @@
-"""A timm-style registry: `@register_model` on a builder, `create_model(name, ...)` to build."""
+"""A timm-style registry: `@register_model` on a builder, `create_model(name, ...)` to build, `list_models('resnet*')`.
+
+An installed package adds models through the entry-point group `ray_kd.models`:
+each entry names a builder `(num_classes, in_channels) -> StagedNet`, registered
+under the entry's name the first time a name is not found (in the driver and in
+every Ray worker alike).
+"""
 
 from __future__ import annotations
 
+import fnmatch
+from importlib.metadata import entry_points
 from typing import Callable
 
+from ray_kd.errors import UserError
 from ray_kd.models.base import StagedNet
 
+ENTRY_POINT_GROUP = "ray_kd.models"
 _BUILDERS: dict[str, Callable[..., StagedNet]] = {}
+_ORIGINS: dict[str, str] = {}
 
 
-def register_model(builder: Callable[..., StagedNet]) -> Callable[..., StagedNet]:
-    """Register `builder(num_classes, in_channels) -> StagedNet` under its function name."""
-    if builder.__name__ in _BUILDERS:
-        raise ValueError(f"model {builder.__name__!r} is registered twice")
-    _BUILDERS[builder.__name__] = builder
+class ModelPluginError(UserError, ImportError):
+    """A model plugin whose entry point cannot be imported."""
+
+
+def register_model(builder: Callable[..., StagedNet], name: str | None = None,
+                   origin: str | None = None) -> Callable[..., StagedNet]:
+    """Register `builder(num_classes, in_channels) -> StagedNet` under `name` (default: its function name)."""
+    name = name or builder.__name__
+    if _BUILDERS.get(name, builder) is not builder:
+        raise ValueError(f"model {name!r} is registered twice")
+    _BUILDERS[name] = builder
+    _ORIGINS[name] = origin or ("built-in" if builder.__module__.startswith("ray_kd.") else f"module {builder.__module__}")
     return builder
 
 
-def list_models() -> list[str]:
-    return sorted(_BUILDERS)
+def load_plugins() -> None:
+    """Import every `ray_kd.models` entry point (again each call, as for methods); a broken plugin is one line."""
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        origin = f"plugin {entry.dist.name if entry.dist else entry.value}"
+        try:
+            builder = entry.load()
+        except Exception as err:
+            raise ModelPluginError(f"model plugin {entry.name!r} ({entry.value}, from {origin}) failed to import: "
+                                   f"{type(err).__name__}: {err}") from None
+        register_model(builder, entry.name, origin)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a shell-style wildcard, plugins included."""
+    load_plugins()
+    return sorted(fnmatch.filter(_BUILDERS, pattern))
+
+
+def model_origin(name: str) -> str:
+    return _ORIGINS[name]
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3) -> StagedNet:
+    if name not in _BUILDERS:
+        load_plugins()
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)

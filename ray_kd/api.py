@@ -1,0 +1,42 @@
+"""The Python API: everything the `ray-kd` command line and the `ray job submit` entry points do.
+
+    import ray_kd
+    summary = ray_kd.train("configs/digits_dml.yaml", {"optim.epochs": 5, "seed": 3})
+
+A config is a YAML path, a dict or a `RunConfig`; overrides are `key=value`
+strings or a `{dotted key: value}` dict. Every function returns what it
+produced (a summary, the best trial) and raises a `UserError` on bad input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ray_kd.config import Overrides, RunConfig, load_config
+
+ConfigSource = str | Path | dict | RunConfig | None
+
+
+def train(config: ConfigSource = None, overrides: Overrides | None = None) -> dict:
+    """Run (or resume) one distillation run; returns its summary (also in `<output_dir>/<name>/summary.json`)."""
+    from ray_kd import run
+
+    return run.train(load_config(config, overrides))
+
+
+def train_teacher(config: ConfigSource, out: str | Path, overrides: Overrides | None = None) -> dict:
+    """Train `students[0]` alone and save it as a teacher file at `out`; returns the summary (`teacher_file`)."""
+    from ray_kd import run
+
+    return run.train_teacher(load_config(config, overrides), Path(out))
+
+
+def tune(config: ConfigSource, space, overrides: Overrides | None = None) -> dict:
+    """A Ray Tune sweep over `space` (a YAML path or a `SweepSpace`); returns the best trial's row."""
+    from tuning.space import SweepSpace, load_space
+    from tuning.sweep import sweep
+
+    return sweep(load_config(config, overrides), space if isinstance(space, SweepSpace) else load_space(space))
+
+
+__all__ = ["ConfigSource", "load_config", "train", "train_teacher", "tune"]
