@@ -15,6 +15,7 @@ from ray_kd.checkpoint import save_model_file, safe_load
 from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
 from ray_kd.data import load_dataset, seeded_batches
 from ray_kd.methods import Role
+from ray_kd.methods.kd import KD, KDParams
 from ray_kd.methods.lwkd import LWKD, LWKDParams, SyntheticDraws
 from ray_kd.methods.mtkd_ssr import MTKDParams, MTKDSSR
 from ray_kd.methods.tfkd import TFKD, TFKDParams
@@ -91,6 +92,22 @@ def test_mtkd_weight_zero_turns_a_term_off_and_teacher_heads_learn_from_labels()
     want = sum(direct_ce(t[f"head{i}"], Y) for i in range(3)) / 3
     assert set(teacher_terms) == {"head_ce", "total"}
     assert float(teacher_terms["total"]) == pytest.approx(want, abs=1e-5)
+
+
+def test_mtkd_with_a_final_weight_of_its_own_contains_kd_exactly():
+    s, t = mtkd_tensors()
+    mtkd = build_role(MTKDSSR(MTKDParams(stage_alignment="deepest", ce_weight=0.1, srd_final_weight=0.9,
+                                         head_ce_weight=0, scd_weight=0, srd_weight=0, crd_weight=0)), STUDENT)
+    kd = build_role(KD(KDParams(temperature=4.0, ce_weight=0.1, kd_weight=0.9)), STUDENT)
+    got = mtkd.losses(s, {"teacher": t}, Y, STEP)
+    want = kd.losses({"logits": s["logits"]}, {"teacher": t}, Y, STEP)
+    assert set(got) == {"ce", "srd_final", "total"}
+    assert float(got["total"]) == pytest.approx(float(want["total"]), abs=1e-6)
+    both = build_role(MTKDSSR(MTKDParams(stage_alignment="deepest", srd_final_weight=0.5)), STUDENT)
+    terms = both.losses(s, {"teacher": t}, Y, STEP)  # the final pair leaves SRD's mean for a term of its own
+    srd = (direct_st(s["head0"], t["head1"], 4) + direct_st(s["head1"], t["head2"], 4)) / 2
+    assert float(terms["srd"]) == pytest.approx(srd, abs=1e-5)
+    assert float(terms["srd_final"]) == pytest.approx(0.5 * direct_st(s["logits"], t["logits"], 4), abs=1e-5)
 
 
 def test_mtkd_publishes_logits_and_descriptors_never_maps():

@@ -12,7 +12,10 @@ knowledge is enhanced. Inferred, each a setting:
   the teacher's channel descriptor (GAP over space, B x C_t) and of the student's,
   widened to C_t by a 1x1-conv adapter on the student's side;
 - SRD: ST (`temperature`) from teacher head i into student head i, and (`srd_final`)
-  from the teacher's final logits into the student's;
+  from the teacher's final logits into the student's; by default the final pair is one
+  more term of SRD's mean (1/4 of `srd_weight` with 3 stages); `srd_final_weight` gives
+  it a weight of its own (term `srd_final`), so that ce_weight 0.1, srd_final_weight 0.9
+  and every other weight 0 is exactly KD's loss;
 - CRD: ST from each deeper student head, and from the student's final logits, into
   every shallower head; on the student's own worker (nothing crosses for it);
 - each term is a mean over its stages (or pairs), so a weight means the same for
@@ -52,6 +55,8 @@ class MTKDParams(MethodParams):
     scd_temperature: float = Field(1.0, gt=0, description="softmax temperature over channel descriptors")
     srd_weight: float = Field(1.0, ge=0)
     srd_final: bool = Field(True, description="SRD also pairs the final logits (the last stage's response)")
+    srd_final_weight: float | None = Field(
+        None, ge=0, description="weight of the final-logit pair as a term of its own; None = one of SRD's pairs")
     crd_weight: float = Field(1.0, ge=0)
     head_width: int | None = Field(None, gt=0, description="channels of each head's conv; None = the stage's")
     stage_alignment: Literal["strict", "deepest"] = "strict"
@@ -154,10 +159,13 @@ class SelfReviewingStudent(RoleModule):
                 target = teacher[f"channels{i + offset}"]
                 scd.append(soft_target(adapter(outputs[f"channels{i}"], target.shape[1]), target, p.scd_temperature))
             terms["scd"] = p.scd_weight * _mean(scd)
+        final_apart = p.srd_final_weight is not None
         if p.srd_weight:
             pairs = [(h, teacher[f"head{i + offset}"]) for i, h in enumerate(heads)]
-            pairs += [(z, teacher["logits"])] if p.srd_final else []
+            pairs += [(z, teacher["logits"])] if p.srd_final and not final_apart else []
             terms["srd"] = p.srd_weight * _mean(self.distill(s, t, p.temperature) for s, t in pairs)
+        if final_apart and p.srd_final and p.srd_final_weight:
+            terms["srd_final"] = p.srd_final_weight * self.distill(z, teacher["logits"], p.temperature)
         if p.crd_weight:
             chain = heads + [z]
             terms["crd"] = p.crd_weight * _mean(
