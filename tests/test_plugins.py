@@ -56,12 +56,12 @@ def test_plugin_method_and_model_run_on_ray_through_the_api(ray_cluster, install
 
 
 def test_plugin_method_in_a_sweep(ray_cluster, installed_plugin, digits_teacher, mlflow_uri, tmp_path):
-    space = SweepSpace.model_validate({"searcher": "grid", "scheduler": {"type": "none"},
-                                       "params": {"method.warmup_epochs": {"type": "grid", "values": [1, 3]}}})
+    space = SweepSpace.model_validate({"searcher": "grid", "num_samples": 1, "scheduler": {"type": "none"},
+                                       "params": {"method.warmup_epochs": {"type": "grid", "values": [3]}}})
     best = ray_kd.tune("configs/digits_kd.yaml", space, {
         "method": {"name": "warmup_kd"}, "teacher.checkpoint": digits_teacher, "output_dir": str(tmp_path),
         "name": "plug", "optim.epochs": 1, "optim.steps_per_epoch": 2})
-    assert best["status"] == "ok" and best["method.warmup_epochs"] in (1, 3)
+    assert best["status"] == "ok" and best["method.warmup_epochs"] == 3
     assert load_config(tmp_path / "plug-sweep" / "best_config.yaml").method.name == "warmup_kd"
 
 
