@@ -83,6 +83,25 @@ class OptimConfig(Strict):
     milestones: list[int] = Field(default_factory=lambda: [10], description="epochs at which lr *= gamma")
     gamma: float = Field(0.1, gt=0)
     steps_per_epoch: int | None = Field(None, gt=0, description="cap on steps per epoch (quick runs, tests)")
+    # The training recipe (ray_kd/recipe.py); the defaults are the recipe every config before them ran.
+    name: Literal["sgd", "adamw"] = Field("sgd", description="optimiser; adamw uses torch's betas and eps")
+    no_decay_norm_bias: bool = Field(False, description="weight_decay 0 on norm and bias parameters (1-d ones)")
+    schedule: Literal["multistep", "cosine"] = Field("multistep", description="lr schedule, stepped per iteration")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear lr warmup first (fractions of an epoch allowed)")
+    warmup_start_factor: float = Field(0.01, gt=0, le=1, description="lr x this at the first warmup step")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype; fp16 needs a CUDA GPU")
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip each role's gradient norm to this")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="smoothing of every cross-entropy on labels")
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> "OptimConfig":
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"optim.warmup_epochs={self.warmup_epochs:g} must be below optim.epochs={self.epochs}")
+        early = [m for m in self.milestones if m <= self.warmup_epochs]
+        if self.schedule == "multistep" and self.warmup_epochs and early:
+            raise ValueError(f"optim.milestones {self.milestones} must all come after optim.warmup_epochs="
+                             f"{self.warmup_epochs:g}")
+        return self
 
 
 class RuntimeConfig(Strict):
@@ -94,11 +113,14 @@ class RuntimeConfig(Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
     worker_logs: bool = Field(False, description="stream Ray worker logs to the console")
+    progress_every_s: float = Field(30.0, gt=0, description="within an epoch: a progress line this often "
+                                    "when the console is not a terminal (a terminal gets a bar)")
 
 
 class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, else sqlite:///mlflow.db")
     experiment: str = "ray-kd"
+    log_every_steps: int = Field(50, ge=0, description="step-level loss/lr/throughput to MLflow this often; 0: off")
 
 
 class RunConfig(Strict):

@@ -197,16 +197,18 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def epoch_steps(dataset: Dataset, batch_size: int, max_steps: int | None = None) -> int:
+    """How many batches `seeded_batches` yields per epoch (the last one may be short)."""
+    steps = (len(dataset.train.labels) + batch_size - 1) // batch_size
+    return steps if max_steps is None else min(steps, max_steps)
+
+
 def seeded_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int,
                    max_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's batches, normalised and augmented, identical on every worker with the same (seed, epoch)."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    n = len(dataset.train.labels)
-    order = torch.randperm(n, generator=gen)
-    steps = (n + batch_size - 1) // batch_size
-    if max_steps is not None:
-        steps = min(steps, max_steps)
-    for step in range(steps):
+    order = torch.randperm(len(dataset.train.labels), generator=gen)
+    for step in range(epoch_steps(dataset, batch_size, max_steps)):
         idx = order[step * batch_size:(step + 1) * batch_size]
         images = dataset.train.images[idx]
         if dataset.augment == "crop_flip":

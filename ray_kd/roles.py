@@ -17,6 +17,7 @@ from ray_kd.data import Dataset, eval_batches
 from ray_kd.errors import UserError
 from ray_kd.methods import Method, Outputs, Role, Step
 from ray_kd.models import create_model
+from ray_kd.recipe import Recipe
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -27,7 +28,7 @@ class RoleRunner:
     """Builds a role (its backbone, then the method's module around it, the optimiser over what trains) and steps it."""
 
     def __init__(self, role: Role, index: int, method: Method, dataset: Dataset, optim: OptimConfig,
-                 seed: int, device: torch.device):
+                 seed: int, device: torch.device, steps_per_epoch: int):
         self.role, self.device = role, device
         torch.manual_seed(seed * 1000 + index)  # same init in every executor
         channels = method.input_channels(role, dataset.in_channels)
@@ -35,11 +36,8 @@ class RoleRunner:
         if role.checkpoint is not None:
             backbone.load_state_dict(load_model_file(role.checkpoint, role.model, dataset.num_classes, channels))
         self.net = method.build_role(role, backbone, dataset.num_classes).to(device)
-        trainable = self.net.trainable_parameters()
-        self.optimizer = (torch.optim.SGD(trainable, lr=optim.lr, momentum=optim.momentum,
-                                          weight_decay=optim.weight_decay) if trainable else None)
-        self.scheduler = (torch.optim.lr_scheduler.MultiStepLR(self.optimizer, optim.milestones, optim.gamma)
-                          if self.optimizer else None)
+        self.recipe = Recipe(self.net, self.net.trainable_parameters(), optim, steps_per_epoch, device)
+        self.optimizer, self.scheduler = self.recipe.optimizer, self.recipe.scheduler
         self.step = 0
 
     @property
@@ -49,7 +47,7 @@ class RoleRunner:
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[Outputs, Outputs]:
         """This step's outputs, and the part of them the role publishes."""
         self.net.train()
-        with torch.set_grad_enabled(self.trains):
+        with torch.set_grad_enabled(self.trains), self.recipe.context():
             outputs = self.net(x, y)
         return outputs, self.net.publish(outputs)
 
@@ -59,20 +57,15 @@ class RoleRunner:
         self.step += 1
         if not self.trains:
             return {}
-        terms = self.net.losses(outputs, published, y, step)
+        with self.recipe.context():
+            terms = self.net.losses(outputs, published, y, step)
         values = {name: float(t.detach()) for name, t in terms.items()}
         for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(f"role {self.role.name}: loss term {name!r} is {value} at step "
                                          f"{self.step}; lower optim.lr or the loss weights")
-        self.optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        self.optimizer.step()
+        self.recipe.step(terms["total"])  # the schedule steps per iteration too
         return values
-
-    def end_epoch(self) -> None:
-        if self.scheduler:
-            self.scheduler.step()
 
     @torch.no_grad()
     def evaluate(self, dataset: Dataset) -> dict[str, float]:
@@ -83,7 +76,8 @@ class RoleRunner:
             correct: dict[str, int] = {}
             for x, y in eval_batches(split, dataset):
                 x, y = x.to(self.device), y.to(self.device)
-                outputs = self.net(x, y)
+                with self.recipe.context():
+                    outputs = self.net(x, y)
                 for head, logits in self.net.eval_heads(outputs).items():
                     correct[head] = correct.get(head, 0) + int((logits.argmax(1) == y).sum())
             for head, n in correct.items():
@@ -91,13 +85,9 @@ class RoleRunner:
         return metrics
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "step": self.step,
-                "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-                "scheduler": self.scheduler.state_dict() if self.scheduler else None}
+        return {"net": self.net.state_dict(), "step": self.step, **self.recipe.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.net.load_state_dict(state["net"])
         self.step = state["step"]
-        if self.optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+        self.recipe.load_state_dict(state)

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ray_kd.config import RunConfig
-from ray_kd.data import Dataset, load_dataset, seeded_batches
+from ray_kd.data import Dataset, epoch_steps, load_dataset, seeded_batches
 from ray_kd.methods import Role
 from ray_kd.roles import RoleRunner
 
@@ -40,7 +40,8 @@ class Session:
         self.dataset = dataset or load_dataset(cfg.data)
         self.method = cfg.method.build()
         roles = all_roles(cfg)
-        self.runners = [RoleRunner(roles[i], i, self.method, self.dataset, cfg.optim, cfg.seed, device)
+        steps = epoch_steps(self.dataset, cfg.data.batch_size, cfg.optim.steps_per_epoch)
+        self.runners = [RoleRunner(roles[i], i, self.method, self.dataset, cfg.optim, cfg.seed, device, steps)
                         for i in role_indices]
         self.best: dict[str, dict] = {}  # student role -> {'val_acc', 'epoch', 'state_dict'}
 
@@ -86,7 +87,6 @@ class Session:
         metrics: dict[str, float] = {}
         for r in self.runners:
             name = r.role.name
-            r.end_epoch()
             metrics.update({f"{name}/loss_{term}": total / steps for term, total in sums[name].items()})
             metrics[f"{name}/samples_per_s"] = samples / wall
             metrics[f"{name}/compute_ms"] = 1000 * compute[name] / steps

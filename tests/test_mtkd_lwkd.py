@@ -113,8 +113,8 @@ def test_mtkd_with_a_final_weight_of_its_own_contains_kd_exactly():
 def test_mtkd_publishes_logits_and_descriptors_never_maps():
     method = MTKDSSR(MTKDParams(stage_alignment="deepest"))
     data = load_dataset(DataConfig())
-    teacher = RoleRunner(TEACHER, 0, method, data, OptimConfig(), 0, CPU)
-    student = RoleRunner(STUDENT, 1, method, data, OptimConfig(), 0, CPU)
+    teacher = RoleRunner(TEACHER, 0, method, data, OptimConfig(), 0, CPU, steps_per_epoch=1)
+    student = RoleRunner(STUDENT, 1, method, data, OptimConfig(), 0, CPU, steps_per_epoch=1)
     x, y = next(seeded_batches(data, 16, 0, 0))
     _, published = teacher.forward(x, y)
     assert all(t.dim() == 2 and t.shape[0] == 16 and not t.requires_grad for t in published.values())
@@ -126,8 +126,8 @@ def test_mtkd_publishes_logits_and_descriptors_never_maps():
 def test_mtkd_gradients_reach_heads_adapters_and_student_but_not_the_frozen_teacher():
     method = MTKDSSR(MTKDParams(stage_alignment="deepest"))
     data = load_dataset(DataConfig())
-    teacher = RoleRunner(TEACHER, 0, method, data, OptimConfig(), 0, CPU)
-    student = RoleRunner(STUDENT, 1, method, data, OptimConfig(), 0, CPU)
+    teacher = RoleRunner(TEACHER, 0, method, data, OptimConfig(), 0, CPU, steps_per_epoch=1)
+    student = RoleRunner(STUDENT, 1, method, data, OptimConfig(), 0, CPU, steps_per_epoch=1)
     frozen = {k: v.clone() for k, v in teacher.net.backbone.state_dict().items()}
 
     x, y = next(seeded_batches(data, 32, 0, 0))
@@ -299,8 +299,8 @@ def test_lwkd_one_backward_trains_each_side_on_its_own_loss():
 def test_lwkd_teacher_sees_fresh_synthesized_samples_and_stays_frozen():
     method = LWKD(LWKDParams())
     data = load_dataset(DataConfig())
-    teacher = RoleRunner(TEACHER, 0, method, data, OptimConfig(), 0, CPU)
-    student = RoleRunner(STUDENT, 1, method, data, OptimConfig(), 0, CPU)
+    teacher = RoleRunner(TEACHER, 0, method, data, OptimConfig(), 0, CPU, steps_per_epoch=1)
+    student = RoleRunner(STUDENT, 1, method, data, OptimConfig(), 0, CPU, steps_per_epoch=1)
     assert not teacher.trains and teacher.net.backbone.stem[0].in_channels == synthetic.CHANNELS
     x, y = next(seeded_batches(data, 32, 0, 0))
     first, published = teacher.forward(x, y)

@@ -43,7 +43,7 @@ def direct_attention(u, simplifier):
 
 def runners_for(method, roles, seed=0):
     data = load_dataset(DataConfig())
-    return data, [RoleRunner(role, i, method, data, OptimConfig(), seed, torch.device("cpu"))
+    return data, [RoleRunner(role, i, method, data, OptimConfig(), seed, torch.device("cpu"), steps_per_epoch=1)
                   for i, role in enumerate(roles)]
 
 
