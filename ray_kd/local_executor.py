@@ -14,6 +14,7 @@ import torch
 from ray_kd.checkpoint import atomic_save, atomic_write_json, safe_load
 from ray_kd.config import RunConfig
 from ray_kd.exchange import LocalExchange
+from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor
 from ray_kd.session import History, Session, all_roles, fit, progress_line
 
 
@@ -61,7 +62,12 @@ def run_local(cfg: RunConfig, sync=None, show_progress: bool = True) -> Path:
     torch.set_num_threads(cfg.runtime.threads_per_worker)
     device = torch.device("cuda" if cfg.runtime.use_gpu != "no" and torch.cuda.is_available() else "cpu")
     roles = all_roles(cfg)
-    session = Session(cfg, list(range(len(roles))), LocalExchange(), device)
+    exchange = LocalExchange()
+    log_every = cfg.tracking.log_every_steps if sync is not None else 0
+    monitor = StepMonitor(cfg.optim.epochs, exchange, log_every,
+                          StepMetricLogger(sync.client, sync.run_id) if log_every else None,
+                          ProgressDisplay(cfg.runtime.progress_every_s) if show_progress else None)
+    session = Session(cfg, list(range(len(roles))), exchange, device, monitor=monitor)
     store = DirectoryStore(cfg.run_dir / "checkpoints")
     fit(session, store, sync, progress_line(cfg.optim.epochs) if show_progress else None)
     return store.latest()

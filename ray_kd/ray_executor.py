@@ -24,6 +24,8 @@ from ray_kd.config import RunConfig
 from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange
 from ray_kd.local_executor import write_role_files
+from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, StepStatus
+from ray_kd.recipe import check_amp
 from ray_kd.session import History, Session, all_roles, fit, progress_line
 
 
@@ -69,9 +71,13 @@ def train_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(cfg.runtime.threads_per_worker)
     roles = all_roles(cfg)
-    session = Session(cfg, [rank], CollectiveExchange([r.name for r in roles], rank), ray.train.torch.get_device())
+    exchange = CollectiveExchange([r.name for r in roles], rank)
     lead = rank == 0
     sync = MetricSync(config["tracking_uri"], config["run_id"]) if lead and config.get("run_id") else None
+    log_every = cfg.tracking.log_every_steps if config.get("run_id") else 0  # the same on every rank
+    monitor = StepMonitor(cfg.optim.epochs, exchange, log_every,
+                          StepMetricLogger(sync.client, sync.run_id) if sync and log_every else None)
+    session = Session(cfg, [rank], exchange, ray.train.torch.get_device(), monitor=monitor)
     fit(session, RayTrainStore(rank), sync)
 
 
@@ -137,9 +143,12 @@ def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callback
 def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None) -> Path:
     """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint."""
     connect(cfg)
+    check_amp(cfg.optim.amp, use_gpu(cfg))
     trainer = make_trainer(cfg, tracking_uri, run_id)
     stop = threading.Event()
-    watcher = threading.Thread(target=watch_progress, args=(tracking_uri, run_id, cfg.optim.epochs, stop), daemon=True)
+    display = ProgressDisplay(cfg.runtime.progress_every_s)
+    watcher = threading.Thread(target=watch_progress, args=(tracking_uri, run_id, cfg.optim.epochs, stop, display),
+                               daemon=True)
     if run_id:
         watcher.start()
     try:
@@ -175,16 +184,24 @@ def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
                              f"{cfg.run_dir / 'ray'}: run the same command to resume")
 
 
-def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, every: float = 0.5) -> None:
-    """Print the progress line of each epoch as rank 0 logs it to MLflow (workers print nothing)."""
+def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, display: ProgressDisplay,
+                   every: float = 0.5) -> None:
+    """Print the progress line of each epoch as rank 0 logs it to MLflow (workers print nothing), and
+    within an epoch the step metrics rank 0 logs every tracking.log_every_steps steps."""
     from ray_kd.tracking import client
 
-    mlflow, show, shown = client(uri), progress_line(epochs), 0.0
+    mlflow, show, shown, last_step = client(uri), progress_line(epochs), 0.0, None
     while True:
         finished = stop.wait(every)
         metrics = mlflow.get_run(run_id).data.metrics
         if metrics.get("epoch", 0.0) > shown:
+            display.close()
             show(metrics)
             shown = metrics["epoch"]
+        status = StepStatus.from_metrics(metrics, epochs)
+        if status and status.epoch > shown and (status.epoch, status.step) != last_step:
+            display.show(status)  # the epoch in progress only, never a finished one's last log
+            last_step = (status.epoch, status.step)
         if finished:
+            display.close()
             return

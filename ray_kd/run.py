@@ -12,6 +12,7 @@ import torch
 from ray_kd.checkpoint import load_model_file, safe_load, save_model_file
 from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import load_dataset
+from ray_kd.recipe import preflight_amp
 from ray_kd.session import all_roles
 from ray_kd.results import plot_curves, summarize, write_summary
 from ray_kd import tracking
@@ -43,6 +44,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None) -> dict:
 
 def preflight(cfg: RunConfig) -> None:
     """Fail in seconds, before any worker starts: the data must load and every checkpoint must fit it."""
+    preflight_amp(cfg)
     data = load_dataset(cfg.data)
     method, roles = cfg.method.build(), all_roles(cfg)
     try:

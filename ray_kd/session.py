@@ -17,6 +17,7 @@ import torch
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, epoch_steps, load_dataset, seeded_batches
 from ray_kd.methods import Role
+from ray_kd.progress import StepMonitor
 from ray_kd.roles import RoleRunner
 
 OBJECTIVE = "best_student_val_acc"
@@ -35,13 +36,15 @@ def all_roles(cfg: RunConfig) -> list[Role]:
 
 class Session:
     def __init__(self, cfg: RunConfig, role_indices: list[int], exchange, device: torch.device,
-                 dataset: Dataset | None = None):
+                 dataset: Dataset | None = None, monitor: StepMonitor | None = None):
         self.cfg, self.exchange, self.device = cfg, exchange, device
+        self.monitor = monitor or StepMonitor(cfg.optim.epochs, exchange)
         self.dataset = dataset or load_dataset(cfg.data)
         self.method = cfg.method.build()
         roles = all_roles(cfg)
-        steps = epoch_steps(self.dataset, cfg.data.batch_size, cfg.optim.steps_per_epoch)
-        self.runners = [RoleRunner(roles[i], i, self.method, self.dataset, cfg.optim, cfg.seed, device, steps)
+        self.steps_per_epoch = epoch_steps(self.dataset, cfg.data.batch_size, cfg.optim.steps_per_epoch)
+        self.runners = [RoleRunner(roles[i], i, self.method, self.dataset, cfg.optim, cfg.seed, device,
+                                   self.steps_per_epoch)
                         for i in role_indices]
         self.best: dict[str, dict] = {}  # student role -> {'val_acc', 'epoch', 'state_dict'}
 
@@ -67,6 +70,7 @@ class Session:
         steps, samples = 0, 0
         self.exchange.seconds = 0.0
         start = time.perf_counter()
+        self.monitor.start_epoch(epoch, self.steps_per_epoch)
         for x, y in seeded_batches(self.dataset, self.cfg.data.batch_size, self.cfg.seed, epoch,
                                    self.cfg.optim.steps_per_epoch):
             x, y = x.to(self.device), y.to(self.device)
@@ -76,13 +80,19 @@ class Session:
                 outputs[r.role.name], published[r.role.name] = r.forward(x, y)
                 compute[r.role.name] += time.perf_counter() - t
             everyone = self.exchange.all_gather(published)
+            losses, lrs = {}, {}
             for r in self.runners:
                 t = time.perf_counter()
-                for term, value in r.update(outputs[r.role.name], everyone, y, epoch).items():
+                if r.optimizer:
+                    lrs[r.role.name] = r.optimizer.param_groups[0]["lr"]  # this step's, before the update
+                losses[r.role.name] = r.update(outputs[r.role.name], everyone, y, epoch)
+                for term, value in losses[r.role.name].items():
                     sums[r.role.name][term] = sums[r.role.name].get(term, 0.0) + value
                 compute[r.role.name] += time.perf_counter() - t
             steps += 1
             samples += len(y)
+            self.monitor.after_step(steps, len(y), {k: v for k, v in losses.items() if v}, lrs)
+        self.monitor.end_epoch()
         wall = time.perf_counter() - start
         metrics: dict[str, float] = {}
         for r in self.runners:

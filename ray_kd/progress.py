@@ -1,0 +1,177 @@
+"""Progress within an epoch: a bar or plain lines on the console, and step-level metrics in MLflow.
+
+An ImageNet epoch takes an hour, so one line per epoch is not enough. Every rank
+calls its `StepMonitor` after every step (the same steps on every rank):
+
+- every `tracking.log_every_steps` global steps it gathers each role's loss terms
+  and lr (one small collective on the Ray executor) and the lead rank logs them to
+  MLflow at step = global step, under names of their own (`<role>/step_loss_<term>`,
+  `<role>/step_lr`, `progress/*`) so they never collide with the per-epoch
+  metrics, which are logged at step = epoch;
+- where this process owns the console (the single-process executor) it shows a
+  `ProgressDisplay`: a tqdm bar on a terminal, else a plain line every
+  `runtime.progress_every_s` seconds (log files, `ray job submit`).
+
+On the Ray executor the workers' output does not reach the driver, so the
+driver's watcher reads the same step metrics back from MLflow and shows them
+with the same `ProgressDisplay` (as often as they are logged; none when
+`tracking.log_every_steps=0`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+_STEP = "progress/"
+
+
+@dataclass
+class StepStatus:
+    """Where a run is within an epoch, and the last step's losses and lr of every role that trains."""
+
+    epoch: int  # 1-based, like the per-epoch `epoch` metric
+    epochs: int
+    step: int  # 1-based within the epoch
+    steps: int
+    samples_per_s: float
+    eta_s: float  # to the end of this epoch
+    losses: dict[str, dict[str, float]] = field(default_factory=dict)  # role -> loss term -> value
+    lrs: dict[str, float] = field(default_factory=dict)  # role -> lr of this step
+
+    def metrics(self) -> dict[str, float]:
+        """The MLflow form (logged at step = global step)."""
+        out = {f"{_STEP}epoch": self.epoch, f"{_STEP}step": self.step, f"{_STEP}steps": self.steps,
+               f"{_STEP}samples_per_s": self.samples_per_s, f"{_STEP}eta_s": self.eta_s}
+        for role, terms in self.losses.items():
+            out.update({f"{role}/step_loss_{term}": v for term, v in terms.items()})
+        out.update({f"{role}/step_lr": lr for role, lr in self.lrs.items()})
+        return {k: float(v) for k, v in out.items()}
+
+    @classmethod
+    def from_metrics(cls, metrics: dict[str, float], epochs: int) -> StepStatus | None:
+        """Read back from a run's latest metric values (the Ray driver's view); None before the first log."""
+        if f"{_STEP}step" not in metrics:
+            return None
+        losses: dict[str, dict[str, float]] = {}
+        for key, value in metrics.items():
+            role, _, name = key.partition("/step_loss_")
+            if name:
+                losses.setdefault(role, {})[name] = value
+        return cls(int(metrics[f"{_STEP}epoch"]), epochs, int(metrics[f"{_STEP}step"]), int(metrics[f"{_STEP}steps"]),
+                   metrics[f"{_STEP}samples_per_s"], metrics[f"{_STEP}eta_s"], losses,
+                   {k.removesuffix("/step_lr"): v for k, v in metrics.items() if k.endswith("/step_lr")})
+
+    def details(self) -> str:
+        """Throughput, each training role's total loss, the lr: what the bar shows beside its counts."""
+        losses = " ".join(f"{role} {terms['total']:.4f}" for role, terms in sorted(self.losses.items())
+                          if "total" in terms)
+        lr = f"  lr {next(iter(self.lrs.values())):.3g}" if self.lrs else ""
+        return f"{self.samples_per_s:.0f} img/s  loss {losses or '-'}{lr}"
+
+    def line(self) -> str:
+        eta = datetime.timedelta(seconds=round(self.eta_s))
+        return (f"epoch {self.epoch}/{self.epochs}  step {self.step}/{self.steps} "
+                f"({100 * self.step / self.steps:.0f}%)  {self.details()}  ETA {eta}")
+
+
+class ProgressDisplay:
+    """A tqdm bar per epoch on a terminal; otherwise a plain line at most every `every_s` seconds."""
+
+    def __init__(self, every_s: float, stream: TextIO | None = None, tty: bool | None = None):
+        self.every_s, self.stream = every_s, stream or sys.stdout
+        self.tty = self.stream.isatty() if tty is None else tty
+        self._bar, self._bar_epoch, self._last_line = None, 0, float("-inf")
+
+    def show(self, status: StepStatus) -> None:
+        if not self.tty:
+            now = time.monotonic()
+            if now - self._last_line >= self.every_s or status.step == status.steps:
+                print(status.line(), file=self.stream, flush=True)
+                self._last_line = now
+            return
+        if self._bar is None or self._bar_epoch != status.epoch:
+            from tqdm import tqdm
+
+            self.close()
+            self._bar = tqdm(total=status.steps, desc=f"epoch {status.epoch}/{status.epochs}", unit="step",
+                             leave=False, file=self.stream, dynamic_ncols=True)
+            self._bar_epoch = status.epoch
+        self._bar.set_postfix_str(status.details(), refresh=False)
+        self._bar.update(status.step - self._bar.n)
+
+    def close(self) -> None:
+        """Before the epoch's own line: the bar goes (it is not left on screen)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+class StepMetricLogger:
+    """Logs step metrics to one MLflow run, skipping global steps it already has: a worker group restarted
+    from a checkpoint re-runs those steps with the same numbers, and they are not logged twice."""
+
+    def __init__(self, client, run_id: str):
+        self.client, self.run_id = client, run_id
+        self.logged_up_to = max((int(m.step) for m in client.get_metric_history(run_id, f"{_STEP}step")), default=0)
+
+    def log(self, global_step: int, status: StepStatus) -> None:
+        from mlflow.entities import Metric
+
+        if global_step <= self.logged_up_to:
+            return
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, global_step) for k, v in status.metrics().items()]
+        for i in range(0, len(metrics), 200):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 200])
+        self.logged_up_to = global_step
+
+
+class StepMonitor:
+    """Called by the epoch loop on every rank; see the module docstring.
+
+    `log_every` must be the same on every rank (the gather is a collective): 0 turns step logging off.
+    """
+
+    def __init__(self, epochs: int, exchange, log_every: int = 0, logger: StepMetricLogger | None = None,
+                 display: ProgressDisplay | None = None):
+        self.epochs, self.exchange, self.log_every = epochs, exchange, log_every
+        self.logger, self.display = logger, display
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        self.epoch, self.steps = epoch, steps
+        self.start = self.last_log = time.perf_counter()
+        self.samples = self.samples_at_log = 0
+        self.step_at_log = 0
+
+    def after_step(self, step: int, batch: int, losses: dict[str, dict[str, float]], lrs: dict[str, float]) -> None:
+        """`step` is 1-based within the epoch; `losses`/`lrs` hold this process's roles (those that train)."""
+        now = time.perf_counter()
+        self.samples += batch
+        if self.display is not None:
+            self.display.show(self._status(step, losses, lrs, now - self.start, step, self.samples))
+        global_step = self.epoch * self.steps + step
+        if self.log_every and global_step % self.log_every == 0:
+            parts = self.exchange.gather_objects((losses, lrs))
+            losses, lrs = {}, {}
+            for part_losses, part_lrs in parts:
+                losses.update(part_losses)
+                lrs.update(part_lrs)
+            status = self._status(step, losses, lrs, now - self.last_log, step - self.step_at_log,
+                                  self.samples - self.samples_at_log)
+            if self.logger is not None:
+                self.logger.log(global_step, status)
+            self.last_log, self.step_at_log, self.samples_at_log = now, step, self.samples
+
+    def end_epoch(self) -> None:
+        if self.display is not None:
+            self.display.close()
+
+    def _status(self, step: int, losses, lrs, seconds: float, steps_done: int, samples: int) -> StepStatus:
+        """Throughput and ETA over the last `steps_done` steps, which took `seconds`."""
+        seconds = max(seconds, 1e-9)
+        return StepStatus(self.epoch + 1, self.epochs, step, self.steps, samples / seconds,
+                          (self.steps - step) * seconds / max(steps_done, 1), losses, lrs)
