@@ -13,7 +13,7 @@ from ray_kd.cli import main
 from ray_kd.config import DataConfig, OptimConfig, load_config
 from ray_kd.data import load_dataset, seeded_batches
 from ray_kd.local_executor import run_local
-from ray_kd.methods import Role, method_class
+from ray_kd.methods import Role, Step, method_class
 from ray_kd.methods.losses import cross_entropy
 from ray_kd.models import create_model
 from ray_kd.recipe import Recipe, build_optimizer, build_scheduler
@@ -24,7 +24,8 @@ CPU = torch.device("cpu")
 
 def lrs_per_step(optim: OptimConfig, steps_per_epoch: int) -> list[float]:
     """The lr each step of the run uses (read before the step, as the optimiser sees it)."""
-    opt = build_optimizer(torch.nn.Linear(2, 2), optim)
+    net = torch.nn.Linear(2, 2)
+    opt = build_optimizer(net, list(net.parameters()), optim)
     sched = build_scheduler(opt, optim, steps_per_epoch)
     out = []
     for _ in range(optim.epochs * steps_per_epoch):
@@ -68,7 +69,8 @@ def test_multistep_with_warmup_keeps_its_milestones_in_epochs():
 
 def test_adamw_puts_norm_and_bias_parameters_in_a_group_without_decay():
     net = create_model("resnet8", 10, 3)
-    opt = build_optimizer(net, OptimConfig(name="adamw", weight_decay=0.05, no_decay_norm_bias=True))
+    opt = build_optimizer(net, list(net.parameters()), OptimConfig(name="adamw", weight_decay=0.05,
+                                                                    no_decay_norm_bias=True))
     assert isinstance(opt, torch.optim.AdamW)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -78,7 +80,7 @@ def test_adamw_puts_norm_and_bias_parameters_in_a_group_without_decay():
     assert {f"{m}.weight" for m in bn} | {f"{m}.bias" for m in bn} <= exempt
     assert all(n.endswith(".bias") or n.rsplit(".", 1)[0] in bn for n in exempt)
     assert all(p.ndim > 1 for p in decay["params"]) and len(decay["params"]) + len(exempt) == len(names)
-    (one,) = build_optimizer(net, OptimConfig(name="adamw", weight_decay=0.05)).param_groups  # the flag off
+    (one,) = build_optimizer(net, list(net.parameters()), OptimConfig(name="adamw", weight_decay=0.05)).param_groups
     assert one["weight_decay"] == 0.05 and len(one["params"]) == len(names)
 
 
@@ -96,7 +98,7 @@ def test_bf16_autocast_on_cpu_trains():
     for _ in range(10):
         outputs, _ = runner.forward(x, y)
         assert outputs["logits"].dtype == torch.bfloat16  # autocast is on
-        losses.append(runner.update(outputs, {}, y)["total"])
+        losses.append(runner.update(outputs, {}, y, epoch=0)["total"])
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(p.dtype == torch.float32 for p in runner.net.parameters())  # weights stay fp32
@@ -106,7 +108,7 @@ def test_clipping_bounds_the_gradient_norm():
     runner, data = ce_runner(OptimConfig(clip_grad_norm=0.05))
     x, y = next(seeded_batches(data, 64, 0, 0))
     outputs, _ = runner.forward(x, y)
-    loss = runner.method.loss(runner.role, outputs, {}, y)["total"]
+    loss = runner.net.losses(outputs, {}, y, Step(0, 0))["total"]
     before = runner.recipe.step(loss)
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in runner.recipe.params]))
     assert before > 0.2  # clipping had something to do
@@ -145,8 +147,8 @@ def test_resume_keeps_the_schedule_place(tmp_path):
     """AdamW + cosine with warmup + bf16 + clipping + smoothing: 3 epochs straight, and the same run cut
     after epoch 2 and resumed, end with the same weights (the schedule and optimiser states were kept)."""
     recipe = ["optim.name=adamw", "optim.lr=0.003", "optim.schedule=cosine", "optim.warmup_epochs=0.5",
-              "optim.amp=bf16", "optim.clip_grad_norm=1.0", "optim.label_smoothing=0.1", "optim.no_decay_norm_bias=true",
-              "optim.epochs=3", "optim.steps_per_epoch=4", "runtime.executor=local", f"output_dir={tmp_path}"]
+              "optim.amp=bf16", "optim.clip_grad_norm=1.0", "optim.label_smoothing=0.1",
+              "optim.no_decay_norm_bias=true", "optim.epochs=3", "optim.steps_per_epoch=4", "runtime.executor=local", f"output_dir={tmp_path}"]
     straight = run_local(load_config(None, recipe + ["name=straight"]), show_progress=False)
     cut = load_config(None, recipe + ["name=cut"])
     last = run_local(cut, show_progress=False)
@@ -158,7 +160,7 @@ def test_resume_keeps_the_schedule_place(tmp_path):
         assert {k: v for k, v in got.items() if "_ms" not in k and "per_s" not in k} == pytest.approx(
             {k: v for k, v in want.items() if "_ms" not in k and "per_s" not in k})
     assert history[-1]["student_0/loss_total"] < history[0]["student_0/loss_total"]
-    a, b = torch.load(straight / "student_0.pt", weights_only=True), torch.load(resumed / "student_0.pt", weights_only=True)
+    a, b = (torch.load(folder / "student_0.pt", weights_only=True) for folder in (straight, resumed))
     for name, tensor in a["net"].items():
         torch.testing.assert_close(tensor, b["net"][name])
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 12
