@@ -73,7 +73,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
     there), so multistep milestones are shifted by the warmup's steps.
     """
     total = optim.epochs * steps_per_epoch
-    warmup = round(optim.warmup_epochs * steps_per_epoch)
+    warmup = min(round(optim.warmup_epochs * steps_per_epoch), total - 1)  # a cosine needs a step to span
     if optim.schedule == "cosine":
         main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=total - warmup)
     else:
