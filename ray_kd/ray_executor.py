@@ -63,7 +63,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ray_kd.tracking import MetricSync
+    from ray_kd.tracking import MetricSync, system_metrics
 
     cfg = RunConfig.model_validate(config["run"])
     rank = ray.train.get_context().get_world_rank()
@@ -72,7 +72,9 @@ def train_worker(config: dict) -> None:
     session = Session(cfg, [rank], CollectiveExchange([r.name for r in roles], rank), ray.train.torch.get_device())
     lead = rank == 0
     sync = MetricSync(config["tracking_uri"], config["run_id"]) if lead and config.get("run_id") else None
-    fit(session, RayTrainStore(rank), sync)
+    node = sync.names.get(roles[rank].name, roles[rank].name) if sync else roles[rank].name
+    with system_metrics(config["tracking_uri"], config.get("run_id"), node, cfg.tracking.system_metrics_interval):
+        fit(session, RayTrainStore(rank), sync)
 
 
 def use_gpu(cfg: RunConfig) -> bool:
@@ -177,14 +179,14 @@ def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
 
 def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, every: float = 0.5) -> None:
     """Print the progress line of each epoch as rank 0 logs it to MLflow (workers print nothing)."""
-    from ray_kd.tracking import client
+    from ray_kd.tracking import client, latest_epoch
 
-    mlflow, show, shown = client(uri), progress_line(epochs), 0.0
+    mlflow, show, shown = client(uri), progress_line(epochs), 0
     while True:
         finished = stop.wait(every)
-        metrics = mlflow.get_run(run_id).data.metrics
-        if metrics.get("epoch", 0.0) > shown:
-            show(metrics)
-            shown = metrics["epoch"]
+        epoch, metrics = latest_epoch(mlflow, run_id)
+        if epoch > shown:
+            show({**metrics, "epoch": epoch})
+            shown = epoch
         if finished:
             return
