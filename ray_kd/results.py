@@ -46,6 +46,7 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str = "", na
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     names = names or {}
     heads = sorted({k.split("/")[0] for k in history[-1] if k.endswith("/val_acc")})
@@ -77,6 +78,8 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str = "", na
         lr_axis.legend(fontsize=8, loc="upper center")
     if roles:
         loss.legend(fontsize=8)
+    for ax in (acc, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

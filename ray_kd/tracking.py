@@ -35,7 +35,11 @@ def tracking_uri(cfg: RunConfig) -> str:
 
     A relative sqlite path is made absolute, since Ray workers run in other directories.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "sqlite:///mlflow.db"
+    return resolve_uri(cfg.tracking.uri)
+
+
+def resolve_uri(configured: str | None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or "sqlite:///mlflow.db"
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
