@@ -30,7 +30,7 @@ def store(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         out = [f"output_dir={root / 'runs'}"]
-        teacher = train_teacher(load_config("configs/digits_teacher.yaml", TINY + out), root / "teacher.pt")
+        teacher = train_teacher(load_config("configs/digits_teacher.yaml", TINY + out), root / "teacher.pt")["teacher_file"]
         summaries = {}
         for seed in (0, 1):
             summaries["kd", seed] = train(load_config("configs/digits_kd.yaml", TINY + out + [
