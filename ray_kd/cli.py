@@ -57,7 +57,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name:12s} {origin:24s} {summary}")
         return 0
     if args.command == "report":
-        from ray_kd.report import report
+        from ray_kd.reporting import report
 
         report(args.experiment, args.out, args.tracking_uri)
         return 0

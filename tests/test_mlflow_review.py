@@ -14,7 +14,7 @@ import torch
 
 from ray_kd.cli import main
 from ray_kd.config import load_config
-from ray_kd.report import report
+from ray_kd.reporting import report
 from ray_kd.run import train, train_teacher
 from ray_kd.tracking import FINAL_METRICS, client, teacher_origin
 

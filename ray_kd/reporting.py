@@ -1,4 +1,4 @@
-"""The multi-seed report: each method's accuracy over seeds, and its gain over the student alone.
+"""The multi-seed report (`ray-kd report`, `ray_kd.report`): accuracy over seeds, and the gain over the student alone.
 
 Finished baseline and distillation runs of an experiment are grouped by method,
 teacher, student, dataset and protocol (the config less what does not change
