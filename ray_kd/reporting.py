@@ -14,6 +14,7 @@ seed-to-seed spread). A seed run twice counts once: its latest run.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 from ray_kd import tracking
@@ -51,7 +52,7 @@ def report(experiment: str = "ray-kd", out_dir: str | Path = "runs/report", trac
     markdown = to_markdown(table, experiment)
     files["md"].write_text(markdown)
     plot(table, files["png"])
-    run_id = _log(mlflow, found.experiment_id, files, markdown, len(runs)) if log_to_mlflow else None
+    run_id = _log(mlflow, found.experiment_id, files, markdown, table, len(runs)) if log_to_mlflow else None
     print(markdown + f"\nfiles: {out}/report.{{md,csv,png}}" +
           (f"\n{tracking.ui_hint(uri, run_id)}" if run_id else ""), flush=True)
     return {"rows": table.to_dict("records"), "files": {k: str(v) for k, v in files.items()}, "mlflow_run_id": run_id}
@@ -157,8 +158,10 @@ def plot(table, path: Path) -> Path:
     return path
 
 
-def _log(mlflow, experiment_id: str, files: dict[str, Path], markdown: str, n_runs: int) -> str:
-    """A `report` run holding the three files, with the table as its description."""
+def _log(mlflow, experiment_id: str, files: dict[str, Path], markdown: str, table, n_runs: int) -> str:
+    """A `report` run holding the three files, with the table as its description and its figures as
+    metrics (`<method>/<teacher-to-student>.<dataset>.<protocol>/<figure>`, one chart section per method)."""
+    from mlflow.entities import Metric
     from mlflow.tracking.context.registry import resolve_tags
 
     tags = {**resolve_tags(), **tracking.git_state(), "ray_kd.run_kind": "report", "mlflow.note.content": markdown,
@@ -166,5 +169,15 @@ def _log(mlflow, experiment_id: str, files: dict[str, Path], markdown: str, n_ru
     run_id = mlflow.create_run(experiment_id, run_name="report", tags=tags).info.run_id
     for path in files.values():
         mlflow.log_artifact(run_id, str(path))
+    now, metrics = int(time.time() * 1000), []
+    for r in table.to_dict("records"):
+        pair = f"{r['teacher']}-to-{r['student']}" if r["teacher"] != "none" else r["student"]
+        prefix = f"{r['method']}/{pair}.{r['dataset']}.{r['protocol'][:6]}"
+        for figure in ("test_acc_at_best_val_mean", "test_acc_at_best_val_std", "last_test_acc_mean",
+                       "gain_vs_alone_mean", "gain_vs_alone_std"):
+            if not math.isnan(r[figure]):
+                metrics.append(Metric(f"{prefix}/{figure}", float(r[figure]), now, 0))
+    for i in range(0, len(metrics), 200):
+        mlflow.log_batch(run_id, metrics=metrics[i:i + 200])
     mlflow.set_terminated(run_id, "FINISHED")
     return run_id

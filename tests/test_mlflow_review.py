@@ -148,6 +148,9 @@ def test_report_over_two_methods_and_two_seeds(store, tmp_path, capsys):
     run = mlflow.get_run(result["mlflow_run_id"])
     assert run.data.tags["ray_kd.run_kind"] == "report" and "| kd |" in run.data.tags["mlflow.note.content"]
     assert {a.path for a in mlflow.list_artifacts(run.info.run_id)} == {"report.md", "report.csv", "report.png"}
+    gain_key = [k for k in run.data.metrics if k.startswith("kd/digits_cnn_l-to-digits_cnn_s.digits.")
+                and k.endswith("/gain_vs_alone_mean")]
+    assert len(gain_key) == 1 and run.data.metrics[gain_key[0]] == pytest.approx(statistics.mean(gains))
 
     # The command prints the table and the direct link to its run (MLFLOW_TRACKING_URI names the store).
     capsys.readouterr()
