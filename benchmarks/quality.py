@@ -197,7 +197,7 @@ def main() -> None:
             student = s["roles"]["student_0"]
             runs.append({"method": method, "seed": int(summary.parent.name.rsplit("-s", 1)[1]),
                          "best_val_epoch_test": student["test_acc_at_best_val"], "last_test": student["last_test_acc"],
-                         "best_val": student["best_val_acc"], "best_epoch": student["best_epoch"],
+                         "best_val": student.get("val_acc_at_best", student.get("best_val_acc")), "best_epoch": student["best_epoch"],
                          "dml_best_peer_test": s["roles"][s["best_student"]]["test_acc_at_best_val"],
                          "wall_seconds": s["wall_seconds"]})
     teachers, detail, total = {}, [], sum(r["wall_seconds"] for r in runs)
@@ -205,9 +205,9 @@ def main() -> None:
         summary = out_dir(args.dataset) / kind / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
-            t = s["roles"]["student_0"]
+            t = s["roles"].get("teacher") or s["roles"]["student_0"]  # summaries before/after issue 16
             teachers[kind] = t["test_acc_at_best_val"]
-            detail.append(f"{kind}: best val {t['best_val_acc']:.2f} first reached at epoch {t['best_epoch']} of "
+            detail.append(f"{kind}: best val {t.get('val_acc_at_best', t.get('best_val_acc')):.2f} first reached at epoch {t['best_epoch']} of "
                           f"{s['epochs']}, test {t['test_acc_at_best_val']:.2f} there, {t['last_test_acc']:.2f} at the last epoch")
             total += s["wall_seconds"]
     rows = aggregate(args.dataset, runs)

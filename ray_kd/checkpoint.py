@@ -47,10 +47,12 @@ def safe_load(path: str | Path) -> dict:
                               f"({type(err).__name__}); re-create it with `ray-kd train-teacher`") from None
 
 
-def save_model_file(path: str | Path, model_name: str, num_classes: int, in_channels: int, state_dict: dict) -> None:
-    """A model file a teacher role can load: the weights plus what they were built for."""
+def save_model_file(path: str | Path, model_name: str, num_classes: int, in_channels: int, state_dict: dict,
+                    **meta) -> None:
+    """A model file a teacher role can load: the weights plus what they were built for (and `meta`: plain
+    values such as the epoch they come from, readable with `weights_only=True`)."""
     atomic_save({"model": model_name, "num_classes": num_classes, "in_channels": in_channels,
-                 "state_dict": state_dict}, path)
+                 "state_dict": state_dict, **meta}, path)
 
 
 def load_model_file(path: str | Path, model_name: str, num_classes: int, in_channels: int) -> dict:

@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="search hyper-parameters with Ray Tune (each trial a full distillation run)")
     run_args(tune)
     tune.add_argument("--space", "-s", required=True, help="YAML search space (see tuning/spaces/)")
+    report = sub.add_parser("report", help="mean ± std over seeds per method, and the paired gain over the "
+                                           "student alone, from the finished runs of an experiment")
+    report.add_argument("--experiment", "-e", default="ray-kd", help="MLflow experiment (default: ray-kd)")
+    report.add_argument("--out", default="runs/report", help="folder for report.md/.csv/.png (default: runs/report)")
+    report.add_argument("--tracking-uri", help="MLflow store; MLFLOW_TRACKING_URI wins, else sqlite:///mlflow.db")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods")
     return parser
@@ -50,6 +55,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         for name, origin, summary in list_methods():
             print(f"{name:12s} {origin:24s} {summary}")
+        return 0
+    if args.command == "report":
+        from ray_kd.reporting import report
+
+        report(args.experiment, args.out, args.tracking_uri)
         return 0
     from ray_kd import api
 

@@ -65,7 +65,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ray_kd.tracking import MetricSync
+    from ray_kd.tracking import MetricSync, system_metrics
 
     cfg = RunConfig.model_validate(config["run"])
     rank = ray.train.get_context().get_world_rank()
@@ -78,7 +78,9 @@ def train_worker(config: dict) -> None:
     monitor = StepMonitor(cfg.optim.epochs, exchange, log_every,
                           StepMetricLogger(sync.client, sync.run_id) if sync and log_every else None)
     session = Session(cfg, [rank], exchange, ray.train.torch.get_device(), monitor=monitor)
-    fit(session, RayTrainStore(rank), sync)
+    node = sync.names.get(roles[rank].name, roles[rank].name) if sync else roles[rank].name
+    with system_metrics(config["tracking_uri"], config.get("run_id"), node, cfg.tracking.system_metrics_interval):
+        fit(session, RayTrainStore(rank), sync)
 
 
 def use_gpu(cfg: RunConfig) -> bool:
@@ -188,16 +190,16 @@ def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, di
                    every: float = 0.5) -> None:
     """Print the progress line of each epoch as rank 0 logs it to MLflow (workers print nothing), and
     within an epoch the step metrics rank 0 logs every tracking.log_every_steps steps."""
-    from ray_kd.tracking import client
+    from ray_kd.tracking import client, latest_epoch
 
-    mlflow, show, shown, last_step = client(uri), progress_line(epochs), 0.0, None
+    mlflow, show, shown, last_step = client(uri), progress_line(epochs), 0, None
     while True:
         finished = stop.wait(every)
-        metrics = mlflow.get_run(run_id).data.metrics
-        if metrics.get("epoch", 0.0) > shown:
+        epoch, metrics = latest_epoch(mlflow, run_id)
+        if epoch > shown:
             display.close()
-            show(metrics)
-            shown = metrics["epoch"]
+            show({**metrics, "epoch": epoch})
+            shown = epoch
         status = StepStatus.from_metrics(metrics, epochs)
         if status and status.epoch > shown and (status.epoch, status.step) != last_step:
             display.show(status)  # the epoch in progress only, never a finished one's last log

@@ -1,4 +1,4 @@
-"""What a finished run leaves behind: summary.json, the accuracy-curve plot, the best student's weights."""
+"""What a finished run leaves behind: summary.json, the curve plot, the best student's weights."""
 
 from __future__ import annotations
 
@@ -7,21 +7,29 @@ from pathlib import Path
 from ray_kd.checkpoint import atomic_write_json
 
 
-def summarize(history: list[dict[str, float]], wall_seconds: float, run_id: str | None) -> dict:
-    """Each head's best val top-1 (and test top-1 at that epoch) and last val/test; the best student."""
+def summarize(history: list[dict[str, float]], wall_seconds: float, run_id: str | None,
+              names: dict[str, str] | None = None) -> dict:
+    """Per head: its best-validation epoch, val and test top-1 there, and the last epoch's; the best student
+    (most val top-1 at its best epoch: the one whose weights are saved) and its figures as the headline.
+
+    Heads are shown under `names` (e.g. a `train-teacher` run's student_0 is its teacher); `best_role` is
+    the role the saved weights come from, under its own name."""
+    names = names or {}
     heads = sorted({k.split("/")[0] for k in history[-1] if k.endswith("/val_acc")})
-    roles = {}
+    scores = {}
     for head in heads:
-        best = max(history, key=lambda m: m[f"{head}/val_acc"])
-        roles[head] = {
-            "best_val_acc": best[f"{head}/val_acc"], "test_acc_at_best_val": best[f"{head}/test_acc"],
-            "best_epoch": int(best["epoch"]),
+        best = max(history, key=lambda m: m[f"{head}/val_acc"])  # the first best epoch, as the session keeps
+        scores[head] = {
+            "best_epoch": int(best["epoch"]), "val_acc_at_best": best[f"{head}/val_acc"],
+            "test_acc_at_best_val": best[f"{head}/test_acc"],
             "last_val_acc": history[-1][f"{head}/val_acc"], "last_test_acc": history[-1][f"{head}/test_acc"],
         }
     students = [h for h in heads if h.startswith("student_")]
-    best_student = max(students, key=lambda h: roles[h]["best_val_acc"]) if students else None
-    return {"roles": roles, "best_student": best_student, "epochs": int(history[-1]["epoch"]),
-            "wall_seconds": round(wall_seconds, 1), "mlflow_run_id": run_id}
+    best_role = max(students, key=lambda h: scores[h]["val_acc_at_best"]) if students else None
+    return {"roles": {names.get(h, h): s for h, s in scores.items()},
+            "best_role": best_role, "best_student": names.get(best_role, best_role),
+            "headline": scores[best_role] if best_role else None,
+            "epochs": int(history[-1]["epoch"]), "wall_seconds": round(wall_seconds, 1), "mlflow_run_id": run_id}
 
 
 def write_summary(summary: dict, run_dir: Path) -> Path:
@@ -30,24 +38,50 @@ def write_summary(summary: dict, run_dir: Path) -> Path:
     return path
 
 
-def plot_curves(history: list[dict[str, float]], path: Path) -> Path:
-    """Val (solid) and test (dashed) top-1 of every head per epoch."""
+def plot_curves(history: list[dict[str, float]], path: Path, title: str = "", names: dict[str, str] | None = None,
+                chosen: tuple[str, int] | None = None) -> Path:
+    """Top-1 of every head per epoch (val solid, test dashed), the chosen epoch of the saved model marked;
+    beside it each role's total loss and learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    names = names or {}
     heads = sorted({k.split("/")[0] for k in history[-1] if k.endswith("/val_acc")})
     epochs = [int(m["epoch"]) for m in history]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for i, head in enumerate(heads):
-        color = f"C{i}"
-        ax.plot(epochs, [m[f"{head}/val_acc"] for m in history], color=color, label=f"{head} val")
-        ax.plot(epochs, [m[f"{head}/test_acc"] for m in history], color=color, linestyle="--", label=f"{head} test")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("top-1 (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        color, label = f"C{i}", names.get(head, head)
+        acc.plot(epochs, [m[f"{head}/val_acc"] for m in history], color=color, marker=".", label=f"{label} val")
+        acc.plot(epochs, [m[f"{head}/test_acc"] for m in history], color=color, linestyle="--", label=f"{label} test")
+    if chosen is not None:
+        head, epoch = chosen
+        acc.axvline(epoch, color="grey", linewidth=0.8, linestyle=":")
+        acc.scatter([epoch], [history[epoch - 1][f"{head}/test_acc"]], s=60, facecolors="none", edgecolors="k",
+                    zorder=3, label=f"saved: {names.get(head, head)} epoch {epoch}")
+    acc.set(xlabel="epoch", ylabel="top-1 (%)", title="accuracy")
+    acc.grid(alpha=0.3)
+    acc.legend(fontsize=8)
+    roles = sorted({k.split("/")[0] for k in history[-1] if k.endswith("/loss_total")})
+    for i, role in enumerate(roles):
+        loss.plot(epochs, [m[f"{role}/loss_total"] for m in history], color=f"C{heads.index(role) if role in heads else i}",
+                  label=f"{names.get(role, role)} loss")
+    loss.set(xlabel="epoch", ylabel="training loss (total)", title="loss and learning rate")
+    loss.grid(alpha=0.3)
+    lrs = sorted({k for k in history[-1] if k.endswith("/lr")})
+    if lrs:
+        lr_axis = loss.twinx()
+        lr_axis.plot(epochs, [m[lrs[0]] for m in history], color="grey", linestyle=":", label="lr")
+        lr_axis.set_ylabel("learning rate")
+        lr_axis.legend(fontsize=8, loc="upper center")
+    if roles:
+        loss.legend(fontsize=8)
+    for ax in (acc, loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from ray_kd.checkpoint import load_model_file, safe_load, save_model_file
+from ray_kd.checkpoint import atomic_save, load_model_file, safe_load, save_model_file
 from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import load_dataset
 from ray_kd.recipe import preflight_amp
@@ -18,20 +17,24 @@ from ray_kd.results import plot_curves, summarize, write_summary
 from ray_kd import tracking
 
 
-def train(cfg: RunConfig, parent_run_id: str | None = None) -> dict:
-    """Run (or resume) `cfg` end to end; returns the summary written to `<run_dir>/summary.json`."""
+def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = None) -> dict:
+    """Run (or resume) `cfg` end to end; returns the summary written to `<run_dir>/summary.json`.
+
+    `kind` is the run's `ray_kd.run_kind` tag (teacher, baseline, distillation, sweep_trial); by default
+    baseline for the student alone (`ce`), else distillation."""
     preflight(cfg)
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    run_id = tracking.start_or_resume(cfg, uri, parent_run_id)
+    run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind)
     print(f"run {cfg.name}: folder {cfg.run_dir}, MLflow run {run_id} in {uri}", flush=True)
     start = time.perf_counter()
     try:
         if cfg.runtime.executor == "local":
             from ray_kd.local_executor import run_local
 
-            last = run_local(cfg, tracking.MetricSync(uri, run_id))
+            with tracking.system_metrics(uri, run_id, "local", cfg.tracking.system_metrics_interval):
+                last = run_local(cfg, tracking.MetricSync(uri, run_id))
         else:
             from ray_kd.ray_executor import run_on_ray
 
@@ -58,36 +61,57 @@ def preflight(cfg: RunConfig) -> None:
 
 def train_teacher(cfg: RunConfig, out: Path) -> dict:
     """Train `cfg.students[0]` alone with cross-entropy and save its best weights as a teacher file;
-    returns the run's summary, with the file's path as `teacher_file`."""
-    summary = train(cfg)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(summary["best_student_file"], out)
-    print(f"teacher: {out} (val top-1 {summary['roles']['student_0']['best_val_acc']:.2f})", flush=True)
+    returns the run's summary, with the file's path as `teacher_file`.
+
+    The file also names the MLflow run and model it came from (plain values, so it still loads with
+    `weights_only=True`): a KD run that uses it tags and links that teacher run."""
+    summary = train(cfg, kind="teacher")
+    blob = safe_load(summary["best_student_file"])
+    head = summary["headline"]
+    blob["mlflow"] = {"run_id": summary["mlflow_run_id"], "model_id": summary.get("mlflow_model_id"),
+                      "tracking_uri": tracking.tracking_uri(cfg), **head}
+    atomic_save(blob, out)
+    print(f"teacher: {out} (epoch {head['best_epoch']}: val top-1 {head['val_acc_at_best']:.2f}, "
+          f"test top-1 {head['test_acc_at_best_val']:.2f})", flush=True)
     return {**summary, "teacher_file": str(out)}
 
 
 def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float) -> dict:
-    """summary.json, the curve plot, the best student's weights; all logged to the MLflow run."""
+    """summary.json, the curve plot, the best student's weights and MLflow model, the final metrics and the
+    description: all from one summary, so every figure shown matches the weights saved."""
     history = json.loads((checkpoint / "history.json").read_text())
-    summary = summarize(history, wall, run_id)
     mlflow = tracking.client(uri)
+    kind = mlflow.get_run(run_id).data.tags.get("ray_kd.run_kind")
+    names = tracking.role_names(kind)
+    summary = summarize(history, wall, run_id, names)
     run_dir = cfg.run_dir
-    plot = plot_curves(history, run_dir / "accuracy.png")
-    mlflow.log_artifact(run_id, str(plot))
-    if summary["best_student"]:
-        role = summary["best_student"]
+    data = load_dataset(cfg.data)
+    dataset = tracking.log_dataset(mlflow, run_id, cfg.data, data)
+    model_id = None
+    if summary["best_role"]:
+        role = summary["best_role"]
         best = safe_load(checkpoint / f"{role}.pt")["best"]
-        k = int(role.split("_")[1])
-        data = load_dataset(cfg.data)
+        if best["epoch"] != summary["headline"]["best_epoch"]:  # the session and the summary choose alike
+            raise RuntimeError(f"{role}: saved weights from epoch {best['epoch']} but the history's best "
+                               f"validation epoch is {summary['headline']['best_epoch']}")
+        arch = cfg.students[int(role.split("_")[1])].model
         path = run_dir / "best_student.pt"
-        save_model_file(path, cfg.students[k].model, data.num_classes, data.in_channels, best["state_dict"])
+        save_model_file(path, arch, data.num_classes, data.in_channels, best["state_dict"],
+                        role=summary["best_student"], **summary["headline"])
         mlflow.log_artifact(run_id, str(path))
-        _log_pytorch_model(uri, run_id, cfg.students[k].model, data, best["state_dict"])
-        summary["best_student_file"] = str(path)
+        model_id = _log_pytorch_model(uri, run_id, f"{summary['best_student']}-{arch}", arch, data,
+                                      best["state_dict"], summary["epochs"], cfg.tracking.register_model)
+        summary.update(best_student_file=str(path), best_student_model=arch, mlflow_model_id=model_id)
+    tracking.log_final(mlflow, run_id, summary, model_id, dataset)
+    students = ", ".join(s.model for s in cfg.students)
+    title = f"{cfg.method.name}: {cfg.teacher.model + ' -> ' if cfg.teacher else ''}{students} on {cfg.data.dataset}, seed {cfg.seed}"
+    chosen = (summary["best_role"], summary["headline"]["best_epoch"]) if summary["best_role"] else None
+    mlflow.log_artifact(run_id, str(plot_curves(history, run_dir / "accuracy.png", title, names, chosen)))
     path = write_summary(summary, run_dir)
     mlflow.log_artifact(run_id, str(path))
+    mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, kind, summary))
     mlflow.set_terminated(run_id, "FINISHED")
-    print(f"summary: {path}\nbrowse the runs: mlflow ui --backend-store-uri {uri} --host 127.0.0.1", flush=True)
+    print(f"summary: {path}\n{tracking.ui_hint(uri, run_id)}", flush=True)
     return summary
 
 
@@ -102,20 +126,32 @@ class LogitsOnly(torch.nn.Module):
         return self.net(x)[0]
 
 
-def _log_pytorch_model(uri: str, run_id: str, model_name: str, data, state_dict: dict) -> None:
-    """The best student as an MLflow model, so the UI shows it and `mlflow.pytorch.load_model` gets it."""
+def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_dict: dict, step: int,
+                       register_as: str | None) -> str:
+    """The best student as an MLflow model named `<role>-<arch>`, an output of the run, so the UI shows it
+    and `mlflow.pytorch.load_model` gets it; registered under `register_as` when given. Returns its id.
+
+    The model is created first and logged outside any active run: logged inside one, MLflow would copy
+    every run metric at the model's step (system metrics, the last epoch's curves) onto the model."""
     import mlflow
     import mlflow.pytorch
+    from mlflow.entities import LoggedModelOutput
 
     from ray_kd.models import create_model
 
-    model = create_model(model_name, data.num_classes, data.in_channels)
+    model = create_model(arch, data.num_classes, data.in_channels)
     model.load_state_dict(state_dict)
     model = LogitsOnly(model)
     mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        example = data.normalize(data.val.images[:2])
-        with torch.no_grad():
-            signature = mlflow.models.infer_signature(example.numpy(), model.eval()(example).numpy())
-        mlflow.pytorch.log_model(model, name="best_student", input_example=example, signature=signature,
-                                 pip_requirements=["torch", "torchvision"])
+    client = tracking.client(uri)
+    run = client.get_run(run_id)
+    params = {**run.data.params, "architecture": arch, "num_classes": str(data.num_classes),
+              "in_channels": str(data.in_channels)}
+    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, params=params)
+    example = data.normalize(data.val.images[:2])
+    with torch.no_grad():
+        signature = mlflow.models.infer_signature(example.numpy(), model.eval()(example).numpy())
+    mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, input_example=example, signature=signature,
+                             pip_requirements=["torch", "torchvision"], registered_model_name=register_as)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    return logged.model_id

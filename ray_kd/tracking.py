@@ -1,13 +1,21 @@
-"""MLflow: where runs go, one run per distillation run, and metric logging that survives restarts.
+"""MLflow: where runs go, what a run says about itself, and metric logging that survives restarts.
 
-Metrics are logged from the epoch history kept in the checkpoint, and only for
-epochs MLflow does not have yet: a worker group restarted from a checkpoint
-logs each epoch exactly once, never a duplicate and never a gap.
+A run carries tags a reviewer can filter on (its kind, method, architectures,
+dataset, seed, git commit, protocol), a one-line description with its result,
+its dataset as an input, and, for a KD run, a link to the teacher's run and
+model. Per-epoch curves are logged from the epoch history kept in the
+checkpoint, only for epochs MLflow does not have yet, so a worker group
+restarted from a checkpoint logs each epoch exactly once; the final metrics are
+logged once, from the same summary that picks the saved weights.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -27,7 +35,11 @@ def tracking_uri(cfg: RunConfig) -> str:
 
     A relative sqlite path is made absolute, since Ray workers run in other directories.
     """
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or "sqlite:///mlflow.db"
+    return resolve_uri(cfg.tracking.uri)
+
+
+def resolve_uri(configured: str | None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured or "sqlite:///mlflow.db"
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         uri = prefix + str(Path(uri[len(prefix):]).resolve())
@@ -51,29 +63,127 @@ def check_reachable(uri: str) -> None:
                             "or set MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None
 
 
-def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None) -> str:
-    """The run id kept in the run folder (a resumed run continues it), or a new run with the config as params."""
+RUN_KINDS = ("teacher", "baseline", "distillation", "sweep", "sweep_trial", "report")
+FINAL_METRICS = ("best_epoch", "val_acc_at_best", "test_acc_at_best_val", "last_test_acc")
+"""Per role (`<role>/<metric>`) and, unprefixed, for the best student (the one whose weights are saved)."""
+THROUGHPUT = ("samples_per_s", "compute_ms", "exchange_ms")
+NOT_PROTOCOL = ("name", "seed", "output_dir", "runtime.", "tracking.", "data.cache_dir")
+"""Config params that do not change what a run measures: left out of its protocol hash."""
+
+
+def default_kind(cfg: RunConfig) -> str:
+    return "baseline" if cfg.method.name == "ce" else "distillation"
+
+
+def role_names(kind: str | None) -> dict[str, str]:
+    """How roles are shown in MLflow: a `train-teacher` run trains student_0, but it is the teacher."""
+    return {"student_0": "teacher"} if kind == "teacher" else {}
+
+
+def config_params(cfg: RunConfig) -> dict[str, str]:
+    """The config as MLflow params (flattened, as strings)."""
+    return {k: str(v)[:6000] for k, v in flatten(cfg.model_dump()).items()}
+
+
+def protocol_hash(params: dict[str, str], drop: tuple[str, ...] = ()) -> str:
+    """What runs must share to be compared over seeds: the config params less NOT_PROTOCOL (and `drop`)."""
+    kept = {k: v for k, v in params.items() if not k.startswith(NOT_PROTOCOL + drop)}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def git_state() -> dict[str, str]:
+    """The commit of the source tree ray_kd runs from and whether it had uncommitted changes; none without
+    git or outside a repository (e.g. the copy `ray job submit` makes)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=20,
+                                  check=True).stdout.strip()
+
+        commit, changes = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "ray_kd.git_dirty": str(bool(changes)).lower()}
+
+
+def run_tags(cfg: RunConfig, kind: str) -> dict[str, str]:
+    from mlflow.tracking.context.registry import resolve_tags
+
+    students = sorted({s.model for s in cfg.students})
+    tags = {
+        "mlflow.runName": cfg.name, "ray_kd.run_kind": kind, "ray_kd.method": cfg.method.name,
+        "ray_kd.teacher": cfg.teacher.model if cfg.teacher else "none", "ray_kd.student": "+".join(students),
+        "ray_kd.students": str(len(cfg.students)), "ray_kd.dataset": cfg.data.dataset, "ray_kd.seed": str(cfg.seed),
+        "ray_kd.protocol": protocol_hash(config_params(cfg)),
+        "mlflow.note.content": describe(cfg, kind),
+    }
+    return {**resolve_tags(), **tags, **git_state()}  # resolve_tags: mlflow.user, mlflow.source.name/type
+
+
+def describe(cfg: RunConfig, kind: str, summary: dict | None = None) -> str:
+    """The run's one-line markdown description: what it is, and its result once it has one."""
+    students = ", ".join(s.model for s in cfg.students)
+    what = (f"**{kind}** `{cfg.method.name}`: {cfg.teacher.model + ' → ' if cfg.teacher else ''}{students} "
+            f"on {cfg.data.dataset}, seed {cfg.seed}")
+    if summary is None or not summary.get("headline"):
+        return f"{what}; running"
+    h = summary["headline"]
+    return (f"{what}: {summary['best_student']} test top-1 **{h['test_acc_at_best_val']:.2f}** at its best-val "
+            f"epoch {h['best_epoch']} of {summary['epochs']} (val {h['val_acc_at_best']:.2f}; last epoch test "
+            f"{h['last_test_acc']:.2f})")
+
+
+def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, kind: str | None = None) -> str:
+    """The run id kept in the run folder (a resumed run continues it), or a new run with the config as
+    params, its tags and description, and its teacher's lineage."""
     marker = cfg.run_dir / "mlflow_run.json"
     if marker.is_file():
-        import json
-
         return json.loads(marker.read_text())["run_id"]
     mlflow = client(uri)
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     exp_id = (experiment.experiment_id if experiment
               else mlflow.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri)))
-    tags = {"mlflow.runName": cfg.name, "ray_kd.method": cfg.method.name}
+    tags = run_tags(cfg, kind or default_kind(cfg))
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
+    if cfg.teacher is not None and cfg.teacher.checkpoint is not None:
+        tags.update(teacher_origin(cfg.teacher.checkpoint))
     run_id = mlflow.create_run(exp_id, run_name=cfg.name, tags=tags).info.run_id
     from mlflow.entities import Param
 
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.model_dump()).items()]
+    params = [Param(k, v) for k, v in config_params(cfg).items()]
     for i in range(0, len(params), 100):
         mlflow.log_batch(run_id, params=params[i:i + 100])
     mlflow.log_text(run_id, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config.yaml")
+    if tags.get("ray_kd.teacher_model_id"):
+        _link_model_input(mlflow, run_id, tags["ray_kd.teacher_model_id"])
     atomic_write_json({"run_id": run_id, "tracking_uri": uri}, marker)
     return run_id
+
+
+def teacher_origin(checkpoint: str) -> dict[str, str]:
+    """Tags naming the run and model a teacher file came from (`ray-kd train-teacher` stores them in the
+    file); none for a file without them (older files, or weights from elsewhere)."""
+    from ray_kd.checkpoint import safe_load
+
+    origin = safe_load(checkpoint).get("mlflow")
+    if not isinstance(origin, dict):
+        return {}
+    names = {"run_id": "ray_kd.teacher_run_id", "model_id": "ray_kd.teacher_model_id",
+             "test_acc_at_best_val": "ray_kd.teacher_test_acc", "best_epoch": "ray_kd.teacher_epoch"}
+    return {tag: str(origin[key]) for key, tag in names.items() if origin.get(key) is not None}
+
+
+def _link_model_input(mlflow, run_id: str, model_id: str) -> None:
+    """The teacher's logged model as an input of this run (MLflow's model lineage), when it is in this store."""
+    from mlflow.entities import LoggedModelInput
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.get_logged_model(model_id)
+    except MlflowException:
+        return  # trained against another store: the tags still name it
+    mlflow.log_inputs(run_id, models=[LoggedModelInput(model_id)])
 
 
 def _artifact_root(uri: str) -> str | None:
@@ -85,12 +195,39 @@ def _artifact_root(uri: str) -> str | None:
     return None  # a tracking server decides
 
 
+def epoch_metrics(entry: dict[str, float], names: dict[str, str]) -> dict[str, float]:
+    """One epoch of the history as MLflow curves: `<role>/val_acc`, `<role>/loss_<term>`, `<role>/lr`, and
+    `throughput/<role>/...` (its own chart section, after accuracy). Left out: the epoch (it is the step),
+    the per-epoch best-student figures (the final metrics say which student and epoch count), and the
+    accuracy of a role that does not train (a frozen teacher), logged once among the final metrics."""
+    from ray_kd.session import OBJECTIVE
+
+    roles = {k.split("/")[0] for k in entry if k.endswith("/samples_per_s")}
+    frozen = roles - {k.split("/")[0] for k in entry if "/loss_" in k}
+    out = {}
+    for key, value in entry.items():
+        if key in ("epoch", OBJECTIVE, "best_student_test_acc"):
+            continue
+        head, _, what = key.partition("/")
+        if head in frozen and what in ("val_acc", "test_acc"):
+            continue
+        name = f"{names.get(head, head)}/{what}"
+        out[("throughput/" + name if what in THROUGHPUT else name).replace("@", "_")] = float(value)
+    return out
+
+
+def epoch_marker(names: dict[str, str]) -> str:
+    """A curve every epoch of every run logs: its steps say which epochs MLflow has."""
+    return f"{names.get('student_0', 'student_0')}/val_acc"
+
+
 class MetricSync:
     """Logs the epochs of a history that this MLflow run has not seen yet (step = epoch)."""
 
     def __init__(self, uri: str, run_id: str):
         self.client, self.run_id = client(uri), run_id
-        self.logged = {int(m.step) for m in self.client.get_metric_history(run_id, "epoch")}
+        self.names = role_names(self.client.get_run(run_id).data.tags.get("ray_kd.run_kind"))
+        self.logged = {int(m.step) for m in self.client.get_metric_history(run_id, epoch_marker(self.names))}
 
     def sync(self, history: list[dict[str, float]]) -> None:
         from mlflow.entities import Metric
@@ -100,7 +237,91 @@ class MetricSync:
             step = int(entry["epoch"])
             if step in self.logged:
                 continue
-            metrics = [Metric(k.replace("@", "_"), float(v), now, step) for k, v in entry.items()]
+            metrics = [Metric(k, v, now, step) for k, v in epoch_metrics(entry, self.names).items()]
             for i in range(0, len(metrics), 200):
                 self.client.log_batch(self.run_id, metrics=metrics[i:i + 200])
             self.logged.add(step)
+
+
+def latest_epoch(mlflow, run_id: str) -> tuple[int, dict[str, float]]:
+    """The last epoch MLflow has for a run, and the run's latest metrics (what the progress line shows)."""
+    run = mlflow.get_run(run_id)
+    marker = epoch_marker(role_names(run.data.tags.get("ray_kd.run_kind")))
+    steps = [int(m.step) for m in mlflow.get_metric_history(run_id, marker)]
+    return max(steps, default=0), run.data.metrics
+
+
+def log_final(mlflow, run_id: str, summary: dict, model_id: str | None, dataset: tuple[str, str] | None) -> None:
+    """The final metrics, once, from the summary: per role, and unprefixed for the best student, those
+    also attached to its logged model (and to the dataset it was evaluated on)."""
+    from mlflow.entities import Metric
+
+    now, step = int(time.time() * 1000), summary["epochs"]
+    name, digest = dataset or (None, None)
+    metrics = [Metric(f"{role}/{k}".replace("@", "_"), float(scores[k]), now, step)
+               for role, scores in summary["roles"].items() for k in FINAL_METRICS]
+    if summary.get("headline"):
+        metrics += [Metric(k, float(summary["headline"][k]), now, step, model_id=model_id, dataset_name=name,
+                           dataset_digest=digest) for k in FINAL_METRICS]
+    for i in range(0, len(metrics), 200):
+        mlflow.log_batch(run_id, metrics=metrics[i:i + 200])
+
+
+def log_dataset(mlflow, run_id: str, data_cfg, data) -> tuple[str, str]:
+    """The dataset as an MLflow input of the run: name, source, a digest of what was read, split sizes."""
+    from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag
+
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    sizes = {k: len(s.labels) for k, s in splits.items()}
+    if data_cfg.dataset == "digits":
+        name, source = "digits", "sklearn digits"
+    elif data_cfg.dataset == "synthetic" or not data_cfg.root:
+        name, source = data_cfg.dataset, f"{data_cfg.dataset}:{data_cfg.root}"
+    else:
+        root = Path(data_cfg.root).resolve()
+        name, source = (data_cfg.dataset if data_cfg.dataset != "imagefolder"
+                        else root.name.removesuffix(".tar.gz")), str(root)
+    h = hashlib.sha256(json.dumps([name, source, data_cfg.val_fraction, data_cfg.train_subset, sizes]).encode())
+    for split in splits.values():
+        h.update(split.labels.numpy().tobytes())
+    digest = h.hexdigest()[:12]
+    profile = {"splits": sizes, "num_classes": data.num_classes, "image": list(data.train.images.shape[1:]),
+               "val_fraction": data_cfg.val_fraction, "train_subset": data_cfg.train_subset}
+    entity = DatasetEntity(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
+                           profile=json.dumps(profile))
+    tags = [InputTag("mlflow.data.context", "training"),
+            *(InputTag(f"ray_kd.{k}_size", str(n)) for k, n in sizes.items())]
+    mlflow.log_inputs(run_id, datasets=[DatasetInput(entity, tags)])
+    return name, digest
+
+
+@contextlib.contextmanager
+def system_metrics(uri: str | None, run_id: str | None, node_id: str, interval: float):
+    """MLflow's system-metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) for this process,
+    logged as `system/<node_id>/...`; it only ever logs and is always stopped on exit, so it never fails
+    or holds up a run. Off when there is no run or `interval` is 0."""
+    if not run_id or interval <= 0:
+        yield
+        return
+    import logging
+
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, node_id=node_id, tracking_uri=uri,
+                                   resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+def ui_hint(uri: str, run_id: str) -> str:
+    """Where to look at a run: its page in the UI (MLflow 3 opens an experiment in its GenAI view; this
+    link goes straight to the run), and how to start a UI on loopback for a local store."""
+    experiment = client(uri).get_run(run_id).info.experiment_id
+    if uri.startswith(("http://", "https://")):
+        return f"the run in MLflow: {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return (f"the run in MLflow: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}\n"
+            f"  (start the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)")

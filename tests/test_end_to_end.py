@@ -19,7 +19,7 @@ def test_dml_run_lands_in_mlflow_and_resumes(ray_cluster, mlflow_uri, tmp_path):
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["epochs"] == 2 and set(on_disk["roles"]) == {"student_0", "student_1"}
     assert on_disk["best_student"] in ("student_0", "student_1")
-    assert 10.0 < on_disk["roles"]["student_0"]["best_val_acc"] <= 100.0
+    assert 10.0 < on_disk["roles"]["student_0"]["val_acc_at_best"] <= 100.0
     best = torch.load(run_dir / "best_student.pt", weights_only=True)
     assert best["model"] == "digits_cnn_s" and best["num_classes"] == 10
 

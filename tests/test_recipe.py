@@ -16,7 +16,7 @@ from ray_kd.local_executor import run_local
 from ray_kd.methods import Role, Step, method_class
 from ray_kd.methods.losses import cross_entropy
 from ray_kd.models import create_model
-from ray_kd.recipe import Recipe, build_optimizer, build_scheduler
+from ray_kd.recipe import build_optimizer, build_scheduler
 from ray_kd.roles import RoleRunner
 
 CPU = torch.device("cpu")

@@ -21,7 +21,8 @@ def test_random_sweep_with_asha(ray_cluster, mlflow_uri, tmp_path):
                    "method.temperature": {"type": "uniform", "low": 1.0, "high": 4.0}},
     })
     cfg = load_config("configs/digits_dml.yaml", [f"output_dir={tmp_path}", "name=sw", "optim.epochs=3",
-                                                  "optim.milestones=[2]", "seed=1"])
+                                                  "optim.milestones=[2]", "seed=1",
+                                                  "tracking.system_metrics_interval=0.5"])
     best = sweep(cfg, space)
 
     folder = tmp_path / "sw-sweep"
@@ -40,6 +41,14 @@ def test_random_sweep_with_asha(ray_cluster, mlflow_uri, tmp_path):
     assert parent.data.metrics["best_val_acc"] == best["best_val_acc"]
     children = mlflow.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 5 and all(c.info.status in ("FINISHED", "KILLED") for c in children)
+    # Trials are tagged as such, nested under the parent; each Ray worker logs system metrics as its role.
+    assert parent.data.tags["ray_kd.run_kind"] == "sweep"
+    assert {c.data.tags["ray_kd.run_kind"] for c in children} == {"sweep_trial"}
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished and all("test_acc_at_best_val" in c.data.metrics for c in finished)
+    for child in finished:
+        assert {f"system/{role}/cpu_utilization_percentage" for role in ("student_0", "student_1")} <= \
+               set(child.data.metrics), sorted(child.data.metrics)
     artifacts = {a.path for a in mlflow.list_artifacts(parent.info.run_id)}
     assert {"results.csv", "best_config.yaml", "objective.png", "space.yaml"} <= artifacts
 

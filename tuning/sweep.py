@@ -41,12 +41,16 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
     tree = apply_overrides(copy.deepcopy(base), params)  # typed values, never through YAML strings
     tree.update(name=f"{base['name']}-{trial_id}", output_dir=str(Path(sweep_dir) / "trials"))
     cfg = validate_config(tree)
-    run_id = tracking.start_or_resume(cfg, uri, parent_run_id)
+    run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind="sweep_trial")
     start = time.perf_counter()
     result = make_trainer(cfg, uri, run_id, callbacks=[TuneReportCallback()]).fit()
     history = json.loads((Path(result.checkpoint.path) / "history.json").read_text())
-    write_summary(summarize(history, time.perf_counter() - start, run_id), cfg.run_dir)
-    tracking.client(uri).set_terminated(run_id, "FINISHED")
+    summary = summarize(history, time.perf_counter() - start, run_id)
+    write_summary(summary, cfg.run_dir)
+    mlflow = tracking.client(uri)
+    tracking.log_final(mlflow, run_id, summary, None, None)
+    mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, "sweep_trial", summary))
+    mlflow.set_terminated(run_id, "FINISHED")
 
 
 def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
@@ -62,7 +66,7 @@ def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
     tracking.check_reachable(uri)
     connect(cfg)
     check_fits(cfg, use_gpu(cfg))
-    parent_id = tracking.start_or_resume(parent_cfg, uri)
+    parent_id = tracking.start_or_resume(parent_cfg, uri, kind="sweep")
     tracking.client(uri).log_text(parent_id, yaml.safe_dump(space.model_dump(), sort_keys=False), "space.yaml")
     print(f"sweep {name}: folder {sweep_dir}, MLflow parent run {parent_id} in {uri}", flush=True)
 
