@@ -41,6 +41,29 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out for validation")
     train_subset: int | None = Field(None, gt=0, description="use only this many training images (stratified)")
     cache_dir: str = ".cache/ray_kd"
+    mode: Literal["memory", "stream"] = Field(
+        "memory", description="memory: decode the whole set once into every worker; stream: read ImageFolder "
+                              "images from disk batch by batch (any size of set, any image sizes)")
+    workers: int = Field(2, ge=0, description="stream mode: DataLoader worker processes per role")
+    image_size: int | None = Field(None, gt=0, description="stream mode: side of the square crop (default 224)")
+    normalize: Literal["dataset", "imagenet"] | tuple[list[float], list[float]] = Field(
+        "dataset", description="per-channel mean/std: of the training set, ImageNet's, or [mean...], [std...]")
+    checksum: bool = Field(False, description="record a crc32 of every batch each role drew, as "
+                                              "<role>/data_checksum (proves the roles saw the same pixels)")
+
+    @model_validator(mode="after")
+    def _mode_fits_dataset(self) -> "DataConfig":
+        if self.mode == "stream" and self.dataset != "imagefolder":
+            raise ValueError(f"data.mode=stream reads ImageFolder trees only; {self.dataset} fits in memory: "
+                             "set data.mode=memory")
+        if self.mode == "memory" and self.image_size is not None:
+            raise ValueError("data.image_size applies to data.mode=stream only (memory mode keeps the stored "
+                             "size): remove it or set data.mode=stream")
+        if not isinstance(self.normalize, str):
+            mean, std = self.normalize
+            if len(mean) != len(std) or min(std) <= 0:
+                raise ValueError("data.normalize: give [mean...], [std...] of one value per channel, every std > 0")
+        return self
 
     @model_validator(mode="after")
     def _root_fits_dataset(self) -> "DataConfig":

@@ -3,17 +3,20 @@
 Every worker loads the dataset itself and draws the *same* batch at each step
 from a permutation seeded by (seed, epoch), with augmentation drawn from the
 same generator, so no image ever travels between workers. Small datasets are
-decoded once and cached as one tensor file.
+decoded once and cached as one tensor file. Sets larger than memory, or of mixed
+image sizes, stream from disk instead (`data.mode=stream`, `ray_kd.streaming`),
+behind the same `load_dataset` / `seeded_batches` / `eval_batches`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,35 +51,75 @@ class Dataset:
         return self.train.images.shape[1]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float().div_(255)
-        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+        return normalize(images, self.mean, self.std)
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0) -> Dataset:
-    """Train/val/test of `cfg.dataset`; val is a fixed stratified share of train (seed 0, not the run seed)."""
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 N x C x H x W -> float, per-channel standardised."""
+    x = images.float().div_(255)
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0):
+    """Train/val/test of `cfg.dataset`; val is a fixed stratified share of train (seed 0, not the run seed).
+
+    A `Dataset` in memory, or with `data.mode=stream` a `ray_kd.streaming.StreamDataset` reading from disk."""
+    if cfg.mode == "stream":
+        from ray_kd.streaming import load_stream
+
+        return load_stream(cfg)
     loaders = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder,
                "synthetic": _synthetic}
     train, test, num_classes = loaders[cfg.dataset](cfg)
-    train, val = _stratified_split(train, cfg.val_fraction)
-    if cfg.train_subset is not None and cfg.train_subset < len(train.labels):
-        train, _ = _stratified_split(train, 1 - cfg.train_subset / len(train.labels))
+    keep, held = train_val_indices(train.labels, cfg)
+    train, val = Split(train.images[keep], train.labels[keep]), Split(train.images[held], train.labels[held])
     if cfg.dataset == "synthetic":  # fixed, so LW-KD scales its fresh draws exactly as the teacher was trained
         mean, std = torch.full((synthetic.CHANNELS,), synthetic.MEAN), torch.full((synthetic.CHANNELS,), synthetic.STD)
     else:
-        x = train.images.float().div(255)
-        mean, std = x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        mean, std = normalization(cfg, train.images.shape[1], lambda: train.images)
     plain = cfg.dataset in ("digits", "synthetic")  # flips and crops would change what a digit says
     augment = cfg.augment if cfg.augment != "auto" else ("none" if plain else "crop_flip")
     return Dataset(train, val, test, num_classes, mean, std, augment)
 
 
-def _stratified_split(split: Split, fraction: float) -> tuple[Split, Split]:
+def train_val_indices(labels: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which of the training set's items train and which validate (`val_fraction`, then `train_subset`):
+    the same indices for the in-memory and the streaming path, since both list a folder alike."""
+    keep, held = _stratified_indices(labels, cfg.val_fraction)
+    if cfg.train_subset is not None and cfg.train_subset < len(keep):
+        kept, _ = _stratified_indices(labels[keep], 1 - cfg.train_subset / len(keep))
+        keep = keep[kept]
+    return keep, held
+
+
+def normalization(cfg: DataConfig, channels: int,
+                  training_images: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel mean/std `data.normalize` asks for; `training_images()` (uint8, N x C x H x W) gives
+    the images to measure when it asks for the dataset's own."""
+    if cfg.normalize == "dataset":
+        x = training_images().float().div(255)
+        return x.mean(dim=(0, 2, 3)), x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if cfg.normalize == "imagenet" else cfg.normalize
+    if len(mean) != channels:
+        raise DataError(f"data.normalize gives {len(mean)} channels but the images have {channels}; "
+                        "give one mean and std per channel, or use data.normalize=dataset")
+    return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+
+
+def _stratified_indices(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Hold out `fraction` of each class, always with the same seed, so val never moves."""
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(split.labels))
-    keep, held = train_test_split(idx, test_size=fraction, stratify=split.labels.numpy(), random_state=0)
-    keep, held = torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
+    idx = np.arange(len(labels))
+    keep, held = train_test_split(idx, test_size=fraction, stratify=labels.numpy(), random_state=0)
+    return torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
+
+
+def _stratified_split(split: Split, fraction: float) -> tuple[Split, Split]:
+    keep, held = _stratified_indices(split.labels, fraction)
     return Split(split.images[keep], split.labels[keep]), Split(split.images[held], split.labels[held])
 
 
@@ -118,14 +161,7 @@ def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
 
 def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     """`root/train/<class>/*` and `root/test/<class>/*` (a .tar.gz of that tree is unpacked first)."""
-    if cfg.root is None:
-        raise DataError("data.root is not set: point it at a folder with train/<class>/ and test/<class>/")
-    root = Path(cfg.root)
-    if not root.exists():
-        raise DataError(f"data.root {root} does not exist")
-    if root.is_file():
-        root = _unpack(root, Path(cfg.cache_dir))
-    root = _find_split_parent(root)
+    root = imagefolder_root(cfg)
     cache = Path(cfg.cache_dir) / f"imagefolder-{_digest(str(root.resolve()))}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
@@ -140,6 +176,33 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
             Split(blob["test"]["images"], blob["test"]["labels"]), num_classes)
 
 
+def imagefolder_root(cfg: DataConfig) -> Path:
+    """The folder holding train/ and test/ for `data.root` (a .tar.gz is unpacked once into the cache)."""
+    if cfg.root is None:
+        raise DataError("data.root is not set: point it at a folder with train/<class>/ and test/<class>/")
+    root = Path(cfg.root)
+    if not root.exists():
+        raise DataError(f"data.root {root} does not exist")
+    if root.is_file():
+        root = _unpack(root, Path(cfg.cache_dir))
+    return _find_split_parent(root)
+
+
+def list_image_folder(folder: Path) -> tuple[list[str], list[Path], list[int]]:
+    """Class names (sorted), image files (sorted within each class) and their labels."""
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"{folder} holds no class folders")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        found = sorted(f for f in (folder / name).iterdir() if f.is_file())
+        files += found
+        labels += [label] * len(found)
+    if not files:
+        raise DataError(f"{folder} holds no images")
+    return classes, files, labels
+
+
 def _find_split_parent(root: Path) -> Path:
     """The folder holding train/ and test/: the root itself or its single subfolder (as tarballs often have)."""
     for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
@@ -151,21 +214,15 @@ def _find_split_parent(root: Path) -> Path:
 def _decode_folder(folder: Path) -> dict:
     from PIL import Image
 
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise DataError(f"{folder} holds no class folders")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(f for f in (folder / name).iterdir() if f.is_file())
-        for file in files:
-            with Image.open(file) as img:
-                images.append(np.asarray(img.convert("RGB")))
-            labels.append(label)
-    if not images:
-        raise DataError(f"{folder} holds no images")
+    classes, files, labels = list_image_folder(folder)
+    images = []
+    for file in files:
+        with Image.open(file) as img:
+            images.append(np.asarray(img.convert("RGB")))
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise DataError(f"{folder}: images differ in size ({sorted(shapes)[:3]}...); resize them to one size first")
+        raise DataError(f"{folder}: images differ in size ({sorted(shapes)[:3]}...); resize them to one size "
+                        "first, or read them with data.mode=stream")
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.int64), "classes": classes}
 
@@ -197,17 +254,26 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def epoch_steps(dataset: Dataset, batch_size: int, max_steps: int | None = None) -> int:
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[torch.Generator, torch.Tensor]:
+    """The epoch's permutation of the training set, and the generator that drew it (memory mode draws
+    its augmentation from it next); both paths visit the training images in this order."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return gen, torch.randperm(n, generator=gen)
+
+
+def epoch_steps(dataset, batch_size: int, max_steps: int | None = None) -> int:
     """How many batches `seeded_batches` yields per epoch (the last one may be short)."""
     steps = (len(dataset.train.labels) + batch_size - 1) // batch_size
     return steps if max_steps is None else min(steps, max_steps)
 
 
-def seeded_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int,
+def seeded_batches(dataset, batch_size: int, seed: int, epoch: int,
                    max_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The epoch's batches, normalised and augmented, identical on every worker with the same (seed, epoch)."""
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(len(dataset.train.labels), generator=gen)
+    if not isinstance(dataset, Dataset):  # a StreamDataset reads them from disk
+        yield from dataset.train_batches(batch_size, seed, epoch, max_steps)
+        return
+    gen, order = epoch_order(len(dataset.train.labels), seed, epoch)
     for step in range(epoch_steps(dataset, batch_size, max_steps)):
         idx = order[step * batch_size:(step + 1) * batch_size]
         images = dataset.train.images[idx]
@@ -231,6 +297,21 @@ def _crop_flip(images: torch.Tensor, gen: torch.Generator, pad: int = 4) -> torc
     return out
 
 
-def eval_batches(split: Split, dataset: Dataset, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(split, dataset, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if not isinstance(dataset, Dataset):  # a StreamDataset reads them from disk
+        yield from dataset.eval_batches(split)
+        return
     for start in range(0, len(split.labels), batch_size):
         yield dataset.normalize(split.images[start:start + batch_size]), split.labels[start:start + batch_size]
+
+
+class BatchChecksum:
+    """A running crc32 of the batches a role drew (`data.checksum`): equal on every role only if every role
+    saw the same pixels and labels in the same order. Costs one pass over each batch's bytes."""
+
+    def __init__(self):
+        self.value = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        for t in (x, y):
+            self.value = zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes(), self.value)

@@ -10,7 +10,7 @@ import torch
 
 from ray_kd.checkpoint import atomic_save, load_model_file, safe_load, save_model_file
 from ray_kd.config import ConfigError, RunConfig
-from ray_kd.data import load_dataset
+from ray_kd.data import eval_batches, load_dataset
 from ray_kd.recipe import preflight_amp
 from ray_kd.session import all_roles
 from ray_kd.results import plot_curves, summarize, write_summary
@@ -148,7 +148,7 @@ def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_
     params = {**run.data.params, "architecture": arch, "num_classes": str(data.num_classes),
               "in_channels": str(data.in_channels)}
     logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, params=params)
-    example = data.normalize(data.val.images[:2])
+    example = next(eval_batches(data.val, data))[0][:2]
     with torch.no_grad():
         signature = mlflow.models.infer_signature(example.numpy(), model.eval()(example).numpy())
     mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, input_example=example, signature=signature,

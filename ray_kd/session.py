@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ray_kd.config import RunConfig
-from ray_kd.data import Dataset, epoch_steps, load_dataset, seeded_batches
+from ray_kd.data import BatchChecksum, Dataset, epoch_steps, load_dataset, seeded_batches
 from ray_kd.methods import Role
 from ray_kd.progress import StepMonitor
 from ray_kd.roles import RoleRunner
@@ -71,8 +71,11 @@ class Session:
         self.exchange.seconds = 0.0
         start = time.perf_counter()
         self.monitor.start_epoch(epoch, self.steps_per_epoch)
+        checksum = BatchChecksum() if self.cfg.data.checksum else None
         for x, y in seeded_batches(self.dataset, self.cfg.data.batch_size, self.cfg.seed, epoch,
                                    self.cfg.optim.steps_per_epoch):
+            if checksum:
+                checksum.add(x, y)
             x, y = x.to(self.device), y.to(self.device)
             outputs, published = {}, {}
             for r in self.runners:
@@ -103,6 +106,8 @@ class Session:
             metrics[f"{name}/exchange_ms"] = 1000 * self.exchange.seconds / steps
             if r.scheduler:
                 metrics[f"{name}/lr"] = r.optimizer.param_groups[0]["lr"]
+            if checksum:
+                metrics[f"{name}/data_checksum"] = float(checksum.value)
         return metrics
 
     def _keep_best(self, runner: RoleRunner, scores: dict[str, float], epoch: int) -> None:

@@ -1,0 +1,192 @@
+"""ImageFolder trees read from disk batch by batch (`data.mode=stream`): any size of set, any image sizes.
+
+Each role's worker runs its own torch DataLoader (`data.workers` processes, kept across epochs) over
+the file list, so a worker holds a file name per image and a few batches, never the decoded set.
+Every worker still draws the same pixels at each step, as the in-memory path guarantees: the batch
+sampler walks the training set in the in-memory path's permutation for (seed, epoch)
+(`data.epoch_order`), and each sample's augmentation is drawn from a generator seeded by
+(seed, epoch, index), never from a DataLoader process's own RNG state, so which process decodes
+which image changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ray_kd.checkpoint import atomic_write_json
+from ray_kd.config import DataConfig
+from ray_kd.data import (DataError, epoch_order, epoch_steps, imagefolder_root, list_image_folder, normalization,
+                         normalize, train_val_indices)
+
+DEFAULT_IMAGE_SIZE = 224
+STATS_SAMPLE = 1000
+"""Training images (a fixed sample) that `data.normalize=dataset` measures its mean/std on."""
+
+Key = tuple[str, int, int, int, bool]
+"""What the batch sampler hands a DataLoader process per sample: (split, index, seed, epoch, augment)."""
+
+
+@dataclass
+class StreamSplit:
+    name: str
+    files: np.ndarray  # fixed-width bytes: no per-file Python object for forked processes to copy on touch
+    labels: torch.Tensor
+
+
+@dataclass
+class Unreadable:
+    """A sample that failed to decode, carried to the role's process as data (a DataLoader process's
+    exception would arrive there as a many-line traceback)."""
+
+    path: str
+    reason: str
+
+
+class _Plan:
+    """The batch sampler of the one persistent DataLoader: it yields whatever batches of keys the
+    current pass (a training epoch, an evaluation) set."""
+
+    def __init__(self):
+        self.batches: Iterable[list[Key]] = ()
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class StreamDataset(torch.utils.data.Dataset):
+    """What `seeded_batches` and `eval_batches` read in stream mode; one pass at a time."""
+
+    in_channels = 3  # every image is read as RGB
+
+    def __init__(self, train: StreamSplit, val: StreamSplit, test: StreamSplit, num_classes: int,
+                 image_size: int, augment: bool, workers: int, batch_size: int):
+        from torchvision.transforms import v2
+
+        self.train, self.val, self.test, self.num_classes = train, val, test, num_classes
+        self.splits = {s.name: s for s in (train, val, test)}
+        self.workers, self.batch_size = workers, batch_size
+        self.mean = self.std = None  # set by load_stream; None while measuring them
+        self.augmenting = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, antialias=True),
+                                      v2.RandomHorizontalFlip()])
+        self.evaluating = v2.Compose([v2.PILToTensor(), v2.Resize(int(image_size / 0.875), antialias=True),
+                                      v2.CenterCrop(image_size)])
+        if not augment:
+            self.augmenting = self.evaluating
+        self._plan = _Plan()
+        self._loader: DataLoader | None = None
+
+    # --- inside a DataLoader process ----------------------------------------
+    def __len__(self) -> int:
+        return sum(len(s.labels) for s in self.splits.values())
+
+    def __getitem__(self, key: Key):
+        from PIL import Image
+
+        split, index, seed, epoch, augment = key
+        part = self.splits[split]
+        path = os.fsdecode(part.files[index])
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            return Unreadable(path, str(err) or type(err).__name__)
+        if not augment:
+            return self.evaluating(img), int(part.labels[index])
+        with torch.random.fork_rng(devices=[]):  # only this sample's draws see the seed
+            torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+            return self.augmenting(img), int(part.labels[index])
+
+    def _collate(self, samples: list) -> tuple[torch.Tensor, torch.Tensor] | Unreadable:
+        bad = next((s for s in samples if isinstance(s, Unreadable)), None)
+        if bad is not None:
+            return bad
+        images = torch.stack([image for image, _ in samples])
+        labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        return (images if self.mean is None else normalize(images, self.mean, self.std)), labels
+
+    # --- in the role's process ----------------------------------------------
+    def train_batches(self, batch_size: int, seed: int, epoch: int,
+                      max_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches in the in-memory path's order for (seed, epoch), augmented per sample."""
+        _, order = epoch_order(len(self.train.labels), seed, epoch)
+        steps = epoch_steps(self, batch_size, max_steps)
+        return self._run([[("train", int(i), seed, epoch, True) for i in order[s * batch_size:(s + 1) * batch_size]]
+                          for s in range(steps)])
+
+    def eval_batches(self, split: StreamSplit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n, b = len(split.labels), self.batch_size
+        return self._run([[(split.name, i, 0, 0, False) for i in range(start, min(start + b, n))]
+                          for start in range(0, n, b)])
+
+    def _run(self, batches: list[list[Key]], loader: DataLoader | None = None):
+        self._plan.batches = batches
+        for batch in loader if loader is not None else self._persistent_loader():
+            if isinstance(batch, Unreadable):
+                raise DataError(f"{batch.path}: unreadable image ({batch.reason}); remove or replace the file")
+            yield batch
+
+    def _persistent_loader(self) -> DataLoader:
+        """Made on first use, after the mean/std are set: its processes keep the dataset as it was then."""
+        if self._loader is None:
+            self._loader = self._make_loader(persistent=self.workers > 0)
+        return self._loader
+
+    def _make_loader(self, persistent: bool) -> DataLoader:
+        return DataLoader(self, batch_sampler=self._plan, num_workers=self.workers, collate_fn=self._collate,
+                          persistent_workers=persistent, pin_memory=torch.cuda.is_available())
+
+    def stats_sample(self) -> torch.Tensor:
+        """A fixed sample of training images as evaluation crops them, uint8 (read by short-lived processes)."""
+        n = len(self.train.labels)
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE].sort().values
+        batches = [[("train", int(i), 0, 0, False) for i in sample[s:s + self.batch_size]]
+                   for s in range(0, len(sample), self.batch_size)]
+        return torch.cat([x for x, _ in self._run(batches, self._make_loader(persistent=False))])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training sample's augmentation in one epoch."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def load_stream(cfg: DataConfig) -> StreamDataset:
+    """List the tree (train/<class>/, test/<class>/), split val off train as the in-memory path does."""
+    root = imagefolder_root(cfg)
+    classes, train_files, train_labels = list_image_folder(root / "train")
+    test_classes, test_files, test_labels = list_image_folder(root / "test")
+    if classes != test_classes:
+        raise DataError(f"{root}: train/ and test/ hold different class folders")
+    files = np.array([os.fsencode(f) for f in train_files])
+    labels = torch.tensor(train_labels, dtype=torch.int64)
+    keep, held = train_val_indices(labels, cfg)
+    image_size = cfg.image_size or DEFAULT_IMAGE_SIZE
+    data = StreamDataset(
+        StreamSplit("train", files[keep.numpy()], labels[keep]), StreamSplit("val", files[held.numpy()], labels[held]),
+        StreamSplit("test", np.array([os.fsencode(f) for f in test_files]), torch.tensor(test_labels)),
+        len(classes), image_size, cfg.augment != "none", cfg.workers, cfg.batch_size)
+    data.mean, data.std = _mean_std(cfg, data, root, image_size)
+    return data
+
+
+def _mean_std(cfg: DataConfig, data: StreamDataset, root: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`data.normalize`; the dataset's own is measured once per tree and size, then read from the cache."""
+    if cfg.normalize != "dataset":
+        return normalization(cfg, data.in_channels, lambda: torch.empty(0))
+    key = f"{root.resolve()}|{image_size}|{len(data.train.labels)}|{cfg.val_fraction}|{cfg.train_subset}"
+    cache = Path(cfg.cache_dir) / f"stream-stats-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    if cache.is_file():
+        stats = json.loads(cache.read_text())
+        return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+    mean, std = normalization(cfg, data.in_channels, data.stats_sample)
+    atomic_write_json({"mean": mean.tolist(), "std": std.tolist()}, cache)
+    return mean, std
