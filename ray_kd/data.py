@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
