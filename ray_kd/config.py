@@ -127,6 +127,15 @@ class OptimConfig(Strict):
         return self
 
 
+class EvalConfig(Strict):
+    """When roles are scored: evaluation of every role on val and test each epoch can cost more than training."""
+
+    every: int = Field(1, gt=0, description="evaluate every N epochs; the last epoch is always evaluated")
+    splits: list[Literal["val", "test"]] = Field(
+        default_factory=lambda: ["val", "test"], min_length=1,
+        description="splits scored at the epochs before the last (the last scores val and test)")
+
+
 class RuntimeConfig(Strict):
     executor: Literal["ray", "local"] = "ray"
     address: str | None = Field(None, description="Ray cluster address; None starts a local one")
@@ -158,6 +167,7 @@ class RunConfig(Strict):
     teacher: RoleConfig | None = None
     students: list[RoleConfig] = Field(default_factory=lambda: [RoleConfig(model="digits_cnn_s")] * 2, min_length=1)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 

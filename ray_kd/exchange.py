@@ -33,32 +33,45 @@ class CollectiveExchange:
 
     Roles publish different keys and shapes, so each rank's layout (names and
     shapes) is exchanged once per batch size and cached; after that a step costs
-    one collective of max(length) floats per rank.
+    one collective of max(length) floats per rank. The send and receive buffers
+    are allocated once per layout too and reused every step: what a step returns
+    are views into them, valid until the next all_gather (methods use them
+    within the step).
     """
 
     def __init__(self, role_names: list[str], rank: int):
         self.role_names, self.rank = role_names, rank
         self._layouts: dict[int, list[list[tuple[str, tuple[int, ...]]]]] = {}
+        self._buffers: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # (key, device) -> send, receive
         self.seconds = 0.0
 
     def all_gather(self, mine: dict[str, Outputs]) -> dict[str, Outputs]:
         start = time.perf_counter()
         (outputs,) = mine.values()
         names = sorted(outputs)
-        flat = torch.cat([outputs[n].reshape(-1).float() for n in names])
-        key = next(iter(outputs.values())).shape[0]  # the batch size: the same on every rank this step
+        first = outputs[names[0]]
+        key = first.shape[0]  # the batch size: the same on every rank this step
         if key not in self._layouts:
             layout = [(n, tuple(outputs[n].shape)) for n in names]
             self._layouts[key] = self.gather_objects(layout)
         layouts = self._layouts[key]
-        length = max(sum(_numel(s) for _, s in lay) for lay in layouts)
-        buffer = torch.zeros(length, dtype=flat.dtype, device=flat.device)
-        buffer[:flat.numel()] = flat
-        gathered = [torch.empty_like(buffer) for _ in layouts]
-        dist.all_gather(gathered, buffer)
-        result = {name: _unflatten(buf, lay) for name, buf, lay in zip(self.role_names, gathered, layouts)}
+        send, received = self._buffers_for(key, layouts, first.device)
+        offset = 0
+        for n in names:
+            numel = outputs[n].numel()
+            send[offset:offset + numel].copy_(outputs[n].reshape(-1))
+            offset += numel
+        dist.all_gather(received, send)
+        result = {name: _unflatten(buf, lay) for name, buf, lay in zip(self.role_names, received, layouts)}
         self.seconds += time.perf_counter() - start
         return result
+
+    def _buffers_for(self, key: int, layouts, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if (key, device) not in self._buffers:
+            length = max(sum(_numel(s) for _, s in lay) for lay in layouts)
+            self._buffers[(key, device)] = (torch.zeros(length, device=device),  # the tail past mine stays 0
+                                            [torch.empty(length, device=device) for _ in layouts])
+        return self._buffers[(key, device)]
 
     def gather_objects(self, obj) -> list:
         out = [None] * dist.get_world_size()

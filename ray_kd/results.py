@@ -13,15 +13,17 @@ def summarize(history: list[dict[str, float]], wall_seconds: float, run_id: str 
     (most val top-1 at its best epoch: the one whose weights are saved) and its figures as the headline.
 
     Heads are shown under `names` (e.g. a `train-teacher` run's student_0 is its teacher); `best_role` is
-    the role the saved weights come from, under its own name."""
+    the role the saved weights come from, under its own name. Epochs that `eval` left unscored are
+    skipped; a best epoch whose test split was not scored (eval.splits=[val]) has test_acc_at_best_val None."""
     names = names or {}
     heads = sorted({k.split("/")[0] for k in history[-1] if k.endswith("/val_acc")})
     scores = {}
     for head in heads:
-        best = max(history, key=lambda m: m[f"{head}/val_acc"])  # the first best epoch, as the session keeps
+        scored = (m for m in history if f"{head}/val_acc" in m)
+        best = max(scored, key=lambda m: m[f"{head}/val_acc"])  # the first best epoch, as the session keeps
         scores[head] = {
             "best_epoch": int(best["epoch"]), "val_acc_at_best": best[f"{head}/val_acc"],
-            "test_acc_at_best_val": best[f"{head}/test_acc"],
+            "test_acc_at_best_val": best.get(f"{head}/test_acc"),
             "last_val_acc": history[-1][f"{head}/val_acc"], "last_test_acc": history[-1][f"{head}/test_acc"],
         }
     students = [h for h in heads if h.startswith("student_")]
@@ -54,9 +56,11 @@ def plot_curves(history: list[dict[str, float]], path: Path, title: str = "", na
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for i, head in enumerate(heads):
         color, label = f"C{i}", names.get(head, head)
-        acc.plot(epochs, [m[f"{head}/val_acc"] for m in history], color=color, marker=".", label=f"{label} val")
-        acc.plot(epochs, [m[f"{head}/test_acc"] for m in history], color=color, linestyle="--", label=f"{label} test")
-    if chosen is not None:
+        for split, style in (("val", "-"), ("test", "--")):
+            scored = [m for m in history if f"{head}/{split}_acc" in m]  # epochs eval.every skipped are gaps
+            acc.plot([int(m["epoch"]) for m in scored], [m[f"{head}/{split}_acc"] for m in scored], color=color,
+                     linestyle=style, marker="." if split == "val" else None, label=f"{label} {split}")
+    if chosen is not None and f"{chosen[0]}/test_acc" in history[chosen[1] - 1]:
         head, epoch = chosen
         acc.axvline(epoch, color="grey", linewidth=0.8, linestyle=":")
         acc.scatter([epoch], [history[epoch - 1][f"{head}/test_acc"]], s=60, facecolors="none", edgecolors="k",

@@ -68,11 +68,12 @@ class RoleRunner:
         return values
 
     @torch.no_grad()
-    def evaluate(self, dataset: Dataset) -> dict[str, float]:
-        """Top-1 of each of the role's heads on val and test, e.g. {'student_0/val_acc': 91.2}."""
+    def evaluate(self, dataset: Dataset, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
+        """Top-1 of each of the role's heads on the splits, e.g. {'student_0/val_acc': 91.2}."""
         self.net.eval()
         metrics = {}
-        for split_name, split in (("val", dataset.val), ("test", dataset.test)):
+        for split_name in splits:
+            split = getattr(dataset, split_name)
             correct: dict[str, int] = {}
             for x, y in eval_batches(split, dataset):
                 x, y = x.to(self.device), y.to(self.device)

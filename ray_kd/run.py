@@ -71,8 +71,9 @@ def train_teacher(cfg: RunConfig, out: Path) -> dict:
     blob["mlflow"] = {"run_id": summary["mlflow_run_id"], "model_id": summary.get("mlflow_model_id"),
                       "tracking_uri": tracking.tracking_uri(cfg), **head}
     atomic_save(blob, out)
+    test = head["test_acc_at_best_val"]
     print(f"teacher: {out} (epoch {head['best_epoch']}: val top-1 {head['val_acc_at_best']:.2f}, "
-          f"test top-1 {head['test_acc_at_best_val']:.2f})", flush=True)
+          f"test top-1 {'not scored' if test is None else f'{test:.2f}'})", flush=True)
     return {**summary, "teacher_file": str(out)}
 
 

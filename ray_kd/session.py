@@ -16,6 +16,7 @@ import torch
 
 from ray_kd.config import RunConfig
 from ray_kd.data import BatchChecksum, Dataset, epoch_steps, load_dataset, seeded_batches
+from ray_kd.evaluation import Evaluator
 from ray_kd.methods import Role
 from ray_kd.progress import StepMonitor
 from ray_kd.roles import RoleRunner
@@ -47,21 +48,24 @@ class Session:
                                    self.steps_per_epoch)
                         for i in role_indices]
         self.best: dict[str, dict] = {}  # student role -> {'val_acc', 'epoch', 'state_dict'}
+        self.evaluator = Evaluator(cfg, self.runners)
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        """Train one epoch (0-based), evaluate every role; returns every role's metrics merged."""
+        """Train one epoch (0-based), evaluate the roles when `eval` says so; returns every role's metrics merged."""
         metrics = self._train_epoch(epoch)
         for runner in self.runners:
-            scores = runner.evaluate(self.dataset)
+            scores = self.evaluator.scores(runner, self.dataset, epoch + 1)
             metrics.update(scores)
             self._keep_best(runner, scores, epoch + 1)
         merged = {"epoch": float(epoch + 1)}
         for part in self.exchange.gather_objects(metrics):
             merged.update(part)
         students = [k.split("/")[0] for k in merged if k.startswith("student_") and k.endswith("/val_acc")]
-        top = max(students, key=lambda s: merged[f"{s}/val_acc"])
-        merged[OBJECTIVE] = merged[f"{top}/val_acc"]  # what sweeps maximise: validation only
-        merged["best_student_test_acc"] = merged[f"{top}/test_acc"]  # reported beside it, never searched on
+        if students:  # an epoch without val scores has no objective
+            top = max(students, key=lambda s: merged[f"{s}/val_acc"])
+            merged[OBJECTIVE] = merged[f"{top}/val_acc"]  # what sweeps maximise: validation only
+            if f"{top}/test_acc" in merged:  # reported beside it, never searched on
+                merged["best_student_test_acc"] = merged[f"{top}/test_acc"]
         return merged
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
@@ -112,7 +116,7 @@ class Session:
 
     def _keep_best(self, runner: RoleRunner, scores: dict[str, float], epoch: int) -> None:
         name = runner.role.name
-        if runner.role.is_teacher:
+        if runner.role.is_teacher or f"{name}/val_acc" not in scores:
             return
         val = scores[f"{name}/val_acc"]
         if name not in self.best or val > self.best[name]["val_acc"]:
@@ -139,8 +143,9 @@ def progress_line(total_epochs: int) -> ProgressFn:
     """One line per epoch: every head's val/test top-1, the students' losses, throughput."""
 
     def show(m: dict[str, float]) -> None:
-        heads = sorted({k.split("/")[0] for k in m if k.endswith("/val_acc")})
-        accs = "  ".join(f"{h} {m[f'{h}/val_acc']:.1f}/{m[f'{h}/test_acc']:.1f}" for h in heads)
+        heads = sorted({k.split("/")[0] for k in m if k.endswith(("/val_acc", "/test_acc"))})
+        acc = lambda key: f"{m[key]:.1f}" if key in m else "-"  # noqa: E731  (an epoch eval.every skipped)
+        accs = "  ".join(f"{h} {acc(f'{h}/val_acc')}/{acc(f'{h}/test_acc')}" for h in heads)
         speed = max((v for k, v in m.items() if k.endswith("/samples_per_s")), default=0.0)
         print(f"epoch {int(m['epoch'])}/{total_epochs}  val/test top-1: {accs}  ({speed:.0f} samples/s)",
               flush=True)

@@ -259,10 +259,11 @@ def log_final(mlflow, run_id: str, summary: dict, model_id: str | None, dataset:
     now, step = int(time.time() * 1000), summary["epochs"]
     name, digest = dataset or (None, None)
     metrics = [Metric(f"{role}/{k}".replace("@", "_"), float(scores[k]), now, step)
-               for role, scores in summary["roles"].items() for k in FINAL_METRICS]
+               for role, scores in summary["roles"].items() for k in FINAL_METRICS
+               if scores[k] is not None]  # None: test not scored at the best epoch (eval.splits)
     if summary.get("headline"):
         metrics += [Metric(k, float(summary["headline"][k]), now, step, model_id=model_id, dataset_name=name,
-                           dataset_digest=digest) for k in FINAL_METRICS]
+                           dataset_digest=digest) for k in FINAL_METRICS if summary["headline"][k] is not None]
     for i in range(0, len(metrics), 200):
         mlflow.log_batch(run_id, metrics=metrics[i:i + 200])
 

@@ -19,6 +19,7 @@ import yaml
 
 from ray_kd import tracking
 from ray_kd.config import RunConfig, apply_overrides, validate_config
+from ray_kd.evaluation import require_val_every_epoch
 from ray_kd.results import summarize, write_summary
 from ray_kd.session import OBJECTIVE, all_roles
 from tuning.space import SweepSpace, tune_domain
@@ -59,6 +60,7 @@ def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
 
     from ray_kd.ray_executor import check_fits, connect, use_gpu
 
+    require_val_every_epoch(cfg)
     name = f"{cfg.name}-sweep"
     parent_cfg = cfg.model_copy(update={"name": name})
     sweep_dir = parent_cfg.run_dir
