@@ -6,7 +6,8 @@ the driver's phases, and inside every role (a Ray worker, or the single process)
 its evaluation, the wait for the other roles' metrics and its checkpoint report. `--trees` runs the
 same protocol on other checkouts (e.g. main before a change), alternating, so the ratios are side by side.
 
-    .venv/bin/python benchmarks/time_to_result.py [--runs ray local] [--trees .:after /work/main:before]
+    .venv/bin/python benchmarks/time_to_result.py [--runs ray local] [--trees .:after /work/main:before
+        '.:after-val-only:eval.splits=[val]']
         [--epochs 3] [--train-subset 10000] [--set eval.splits=[val] ...]
 """
 
@@ -139,8 +140,9 @@ def phases(m: dict, roles: list[str]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", default=["ray", "local"], choices=["ray", "local"])
-    parser.add_argument("--trees", nargs="+", default=[f"{REPO}:this"], metavar="PATH:LABEL",
-                        help="checkouts to measure alternately (PYTHONPATH of the child)")
+    parser.add_argument("--trees", nargs="+", default=[f"{REPO}:this"], metavar="PATH:LABEL[:OVERRIDES]",
+                        help="checkouts to measure alternately (PYTHONPATH of the child), each with its own "
+                             "space-separated overrides, e.g. '.:val-only:eval.splits=[val]'")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-subset", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=1)
@@ -158,13 +160,13 @@ def main() -> None:
     for repeat in range(args.repeats):
         for executor in args.runs:
             for tree in args.trees:
-                path, label = tree.rsplit(":", 1)
+                path, label, *own = tree.split(":", 2)
                 overrides = [*absolute_paths(CONFIG), f"teacher.checkpoint={teacher}",
                              f"data.train_subset={args.train_subset}", f"optim.epochs={args.epochs}",
                              f"optim.milestones=[{args.epochs}]"]
                 overrides += (["runtime.executor=local", "runtime.threads_per_worker=2"] if executor == "local"
                               else ["runtime.cpus_per_worker=1"])
-                overrides += args.set
+                overrides += args.set + (own[0].split() if own else [])
                 column = f"{label} {executor}"
                 with tempfile.TemporaryDirectory(prefix="ray-kd-ttr-") as tmp:
                     out = Path(tmp) / "timings.json"
