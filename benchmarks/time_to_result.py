@@ -14,6 +14,7 @@ same protocol on other checkouts (e.g. main before a change), alternating, so th
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import subprocess
@@ -96,7 +97,12 @@ def child(executor: str, out: Path, overrides: list[str]) -> None:
         workers = out.parent / "workers"
         workers.mkdir()
         _timed(ray_executor, "connect", log, lambda *a: "ray.init")
-        ray_executor.train_worker = timed_worker(str(workers))
+        worker = timed_worker(str(workers))
+        if "worker_loop" in inspect.signature(ray_executor.make_trainer).parameters:
+            make_trainer = ray_executor.make_trainer
+            ray_executor.make_trainer = lambda *a, **k: make_trainer(*a, **k, worker_loop=worker)
+        else:  # a checkout from before make_trainer took the worker loop
+            ray_executor.train_worker = worker
     cfg = load_config(CONFIG, overrides)
     summary = run.train(cfg)
     t["end"] = time.time()

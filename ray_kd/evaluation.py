@@ -38,7 +38,7 @@ def is_frozen(runner) -> bool:
     BN in train mode, or with a stateful input sampler (LW-KD's draws, a leaf left in train mode) is not."""
     if runner.trains:
         return False
-    runner.method.set_train_mode(runner.role, runner.net)
+    runner.net.train()  # as every training step does: a frozen backbone stays in eval mode
     containers = (nn.ModuleDict, nn.ModuleList, nn.Sequential)
     leaves = [m for m in runner.net.modules() if not list(m.children()) and not isinstance(m, containers)]
     return not any(m.training for m in leaves)
