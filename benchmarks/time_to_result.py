@@ -188,6 +188,10 @@ def main() -> None:
                 results.setdefault(column, []).append(p)
                 walls.setdefault(column, []).append(p["total wall"])
                 print(column, {k: round(v, 2) for k, v in p.items()}, flush=True)
+                report(args, info, results, walls)  # after every run: an interrupted sweep keeps what it measured
+
+
+def report(args, info: dict, results: dict, walls: dict) -> None:
     # per column: the run with the shortest wall (interference only ever slows a run down)
     best = {c: min(ps, key=lambda p: p["total wall"]) for c, ps in results.items()}
     names = list(dict.fromkeys(k for p in best.values() for k in p))
