@@ -110,11 +110,15 @@ class RoleConfig(Strict):
 
     @model_validator(mode="after")
     def _options_fit_model(self) -> "RoleConfig":
-        from ray_kd.models.external import is_external
+        from ray_kd.models.external import RESERVED_KWARGS, is_external
 
         if not is_external(self.model) and (self.model_kwargs or self.stages):
             raise ValueError(f"model_kwargs and stages are for torchvision:, timm: and factory models; "
                              f"{self.model!r} is built in: remove them")
+        reserved = sorted(set(self.model_kwargs) & set(RESERVED_KWARGS))
+        if reserved:
+            raise ValueError(f"model_kwargs may not set {', '.join(reserved)}: ray-kd sets the class count and "
+                             "channels from the data and never downloads weights (use checkpoint)")
         return self
 
     @property

@@ -142,6 +142,13 @@ def test_unknown_external_model_is_refused_at_config_time(model, expected):
     assert expected in str(err.value) and "\n" not in str(err.value)
 
 
+def test_model_options_are_checked_at_config_time():
+    for role, expected in [("{model: 'timm:test_resnet', model_kwargs: {pretrained: true}}", "may not set pretrained"),
+                           ("{model: resnet8, stages: [layer1]}", "'resnet8' is built in: remove them")]:
+        with pytest.raises(ConfigError, match=expected):
+            load_config(None, [f"students=[{role}]"])
+
+
 def test_torchvision_model_on_digits_is_refused_at_preflight():
     cfg = load_config(None, ["students=[{model: 'torchvision:resnet18'}]", "method.name=ce"])
     with pytest.raises(ConfigError, match="config error at students.0: model 'torchvision:resnet18' takes 3-channel"):

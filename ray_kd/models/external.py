@@ -34,6 +34,10 @@ PROBE_SIZES = (64, 224, 32, 8)
 """Square probe inputs tried in turn to read stage shapes: cheap for ImageNet models, their native
 size for those fixed to it (ViTs), then the small datasets' (CIFAR, digits)."""
 
+RESERVED_KWARGS = ("num_classes", "in_chans", "in_channels", "pretrained", "weights")
+"""Builder arguments ray-kd sets itself (from the data; never a download)."""
+
+
 def is_external(name: str) -> bool:
     return ":" in name
 
@@ -104,12 +108,11 @@ def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int
                   kwargs: dict[str, Any]) -> nn.Module:
     """Pass num_classes / in_channels where the factory takes them; else replace its last Linear."""
     params = inspect.signature(factory).parameters
-    takes = lambda arg: arg in params or any(p.kind is p.VAR_KEYWORD for p in params.values())  # noqa: E731
-    if takes("num_classes"):
-        kwargs.setdefault("num_classes", num_classes)
+    if "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        kwargs["num_classes"] = num_classes
     for arg in ("in_channels", "in_chans"):
         if arg in params:
-            kwargs.setdefault(arg, in_channels)
+            kwargs[arg] = in_channels
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
