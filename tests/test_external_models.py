@@ -12,6 +12,7 @@ from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
 from ray_kd.data import eval_batches, load_dataset
 from ray_kd.methods import Role
 from ray_kd.methods.mtkd_ssr import MTKDParams, MTKDSSR
+from ray_kd.methods.sokd import SOKD, SOKDParams
 from ray_kd.models import create_model
 from ray_kd.roles import RoleRunner
 from ray_kd.run import preflight, train
@@ -173,7 +174,7 @@ def test_feature_methods_refuse_unmappable_external_models_at_preflight(folder, 
         assert expected in str(err.value) and "\n" not in str(err.value)
 
 
-def test_mtkd_ssr_steps_on_a_torchvision_teacher_and_timm_student(folder, resnet18_file):
+def test_feature_methods_run_on_a_torchvision_teacher_and_timm_student(folder, resnet18_file):
     data = load_dataset(DataConfig(dataset="imagefolder", root=str(folder)))
     method = MTKDSSR(MTKDParams())
     roles = [Role("teacher", "torchvision:resnet18", str(resnet18_file[1])), Role("student_0", "timm:test_resnet")]
@@ -189,6 +190,11 @@ def test_mtkd_ssr_steps_on_a_torchvision_teacher_and_timm_student(folder, resnet
     terms = student.update(outputs["student_0"], published, y)
     assert {"ce", "head_ce", "scd", "srd", "crd", "total"} <= set(terms)
     assert not torch.equal(before, student.net.backbone.model.layer1[0].conv1.weight)
+
+    sokd = SOKD(SOKDParams())  # its bridge: a fresh copy of resnet18's layer4, fed layer3's map through the adapter
+    sokd.check_roles(roles, data.num_classes, data.in_channels)
+    bridge_teacher = RoleRunner(roles[0], 0, sokd, data, OptimConfig(), 0, torch.device("cpu"))
+    assert bridge_teacher.forward(x, y)[1]["bridge"].shape == (8, data.num_classes)
 
 
 def test_kd_torchvision_teacher_to_timm_student_on_ray(ray_cluster, mlflow_uri, folder, resnet18_file, tmp_path):
