@@ -187,7 +187,7 @@ def test_feature_methods_run_on_a_torchvision_teacher_and_timm_student(folder, r
         outputs[runner.role.name], published[runner.role.name] = runner.forward(x, y)
     assert published["teacher"]["channels3"].shape == (8, 512)  # resnet18's layer4, through the adapter
     before = student.net.backbone.model.layer1[0].conv1.weight.clone()
-    terms = student.update(outputs["student_0"], published, y)
+    terms = student.update(outputs["student_0"], published, y, epoch=0)
     assert {"ce", "head_ce", "scd", "srd", "crd", "total"} <= set(terms)
     assert not torch.equal(before, student.net.backbone.model.layer1[0].conv1.weight)
 
