@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -107,7 +108,8 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float)
         save_model_file(path, arch, data.num_classes, data.in_channels, best["state_dict"],
                         role=summary["best_student"], **summary["headline"])
         mlflow.log_artifact(run_id, str(path))
-        model_id = _log_pytorch_model(uri, run_id, f"{summary['best_student']}-{arch}", arch, data,
+        model_name = re.sub(r"[/:.%\"']", "-", f"{summary['best_student']}-{arch}")  # MLflow's allowed characters
+        model_id = _log_pytorch_model(uri, run_id, model_name, arch, data,
                                       best["state_dict"], summary["epochs"], cfg.tracking.register_model,
                                       cfg.students[int(role.split("_")[1])].model_options)
         summary.update(best_student_file=str(path), best_student_model=arch, mlflow_model_id=model_id)

@@ -179,7 +179,7 @@ def test_feature_methods_run_on_a_torchvision_teacher_and_timm_student(folder, r
     method = MTKDSSR(MTKDParams())
     roles = [Role("teacher", "torchvision:resnet18", str(resnet18_file[1])), Role("student_0", "timm:test_resnet")]
     method.check_roles(roles, data.num_classes, data.in_channels)
-    teacher, student = (RoleRunner(r, i, method, data, OptimConfig(), 0, torch.device("cpu"))
+    teacher, student = (RoleRunner(r, i, method, data, OptimConfig(), 0, torch.device("cpu"), steps_per_epoch=1)
                         for i, r in enumerate(roles))
     x, y = data.normalize(data.train.images[:8]), data.train.labels[:8]
     outputs, published = {}, {}
@@ -193,7 +193,7 @@ def test_feature_methods_run_on_a_torchvision_teacher_and_timm_student(folder, r
 
     sokd = SOKD(SOKDParams())  # its bridge: a fresh copy of resnet18's layer4, fed layer3's map through the adapter
     sokd.check_roles(roles, data.num_classes, data.in_channels)
-    bridge_teacher = RoleRunner(roles[0], 0, sokd, data, OptimConfig(), 0, torch.device("cpu"))
+    bridge_teacher = RoleRunner(roles[0], 0, sokd, data, OptimConfig(), 0, torch.device("cpu"), steps_per_epoch=1)
     assert bridge_teacher.forward(x, y)[1]["bridge"].shape == (8, data.num_classes)
 
 
