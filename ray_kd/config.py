@@ -85,17 +85,46 @@ class MethodConfig(BaseModel):
 
 
 class RoleConfig(Strict):
-    model: str
-    checkpoint: str | None = Field(None, description="a state-dict file from `ray-kd train-teacher`")
+    model: str = Field(description="a built-in name, torchvision:<name>, timm:<name> or package.module:factory")
+    checkpoint: str | None = Field(None, description="weights: a `ray-kd train-teacher` file, or a state dict "
+                                   "(.pth/.pt as torch.save writes it, or .safetensors)")
+    model_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of an external "
+                                         "model's builder (e.g. width_mult for torchvision:mobilenet_v2)")
+    stages: list[str] | None = Field(None, description="an external model's stage modules, by name in order "
+                                     "(e.g. [layer1, layer2, layer3, layer4]); None finds them")
+    replace_head: bool = Field(False, description="a checkpoint whose classifier has another class count gets "
+                               "a fresh head instead of being refused")
 
     @field_validator("model")
     @classmethod
     def _known_model(cls, name: str) -> str:
         from ray_kd.models import list_models
+        from ray_kd.models.external import check_name, is_external
 
-        if name not in list_models():
-            raise ValueError(f"unknown model {name!r}; `ray-kd models` lists them")
+        if is_external(name):
+            check_name(name)
+        elif name not in list_models():
+            raise ValueError(f"unknown model {name!r}; `ray-kd models` lists them, or name torchvision:<name>, "
+                             "timm:<name> or package.module:factory")
         return name
+
+    @model_validator(mode="after")
+    def _options_fit_model(self) -> "RoleConfig":
+        from ray_kd.models.external import RESERVED_KWARGS, is_external
+
+        if not is_external(self.model) and (self.model_kwargs or self.stages):
+            raise ValueError(f"model_kwargs and stages are for torchvision:, timm: and factory models; "
+                             f"{self.model!r} is built in: remove them")
+        reserved = sorted(set(self.model_kwargs) & set(RESERVED_KWARGS))
+        if reserved:
+            raise ValueError(f"model_kwargs may not set {', '.join(reserved)}: ray-kd sets the class count and "
+                             "channels from the data and never downloads weights (use checkpoint)")
+        return self
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        """What `create_model` takes beside the name (see ray_kd.models.external)."""
+        return {"model_kwargs": self.model_kwargs, "stages": self.stages}
 
 
 class OptimConfig(Strict):

@@ -11,13 +11,12 @@ import math
 
 import torch
 
-from ray_kd.checkpoint import load_model_file
 from ray_kd.config import OptimConfig
 from ray_kd.data import Dataset, eval_batches
 from ray_kd.errors import UserError
 from ray_kd.methods import Method, Outputs, Role, Step
-from ray_kd.models import create_model
 from ray_kd.recipe import Recipe
+from ray_kd.weights import load_backbone
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -32,9 +31,7 @@ class RoleRunner:
         self.role, self.device = role, device
         torch.manual_seed(seed * 1000 + index)  # same init in every executor
         channels = method.input_channels(role, dataset.in_channels)
-        backbone = create_model(role.model, dataset.num_classes, channels)
-        if role.checkpoint is not None:
-            backbone.load_state_dict(load_model_file(role.checkpoint, role.model, dataset.num_classes, channels))
+        backbone = load_backbone(role, dataset.num_classes, channels)
         self.net = method.build_role(role, backbone, dataset.num_classes).to(device)
         self.recipe = Recipe(self.net, self.net.trainable_parameters(), optim, steps_per_epoch, device)
         self.optimizer, self.scheduler = self.recipe.optimizer, self.recipe.scheduler

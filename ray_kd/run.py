@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import torch
 
-from ray_kd.checkpoint import atomic_save, load_model_file, safe_load, save_model_file
+from ray_kd.checkpoint import atomic_save, safe_load, save_model_file
 from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import eval_batches, load_dataset
+from ray_kd.errors import UserError
+from ray_kd.models.external import is_external, role_field
 from ray_kd.recipe import preflight_amp
 from ray_kd.session import all_roles
 from ray_kd.results import plot_curves, summarize, write_summary
 from ray_kd import tracking
+from ray_kd.weights import load_backbone
 
 
 def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = None) -> dict:
@@ -54,9 +58,14 @@ def preflight(cfg: RunConfig) -> None:
         method.check_roles(roles, data.num_classes, data.in_channels)
     except ValueError as err:
         raise ConfigError(f"config error: {err}") from None
-    for role in roles:
-        if role.checkpoint is not None:
-            load_model_file(role.checkpoint, role.model, data.num_classes, method.input_channels(role, data.in_channels))
+    for role in roles:  # an external model is built once here too: a 1-channel dataset or bad kwargs fail now
+        if role.checkpoint is not None or is_external(role.model):
+            try:
+                load_backbone(role, data.num_classes, method.input_channels(role, data.in_channels))
+            except UserError:
+                raise
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"config error at {role_field(role)}: {str(err).splitlines()[0]}") from None
 
 
 def train_teacher(cfg: RunConfig, out: Path) -> dict:
@@ -100,8 +109,10 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float)
         save_model_file(path, arch, data.num_classes, data.in_channels, best["state_dict"],
                         role=summary["best_student"], **summary["headline"])
         mlflow.log_artifact(run_id, str(path))
-        model_id = _log_pytorch_model(uri, run_id, f"{summary['best_student']}-{arch}", arch, data,
-                                      best["state_dict"], summary["epochs"], cfg.tracking.register_model)
+        model_name = re.sub(r"[/:.%\"']", "-", f"{summary['best_student']}-{arch}")  # MLflow's allowed characters
+        model_id = _log_pytorch_model(uri, run_id, model_name, arch, data,
+                                      best["state_dict"], summary["epochs"], cfg.tracking.register_model,
+                                      cfg.students[int(role.split("_")[1])].model_options)
         summary.update(best_student_file=str(path), best_student_model=arch, mlflow_model_id=model_id)
     tracking.log_final(mlflow, run_id, summary, model_id, dataset)
     students = ", ".join(s.model for s in cfg.students)
@@ -128,7 +139,7 @@ class LogitsOnly(torch.nn.Module):
 
 
 def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_dict: dict, step: int,
-                       register_as: str | None) -> str:
+                       register_as: str | None, options: dict | None = None) -> str:
     """The best student as an MLflow model named `<role>-<arch>`, an output of the run, so the UI shows it
     and `mlflow.pytorch.load_model` gets it; registered under `register_as` when given. Returns its id.
 
@@ -140,7 +151,7 @@ def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_
 
     from ray_kd.models import create_model
 
-    model = create_model(arch, data.num_classes, data.in_channels)
+    model = create_model(arch, data.num_classes, data.in_channels, **(options or {}))
     model.load_state_dict(state_dict)
     model = LogitsOnly(model)
     mlflow.set_tracking_uri(uri)
@@ -153,6 +164,7 @@ def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_
     with torch.no_grad():
         signature = mlflow.models.infer_signature(example.numpy(), model.eval()(example).numpy())
     mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, input_example=example, signature=signature,
-                             pip_requirements=["torch", "torchvision"], registered_model_name=register_as)
+                             pip_requirements=["torch", "torchvision"] + (["timm"] if arch.startswith("timm:") else []),
+                             registered_model_name=register_as)
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
     return logged.model_id

@@ -30,9 +30,12 @@ History = list[dict[str, float]]
 
 def all_roles(cfg: RunConfig) -> list[Role]:
     """Rank order: the teacher (if any) first, then student_0, student_1, ..."""
-    roles = [Role("teacher", cfg.teacher.model, cfg.teacher.checkpoint)] if cfg.teacher else []
-    roles += [Role(f"student_{k}", s.model, s.checkpoint) for k, s in enumerate(cfg.students)]
-    return roles
+    def role(name, spec):
+        stages = None if spec.stages is None else tuple(spec.stages)
+        return Role(name, spec.model, spec.checkpoint, spec.model_kwargs, stages, spec.replace_head)
+
+    roles = [role("teacher", cfg.teacher)] if cfg.teacher else []
+    return roles + [role(f"student_{k}", s) for k, s in enumerate(cfg.students)]
 
 
 class Session:

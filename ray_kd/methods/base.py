@@ -13,7 +13,7 @@ sees how the outputs travelled, the same code runs unchanged under both.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 import torch
@@ -36,10 +36,18 @@ class Role:
     name: str
     model: str
     checkpoint: str | None = None
+    model_kwargs: dict = field(default_factory=dict, hash=False)  # external models only (config.RoleConfig)
+    stages: tuple[str, ...] | None = None
+    replace_head: bool = False
 
     @property
     def is_teacher(self) -> bool:
         return self.name == "teacher"
+
+    @property
+    def model_options(self) -> dict:
+        """What `create_model` takes beside the name."""
+        return {"model_kwargs": self.model_kwargs, "stages": self.stages}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from ray_kd.methods.losses import cross_entropy, soft_target
 from ray_kd.methods.registry import register_method
 from ray_kd.models import create_model
 from ray_kd.models.base import ClassifierHead
+from ray_kd.models.external import require_stages, role_field
 from ray_kd.models.layers import conv_bn, init_weights
 
 
@@ -95,8 +96,9 @@ class ChannelAdapter(LazyModuleMixin, nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-def _stage_count(model: str, num_classes: int, in_channels: int) -> int:
-    return len(create_model(model, num_classes, in_channels).stage_channels)
+def _stage_count(role, num_classes: int, in_channels: int) -> int:
+    net = create_model(role.model, num_classes, in_channels, **role.model_options)
+    return len(require_stages("mtkd_ssr", role, net, role_field(role)).channels)
 
 
 def stage_heads(backbone: nn.Module, num_classes: int, width: int | None) -> nn.ModuleList:
@@ -182,11 +184,11 @@ class MTKDSSR(Method):
 
     def check_roles(self, roles, num_classes, in_channels):
         teacher = next(r for r in roles if r.is_teacher)
-        n_t = _stage_count(teacher.model, num_classes, self.input_channels(teacher, in_channels))
+        n_t = _stage_count(teacher, num_classes, self.input_channels(teacher, in_channels))
         for role in roles:
             if role.is_teacher:
                 continue
-            n_s = _stage_count(role.model, num_classes, self.input_channels(role, in_channels))
+            n_s = _stage_count(role, num_classes, self.input_channels(role, in_channels))
             pair = f"teacher {teacher.model} has {n_t} stages and {role.name} {role.model} has {n_s}"
             if self.params.stage_alignment == "strict" and n_s != n_t:
                 raise ValueError(

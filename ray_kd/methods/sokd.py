@@ -24,11 +24,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ray_kd.methods.base import Method, MethodParams, RoleModule
+from ray_kd.methods.base import Method, MethodParams, Role, RoleModule
 from ray_kd.methods.losses import cross_entropy, soft_target
 from ray_kd.methods.registry import register_method
 from ray_kd.models import create_model
 from ray_kd.models.base import ClassifierHead
+from ray_kd.models.external import require_stages, role_field
 from ray_kd.models.layers import init_weights
 
 
@@ -46,9 +47,10 @@ class SOKDParams(MethodParams):
 class KnowledgeBridge(nn.Module):
     """A fresh copy of the teacher's last stage, then BN-ReLU, global average pooling and a linear layer."""
 
-    def __init__(self, teacher_model: str, channels: int, num_classes: int):
+    def __init__(self, teacher: Role, channels: int, num_classes: int, in_channels: int = 3):
         super().__init__()
-        self.stage = create_model(teacher_model, num_classes).stages[-1]  # new weights, same architecture
+        fresh = create_model(teacher.model, num_classes, in_channels, **teacher.model_options)
+        self.stage = fresh.stages[-1]  # new weights, same architecture
         self.head = ClassifierHead(channels, num_classes,
                                    pre=nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)))
         init_weights(self.head)
@@ -63,7 +65,7 @@ class BridgedTeacher(RoleModule):
     def __init__(self, role, backbone, params: SOKDParams, num_classes: int):
         super().__init__(role, backbone, frozen_backbone=True)
         self.params = params
-        self.extras["bridge"] = KnowledgeBridge(role.model, backbone.stage_channels[-1], num_classes)
+        self.extras["bridge"] = KnowledgeBridge(role, backbone.stage_channels[-1], num_classes)
 
     def train(self, mode=True):
         super().train(mode)
@@ -108,6 +110,12 @@ class SOKD(Method):
     name = "sokd"
     Params = SOKDParams
     needs_teacher = True
+
+    def check_roles(self, roles, num_classes, in_channels):
+        teacher = next(r for r in roles if r.is_teacher)
+        net = create_model(teacher.model, num_classes, self.input_channels(teacher, in_channels),
+                           **teacher.model_options)
+        require_stages("sokd", teacher, net, role_field(teacher), min_stages=2, separable_last=True)
 
     def build_role(self, role, backbone, num_classes):
         if role.is_teacher:

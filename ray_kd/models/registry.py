@@ -14,6 +14,7 @@ from typing import Callable
 
 from ray_kd.errors import UserError
 from ray_kd.models.base import StagedNet
+from ray_kd.models.external import build_external, is_external
 
 ENTRY_POINT_GROUP = "ray_kd.models"
 _BUILDERS: dict[str, Callable[..., StagedNet]] = {}
@@ -57,9 +58,14 @@ def model_origin(name: str) -> str:
     return _ORIGINS[name]
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3) -> StagedNet:
+def create_model(name: str, num_classes: int, in_channels: int = 3, **options) -> StagedNet:
+    """`options` (model_kwargs, stages) are for external models: `torchvision:`, `timm:`, `package.module:factory`."""
+    if is_external(name):
+        return build_external(name, num_classes, in_channels, **options)
     if name not in _BUILDERS:
         load_plugins()
     if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    if any(options.values()):
+        raise ValueError(f"model {name!r} is built in: it takes no {', '.join(k for k, v in options.items() if v)}")
     return _BUILDERS[name](num_classes=num_classes, in_channels=in_channels)
