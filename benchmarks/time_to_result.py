@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, RUNS, absolute_paths, machine, random_teacher, save
+from common import REPO, absolute_paths, machine, random_teacher, save
 
 CONFIG = "configs/bench_cifar10_kd.yaml"
 
