@@ -209,7 +209,7 @@ def test_imagefolder_skips_non_images_and_names_bad_ones(tmp_path, capsys):
 
     (root / "train" / "empty").mkdir()
     (root / "test" / "empty").mkdir()
-    with pytest.raises(DataError, match=r"class folder .*train/empty holds no readable images"):
+    with pytest.raises(DataError, match=r"class folder .*train/empty holds no images; add images or remove it"):
         load_dataset(_folder_cfg(root, tmp_path, bad_images="skip"))
 
 
