@@ -17,18 +17,20 @@ from ray_kd.config import Overrides, RunConfig, load_config
 ConfigSource = str | Path | dict | RunConfig | None
 
 
-def train(config: ConfigSource = None, overrides: Overrides | None = None) -> dict:
-    """Run (or resume) one distillation run; returns its summary (also in `<output_dir>/<name>/summary.json`)."""
+def train(config: ConfigSource = None, overrides: Overrides | None = None, restart: bool = False) -> dict:
+    """Run (or resume) one distillation run; returns its summary (also in `<output_dir>/<name>/summary.json`).
+    `restart` discards the checkpoints of an earlier run of that name (one made with another config)."""
     from ray_kd import run
 
-    return run.train(load_config(config, overrides))
+    return run.train(load_config(config, overrides), restart=restart)
 
 
-def train_teacher(config: ConfigSource, out: str | Path, overrides: Overrides | None = None) -> dict:
+def train_teacher(config: ConfigSource, out: str | Path, overrides: Overrides | None = None,
+                  restart: bool = False) -> dict:
     """Train `students[0]` alone and save it as a teacher file at `out`; returns the summary (`teacher_file`)."""
     from ray_kd import run
 
-    return run.train_teacher(load_config(config, overrides), Path(out))
+    return run.train_teacher(load_config(config, overrides), Path(out), restart=restart)
 
 
 def tune(config: ConfigSource, space, overrides: Overrides | None = None) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from ray_kd.errors import UserError
@@ -17,9 +18,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="override any field, e.g. optim.epochs=5 students.0.model=resnet8")
 
-    run_args(sub.add_parser("train", help="run (or resume) one distillation run"))
+    def restart_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--restart", action="store_true",
+                       help="discard the checkpoints of the run with this name and start it over")
+
+    train = sub.add_parser("train", help="run (or resume) one distillation run")
+    run_args(train)
+    restart_arg(train)
     teacher = sub.add_parser("train-teacher", help="train a teacher (students.0) with cross-entropy and save it")
     run_args(teacher)
+    restart_arg(teacher)
     teacher.add_argument("--out", required=True, help="where to write the teacher checkpoint (.pt)")
     tune = sub.add_parser("tune", help="search hyper-parameters with Ray Tune (each trial a full distillation run)")
     run_args(tune)
@@ -36,11 +44,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ray_kd.stopping import RunStopped, install_handlers, signal_of
+
+    install_handlers()
     try:
         return _dispatch(args)
+    except KeyboardInterrupt as err:  # before a run started (imports, preflight, cluster start-up)
+        print("ray-kd: stopped before training started", file=sys.stderr)
+        return 128 + signal_of(err)
     except UserError as err:
         print(f"ray-kd: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as stop:
+        given = sys.argv[1:] if argv is None else argv
+        command = shlex.join(["ray-kd", *(a for a in given if a != "--restart")])  # a resume keeps what was done
+        print(f"ray-kd: {stop}; resume with: {command}", file=sys.stderr)
+        return stop.exit_code
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -64,11 +83,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     from ray_kd import api
 
     if args.command == "train":
-        api.train(args.config, args.overrides)
+        api.train(args.config, args.overrides, restart=args.restart)
     elif args.command == "tune":
         api.tune(args.config, args.space, args.overrides)
     elif args.command == "train-teacher":
-        api.train_teacher(args.config, args.out, args.overrides)
+        api.train_teacher(args.config, args.out, args.overrides, restart=args.restart)
     return 0
 
 

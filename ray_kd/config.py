@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ray_kd.errors import UserError
 from ray_kd.methods import method_class
 from ray_kd.validation import Strict, one_line
+from ray_kd.yaml_files import YamlError, load_yaml_file
 
 
 class ConfigError(UserError, ValueError):
@@ -41,6 +42,8 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of train held out for validation")
     train_subset: int | None = Field(None, gt=0, description="use only this many training images (stratified)")
     cache_dir: str = ".cache/ray_kd"
+    bad_images: Literal["error", "skip"] = Field(
+        "error", description="an ImageFolder file that does not decode: stop naming it, or skip it with a count")
     mode: Literal["memory", "stream"] = Field(
         "memory", description="memory: decode the whole set once into every worker; stream: read ImageFolder "
                               "images from disk batch by batch (any size of set, any image sizes)")
@@ -176,6 +179,7 @@ class RuntimeConfig(Strict):
     worker_logs: bool = Field(False, description="stream Ray worker logs to the console")
     progress_every_s: float = Field(30.0, gt=0, description="within an epoch: a progress line this often "
                                     "when the console is not a terminal (a terminal gets a bar)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoint folders kept per run (the newest ones)")
 
 
 class TrackingConfig(Strict):
@@ -188,8 +192,8 @@ class TrackingConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = Field("digits-dml", pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    name: str = Field("digits-dml", pattern=r"^[A-Za-z0-9_.-]+$", description="one folder name under output_dir")
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     output_dir: str = "runs"
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
@@ -199,6 +203,13 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        if name in (".", ".."):
+            raise ValueError(f"name {name!r} is not a folder of its own; use letters, digits, '_', '-', '.'")
+        return name
 
     @model_validator(mode="after")
     def _method_fits_roles(self) -> "RunConfig":
@@ -223,7 +234,10 @@ class RunConfig(Strict):
         return Path(self.output_dir).resolve() / self.name
 
     def with_absolute_paths(self) -> "RunConfig":
-        """The same spec with its file paths made absolute: Tune runs each trial in a directory of its own."""
+        """The same spec with its file paths resolved against this process's working directory.
+
+        `load_config` applies it, so a relative path means the same file wherever it is read later: in a
+        Ray worker (another working directory), in a Tune trial (a directory of its own), or on resume."""
         def absolute(path: str | None) -> str | None:
             return None if path is None else str(Path(path).resolve())
 
@@ -284,7 +298,8 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 
 def load_config(source: str | Path | dict | RunConfig | None = None, overrides: Overrides | None = None) -> RunConfig:
-    """A validated run spec from a YAML file, a dict or a RunConfig (None: the defaults), overrides applied."""
+    """A validated run spec from a YAML file, a dict or a RunConfig (None: the defaults), overrides applied,
+    relative paths resolved against the caller's working directory (see `RunConfig.with_absolute_paths`)."""
     if isinstance(source, RunConfig):
         tree = source.model_dump()
     elif isinstance(source, dict):
@@ -293,16 +308,14 @@ def load_config(source: str | Path | dict | RunConfig | None = None, overrides: 
         tree = _read_yaml(Path(source))
     else:
         tree = {}
-    return validate_config(apply_overrides(tree, overrides or []))
+    return validate_config(apply_overrides(tree, overrides or [])).with_absolute_paths()
 
 
 def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        tree = load_yaml_file(path, "config file") or {}
+    except YamlError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections (name, data, method, ...)")
     return tree

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from ray_kd import synthetic
+from ray_kd.checkpoint import atomic_save
 from ray_kd.config import DataConfig
 from ray_kd.errors import UserError
 
@@ -88,9 +91,10 @@ def load_dataset(cfg: DataConfig, seed: int = 0):
 def train_val_indices(labels: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of the training set's items train and which validate (`val_fraction`, then `train_subset`):
     the same indices for the in-memory and the streaming path, since both list a folder alike."""
-    keep, held = _stratified_indices(labels, cfg.val_fraction)
+    keep, held = _stratified_indices(labels, cfg.val_fraction, f"data.val_fraction={cfg.val_fraction}")
     if cfg.train_subset is not None and cfg.train_subset < len(keep):
-        kept, _ = _stratified_indices(labels[keep], 1 - cfg.train_subset / len(keep))
+        kept, _ = _stratified_indices(labels[keep], 1 - cfg.train_subset / len(keep),
+                                      f"data.train_subset={cfg.train_subset}")
         keep = keep[kept]
     return keep, held
 
@@ -109,12 +113,19 @@ def normalization(cfg: DataConfig, channels: int,
     return torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
 
 
-def _stratified_indices(labels: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hold out `fraction` of each class, always with the same seed, so val never moves."""
+def _stratified_indices(labels: torch.Tensor, fraction: float,
+                        setting: str = "the split") -> tuple[torch.Tensor, torch.Tensor]:
+    """Hold out `fraction` of each class, always with the same seed, so val never moves.
+
+    Both parts need an image of every class; if not, one line names the `setting` that asked for it."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
-    keep, held = train_test_split(idx, test_size=fraction, stratify=labels.numpy(), random_state=0)
+    try:
+        keep, held = train_test_split(idx, test_size=fraction, stratify=labels.numpy(), random_state=0)
+    except ValueError as err:
+        raise DataError(f"{setting} cannot split {len(idx)} training images so both parts hold every class "
+                        f"({err}); change {setting.split('=')[0]}") from None
     return torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
 
 
@@ -159,18 +170,30 @@ def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
     return splits[0], splits[1], 10 if cfg.dataset == "cifar10" else 100
 
 
+CACHE_VERSION = 2
+"""Bump when the decoded form changes: old cache files are then never read."""
+
+
 def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
-    """`root/train/<class>/*` and `root/test/<class>/*` (a .tar.gz of that tree is unpacked first)."""
+    """`root/train/<class>/*` and `root/test/<class>/*` (a .tar.gz of that tree is unpacked first).
+
+    The decoded tensors are cached under a key made of the class folders and every file's path, size and
+    mtime (and the cache version and `bad_images`), so adding, removing or replacing an image decodes again."""
     root = imagefolder_root(cfg)
-    cache = Path(cfg.cache_dir) / f"imagefolder-{_digest(str(root.resolve()))}.pt"
+    files = {name: _class_files(root / name) for name in ("train", "test")}
+    if list(files["train"]) != list(files["test"]):
+        raise DataError(f"{root}: train/ and test/ hold different class folders")
+    manifest = [CACHE_VERSION, cfg.bad_images, list(files["train"])] + [
+        (str(f.relative_to(root)), st.st_size, st.st_mtime_ns)
+        for split in files.values() for paths in split.values() for f in paths for st in [f.stat()]]
+    cache = Path(cfg.cache_dir) / f"imagefolder-{_digest(repr(manifest))}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
     else:
-        blob = {name: _decode_folder(root / name) for name in ("train", "test")}
-        train_classes, test_classes = blob["train"]["classes"], blob["test"]["classes"]
-        if train_classes != test_classes:
-            raise DataError(f"{root}: train/ and test/ hold different class folders")
-        _atomic_torch_save(blob, cache)
+        blob = {name: _decode_folder(root / name, files[name], cfg.bad_images) for name in ("train", "test")}
+        atomic_save(blob, cache)
+    for name in ("train", "test"):
+        _warn_skipped(root / name, "unreadable images", blob[name]["unreadable"])
     num_classes = len(blob["train"]["classes"])
     return (Split(blob["train"]["images"], blob["train"]["labels"]),
             Split(blob["test"]["images"], blob["test"]["labels"]), num_classes)
@@ -190,17 +213,35 @@ def imagefolder_root(cfg: DataConfig) -> Path:
 
 def list_image_folder(folder: Path) -> tuple[list[str], list[Path], list[int]]:
     """Class names (sorted), image files (sorted within each class) and their labels."""
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    files = _class_files(folder)
+    paths = [f for name in files for f in files[name]]
+    labels = [label for label, name in enumerate(files) for _ in files[name]]
+    return list(files), paths, labels
+
+
+def _class_files(folder: Path) -> dict[str, list[Path]]:
+    """{class: its image files}, sorted. Hidden entries (.DS_Store) are not data; files PIL names no format
+    for (README.txt) are skipped with a count; a class folder without images is refused."""
+    from PIL import Image
+
+    extensions = Image.registered_extensions()
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{folder} holds no class folders")
-    files, labels = [], []
-    for label, name in enumerate(classes):
-        found = sorted(f for f in (folder / name).iterdir() if f.is_file())
-        files += found
-        labels += [label] * len(found)
-    if not files:
-        raise DataError(f"{folder} holds no images")
-    return classes, files, labels
+    files, skipped = {}, []
+    for name in classes:
+        entries = sorted(f for f in (folder / name).iterdir() if f.is_file() and not f.name.startswith("."))
+        files[name] = [f for f in entries if f.suffix.lower() in extensions]
+        skipped += [f.name for f in entries if f.suffix.lower() not in extensions]
+        if not files[name]:
+            raise DataError(f"class folder {folder / name} holds no images; add images or remove it")
+    _warn_skipped(folder, "files that are not images", skipped)
+    return files
+
+
+def _warn_skipped(folder: Path, what: str, names: list[str]) -> None:
+    if names:
+        print(f"ray-kd: warning: {folder}: skipped {len(names)} {what} (e.g. {names[0]})", file=sys.stderr, flush=True)
 
 
 def _find_split_parent(root: Path) -> Path:
@@ -211,47 +252,63 @@ def _find_split_parent(root: Path) -> Path:
     raise DataError(f"{root} has no train/ and test/ folders of class subfolders (ImageFolder layout)")
 
 
-def _decode_folder(folder: Path) -> dict:
-    from PIL import Image
+def _decode_folder(folder: Path, files: dict[str, list[Path]], bad_images: str) -> dict:
+    """Decode every image of every class; an image that does not decode stops the load naming it (or is
+    skipped and counted, with `bad_images=skip`)."""
+    from PIL import Image, UnidentifiedImageError
 
-    classes, files, labels = list_image_folder(folder)
-    images = []
-    for file in files:
-        with Image.open(file) as img:
-            images.append(np.asarray(img.convert("RGB")))
+    images, labels, unreadable = [], [], []
+    for label, name in enumerate(files):
+        count = 0
+        for file in files[name]:
+            try:
+                with Image.open(file) as img:
+                    images.append(np.asarray(img.convert("RGB")))
+            except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                if bad_images == "error":
+                    raise DataError(f"{file} is not a readable image ({type(err).__name__}: {err}); remove it, "
+                                    "or set data.bad_images=skip to train without it") from None
+                unreadable.append(str(file.relative_to(folder)))
+                continue
+            labels.append(label)
+            count += 1
+        if count == 0:
+            raise DataError(f"class folder {folder / name} holds no readable images; add images or remove it")
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise DataError(f"{folder}: images differ in size ({sorted(shapes)[:3]}...); resize them to one size "
                         "first, or read them with data.mode=stream")
     stacked = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.int64), "classes": classes}
+    return {"images": stacked, "labels": torch.tensor(labels, dtype=torch.int64), "classes": list(files),
+            "unreadable": unreadable}
 
 
 def _unpack(archive: Path, cache_dir: Path) -> Path:
-    target = cache_dir / f"unpacked-{_digest(str(archive.resolve()))}"
-    if not (target / ".complete").exists():
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    """Unpack once into the cache (keyed by the archive's path, size and mtime); the partial folder of a
+    failed or interrupted unpack is removed on every exit path."""
+    st = archive.stat()
+    target = cache_dir / f"unpacked-{_digest(repr((str(archive.resolve()), st.st_size, st.st_mtime_ns)))}"
+    if (target / ".complete").exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
         tmp.mkdir(parents=True, exist_ok=True)
         try:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
-        except tarfile.TarError as err:
-            raise DataError(f"{archive} is not a readable .tar.gz: {err}") from None
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+            raise DataError(f"{archive} is not a readable .tar.gz ({type(err).__name__}: {err}); "
+                            "copy it again or point data.root at the unpacked folder") from None
         (tmp / ".complete").touch()
         if not target.exists():
             tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> tuple[torch.Generator, torch.Tensor]:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ray_kd.checkpoint import atomic_save, atomic_write_json, safe_load
+from ray_kd.checkpoint import atomic_save, atomic_write_json, checkpoint_folders, newest_good
 from ray_kd.config import RunConfig
+from ray_kd.data import Dataset
 from ray_kd.exchange import LocalExchange
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor
 from ray_kd.session import History, Session, all_roles, fit, progress_line
@@ -25,17 +26,16 @@ class DirectoryStore:
         self.root, self.keep = root, keep
 
     def latest(self) -> Path | None:
-        done = sorted(p for p in self.root.glob("epoch_*") if (p / "history.json").is_file())
+        done = checkpoint_folders(self.root, "epoch_*")
         return done[-1] if done else None
 
     def restore(self, session: Session) -> History:
-        latest = self.latest()
-        if latest is None:
+        found = newest_good(checkpoint_folders(self.root, "epoch_*"), [r.role.name for r in session.runners])
+        if found is None:
             return []
-        session.load_role_states({r.role.name: safe_load(latest / f"{r.role.name}.pt") for r in session.runners})
-        import json
-
-        return json.loads((latest / "history.json").read_text())
+        folder, states, history = found
+        session.load_role_states(states)
+        return history
 
     def save(self, session: Session, history: History) -> None:
         final = self.root / f"epoch_{len(history):04d}"
@@ -57,7 +57,7 @@ def write_role_files(folder: Path, session: Session, history: History | None) ->
         atomic_write_json(history, folder / "history.json")
 
 
-def run_local(cfg: RunConfig, sync=None, show_progress: bool = True) -> Path:
+def run_local(cfg: RunConfig, sync=None, show_progress: bool = True, dataset: Dataset | None = None) -> Path:
     """Train every role in this process; returns the folder of the last checkpoint."""
     torch.set_num_threads(cfg.runtime.threads_per_worker)
     device = torch.device("cuda" if cfg.runtime.use_gpu != "no" and torch.cuda.is_available() else "cpu")
@@ -67,7 +67,7 @@ def run_local(cfg: RunConfig, sync=None, show_progress: bool = True) -> Path:
     monitor = StepMonitor(cfg.optim.epochs, exchange, log_every,
                           StepMetricLogger(sync.client, sync.run_id) if log_every else None,
                           ProgressDisplay(cfg.runtime.progress_every_s) if show_progress else None)
-    session = Session(cfg, list(range(len(roles))), exchange, device, monitor=monitor)
-    store = DirectoryStore(cfg.run_dir / "checkpoints")
+    session = Session(cfg, list(range(len(roles))), exchange, device, dataset, monitor=monitor)
+    store = DirectoryStore(cfg.run_dir / "checkpoints", keep=cfg.runtime.keep_checkpoints)
     fit(session, store, sync, progress_line(cfg.optim.epochs) if show_progress else None)
     return store.latest()

@@ -19,7 +19,7 @@ import ray
 import ray.train
 import torch
 
-from ray_kd.checkpoint import safe_load
+from ray_kd.checkpoint import newest_good
 from ray_kd.config import RunConfig
 from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange
@@ -40,8 +40,6 @@ class RayTrainStore:
         self.rank = rank
 
     def restore(self, session: Session) -> History:
-        import json
-
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
@@ -49,8 +47,12 @@ class RayTrainStore:
             return []
         with checkpoint.as_directory() as folder:
             folder = Path(folder)
-            session.load_role_states({r.role.name: safe_load(folder / f"{r.role.name}.pt") for r in session.runners})
-            return json.loads((folder / "history.json").read_text())
+            # On storage this node sees, a corrupt latest falls back to the folder before it (as the driver said).
+            siblings = sorted(p for p in folder.parent.glob("checkpoint_*") if p.is_dir() and p.name <= folder.name)
+            _, states, history = newest_good(siblings if folder in siblings else [folder],
+                                             [r.role.name for r in all_roles(session.cfg)])
+            session.load_role_states({r.role.name: states[r.role.name] for r in session.runners})
+            return history
 
     def save(self, session: Session, history: History) -> None:
         import ray.train
@@ -89,8 +91,12 @@ def use_gpu(cfg: RunConfig) -> bool:
     return cfg.runtime.use_gpu == "yes"
 
 
-def connect(cfg: RunConfig) -> None:
-    """Join the cluster in runtime.address / RAY_ADDRESS (as under `ray job submit`), or start a local one."""
+def connect(cfg: RunConfig, state_api: bool = False) -> None:
+    """Join the cluster in runtime.address / RAY_ADDRESS (as under `ray job submit`), or start a local one.
+
+    A local cluster starts the dashboard only when `state_api` is asked for (sweeps: Ray Train's
+    placement-group cleaner needs its State API, else a finished trial leaks its workers' resources),
+    on loopback, and no metrics collection: each is a listening port fewer (see README, What listens where)."""
     if ray.is_initialized():
         return
     address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
@@ -99,9 +105,8 @@ def connect(cfg: RunConfig) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # The dashboard serves the State API that Ray Train's placement-group cleaner needs (without
-        # it, a finished sweep trial leaks its workers' resources); it listens on loopback only.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=state_api, dashboard_host="127.0.0.1",
+                 _system_config={"enable_metrics_collection": False}, **kwargs)
 
 
 def check_fits(cfg: RunConfig, gpu: bool) -> None:
@@ -137,7 +142,7 @@ def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callback
         run_config=TrainRunConfig(
             name=name, storage_path=str(cfg.run_dir), callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.runtime.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.runtime.keep_checkpoints),
         ),
     )
 

@@ -2,79 +2,129 @@
 
 from __future__ import annotations
 
-import json
+import os
 import re
+import shutil
+import threading
 import time
 from pathlib import Path
 
 import torch
 
-from ray_kd.checkpoint import atomic_save, safe_load, save_model_file
-from ray_kd.config import ConfigError, RunConfig
-from ray_kd.data import eval_batches, load_dataset
-from ray_kd.errors import UserError
-from ray_kd.models.external import is_external, role_field
+from ray_kd.checkpoint import (atomic_save, checkpoint_folders, newest_good, read_history, safe_load,
+                               save_model_file)
+from ray_kd.config import RunConfig
+from ray_kd.data import Dataset, eval_batches, load_dataset
+from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
+                              check_sqlite_store)
 from ray_kd.recipe import preflight_amp
 from ray_kd.session import all_roles
 from ray_kd.results import plot_curves, summarize, write_summary
-from ray_kd import tracking
-from ray_kd.weights import load_backbone
+from ray_kd.stopping import RunStopped, install_handlers, signal_of
+from ray_kd import run_folder, tracking
 
 
-def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = None) -> dict:
+def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = None, restart: bool = False) -> dict:
     """Run (or resume) `cfg` end to end; returns the summary written to `<run_dir>/summary.json`.
 
     `kind` is the run's `ray_kd.run_kind` tag (teacher, baseline, distillation, sweep_trial); by default
-    baseline for the student alone (`ce`), else distillation."""
-    preflight(cfg)
+    baseline for the student alone (`ce`), else distillation. `restart` discards the run folder's
+    checkpoints first (a new MLflow run too)."""
+    data = preflight(cfg)  # loaded once on the driver: the local executor and finish use it too
+    if cfg.runtime.executor == "ray":
+        connect_checked(cfg)
     uri = tracking.tracking_uri(cfg)
+    check_sqlite_store(uri)
     tracking.check_reachable(uri)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind)
-    print(f"run {cfg.name}: folder {cfg.run_dir}, MLflow run {run_id} in {uri}", flush=True)
-    start = time.perf_counter()
-    try:
-        if cfg.runtime.executor == "local":
-            from ray_kd.local_executor import run_local
+    if threading.current_thread() is threading.main_thread():
+        install_handlers()
+    with run_folder.run_lock(cfg):
+        if restart:
+            run_folder.clear(cfg)
+        run_folder.check_store(cfg, uri)
+        run_folder.check_fingerprint(cfg)
+        resumed = newest_good_checkpoint(cfg)
+        run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind)
+        before = tracking.client(uri).get_run(run_id)
+        epochs_before = tracking.latest_epoch(tracking.client(uri), run_id)[0]
+        print(f"run {cfg.name}: folder {cfg.run_dir}, MLflow run {run_id} in {uri}"
+              + (f", resuming after epoch {len(resumed[1])}" if resumed else ""), flush=True)
+        start = time.perf_counter()
+        try:
+            if cfg.runtime.executor == "local":
+                from ray_kd.local_executor import run_local
 
-            with tracking.system_metrics(uri, run_id, "local", cfg.tracking.system_metrics_interval):
-                last = run_local(cfg, tracking.MetricSync(uri, run_id))
-        else:
-            from ray_kd.ray_executor import run_on_ray
+                with tracking.system_metrics(uri, run_id, "local", cfg.tracking.system_metrics_interval):
+                    last = run_local(cfg, tracking.MetricSync(uri, run_id), dataset=data)
+            else:
+                from ray_kd.ray_executor import run_on_ray
 
-            last = run_on_ray(cfg, uri, run_id)
-    except BaseException:  # Ctrl-C included: the run shows as failed until a resume finishes it
-        tracking.client(uri).set_terminated(run_id, "FAILED")
-        raise
-    return finish(cfg, last, uri, run_id, time.perf_counter() - start)
+                last = run_on_ray(cfg, uri, run_id)
+                # Ray deletes only checkpoints it registered: folders written by an interrupted driver or a
+                # failed worker-group attempt stay behind; keep exactly the newest runtime.keep_checkpoints.
+                for old in checkpoint_folders(cfg.run_dir / "ray")[:-cfg.runtime.keep_checkpoints]:
+                    if old != last:
+                        shutil.rmtree(old, ignore_errors=True)
+        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
+            _mark_unfinished(uri, before, epochs_before, "KILLED")
+            done = newest_good_checkpoint(cfg, quiet=True)
+            raise RunStopped(f"run {cfg.name} stopped at epoch {len(done[1]) if done else 0}",
+                             signal_of(err)) from None
+        except BaseException:  # the run shows as failed until a resume finishes it
+            _mark_unfinished(uri, before, epochs_before, "FAILED")
+            raise
+        return finish(cfg, last, uri, run_id, time.perf_counter() - start, data)
 
 
-def preflight(cfg: RunConfig) -> None:
-    """Fail in seconds, before any worker starts: the data must load and every checkpoint must fit it."""
+def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
+    """KILLED or FAILED, except that a FINISHED run stays FINISHED when this start added no epoch to it."""
+    mlflow = tracking.client(uri)
+    if before.info.status == "FINISHED" and tracking.latest_epoch(mlflow, before.info.run_id)[0] == epochs_before:
+        return
+    mlflow.set_terminated(before.info.run_id, status)
+
+
+def preflight(cfg: RunConfig) -> Dataset:
+    """Fail in seconds, before any worker starts: every folder the run writes must be writable, the data must
+    load and fit every role and weight file. Returns the dataset."""
     preflight_amp(cfg)
+    check_folders(cfg)
     data = load_dataset(cfg.data)
-    method, roles = cfg.method.build(), all_roles(cfg)
+    check_roles(cfg, data)
+    return data
+
+
+def connect_checked(cfg: RunConfig) -> None:
+    """Join (or start) the Ray cluster now, so a dead or missing one is one line before anything starts."""
+    from ray_kd.ray_executor import connect
+
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    check_address(address)
     try:
-        method.check_roles(roles, data.num_classes, data.in_channels)
-    except ValueError as err:
-        raise ConfigError(f"config error: {err}") from None
-    for role in roles:  # an external model is built once here too: a 1-channel dataset or bad kwargs fail now
-        if role.checkpoint is not None or is_external(role.model):
-            try:
-                load_backbone(role, data.num_classes, method.input_channels(role, data.in_channels))
-            except UserError:
-                raise
-            except (ValueError, TypeError) as err:
-                raise ConfigError(f"config error at {role_field(role)}: {str(err).splitlines()[0]}") from None
+        connect(cfg)
+    except ConnectionError as err:
+        first = str(err).strip().splitlines()[0][:200]
+        raise PreflightError(f"no Ray cluster at runtime.address={address} ({first}); start one (`ray start "
+                             "--head`) or unset runtime.address and RAY_ADDRESS to start a local one") from None
 
 
-def train_teacher(cfg: RunConfig, out: Path) -> dict:
+def newest_good_checkpoint(cfg: RunConfig, quiet: bool = False):
+    """(folder, history) of the checkpoint a resume starts from, or None; says so when it passes over a
+    corrupt one (the executors' stores make the same choice)."""
+    names = [r.name for r in all_roles(cfg)]
+    folders = checkpoint_folders(cfg.run_dir / "checkpoints", "epoch_*") or checkpoint_folders(cfg.run_dir / "ray")
+    found = newest_good(folders, names, None if quiet else print)
+    return None if found is None else (found[0], found[2])
+
+
+def train_teacher(cfg: RunConfig, out: Path, restart: bool = False) -> dict:
     """Train `cfg.students[0]` alone with cross-entropy and save its best weights as a teacher file;
     returns the run's summary, with the file's path as `teacher_file`.
 
     The file also names the MLflow run and model it came from (plain values, so it still loads with
     `weights_only=True`): a KD run that uses it tags and links that teacher run."""
-    summary = train(cfg, kind="teacher")
+    check_out_file(out)
+    summary = train(cfg, kind="teacher", restart=restart)
     blob = safe_load(summary["best_student_file"])
     head = summary["headline"]
     blob["mlflow"] = {"run_id": summary["mlflow_run_id"], "model_id": summary.get("mlflow_model_id"),
@@ -86,16 +136,15 @@ def train_teacher(cfg: RunConfig, out: Path) -> dict:
     return {**summary, "teacher_file": str(out)}
 
 
-def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float) -> dict:
+def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float, data: Dataset) -> dict:
     """summary.json, the curve plot, the best student's weights and MLflow model, the final metrics and the
     description: all from one summary, so every figure shown matches the weights saved."""
-    history = json.loads((checkpoint / "history.json").read_text())
+    history = read_history(checkpoint)
     mlflow = tracking.client(uri)
     kind = mlflow.get_run(run_id).data.tags.get("ray_kd.run_kind")
     names = tracking.role_names(kind)
     summary = summarize(history, wall, run_id, names)
     run_dir = cfg.run_dir
-    data = load_dataset(cfg.data)
     dataset = tracking.log_dataset(mlflow, run_id, cfg.data, data)
     model_id = None
     if summary["best_role"]:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 class Strict(BaseModel):
     """A spec section: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr=inf is an error, not a NaN run
 
 
 def one_line(err: ValidationError, prefix: str = "") -> str:

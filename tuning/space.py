@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from ray_kd.config import ConfigError
 from ray_kd.validation import Strict, one_line
+from ray_kd.yaml_files import YamlError, load_yaml_file
 
 
 class Param(Strict):
@@ -56,15 +56,33 @@ class SweepSpace(Strict):
 
 
 def load_space(path: str | Path) -> SweepSpace:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space {path} does not exist")
     try:
-        return SweepSpace.model_validate(yaml.safe_load(path.read_text()) or {})
+        return SweepSpace.model_validate(load_yaml_file(path, "search space") or {})
+    except YamlError as err:
+        raise ConfigError(str(err)) from None
     except ValidationError as err:
         raise ConfigError(f"search space {path}: {one_line(err)}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"search space {path} is not valid YAML: {err}") from None
+
+
+def check_space(space: SweepSpace, base: dict) -> None:
+    """Before any trial starts: every searched field must exist in the run spec `base` (a config dump) and
+    take every end of its range (both bounds, or every listed value), so no sweep fails trial by trial."""
+    import copy
+
+    from ray_kd.config import apply_overrides, validate_config
+
+    for name, param in space.params.items():
+        if param.values is not None:
+            samples = param.values
+        elif param.type == "randint":
+            samples = [int(param.low), int(param.high) - 1]  # tune.randint excludes the upper bound
+        else:
+            samples = [param.low, param.high]
+        for value in samples:
+            try:
+                validate_config(apply_overrides(copy.deepcopy(base), {name: value}))
+            except ConfigError as err:
+                raise ConfigError(f"search space param {name}={value!r} does not make a valid run: {err}") from None
 
 
 def tune_domain(param: Param):

@@ -22,7 +22,7 @@ from ray_kd.config import RunConfig, apply_overrides, validate_config
 from ray_kd.evaluation import require_val_every_epoch
 from ray_kd.results import summarize, write_summary
 from ray_kd.session import OBJECTIVE, all_roles
-from tuning.space import SweepSpace, tune_domain
+from tuning.space import SweepSpace, check_space, tune_domain
 
 TEST_METRIC = "best_student_test_acc"
 TRIAL_DRIVER_CPU = 0.01
@@ -61,12 +61,13 @@ def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
     from ray_kd.ray_executor import check_fits, connect, use_gpu
 
     require_val_every_epoch(cfg)
+    check_space(space, cfg.model_dump())
     name = f"{cfg.name}-sweep"
     parent_cfg = cfg.model_copy(update={"name": name})
     sweep_dir = parent_cfg.run_dir
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
-    connect(cfg)
+    connect(cfg, state_api=True)
     check_fits(cfg, use_gpu(cfg))
     parent_id = tracking.start_or_resume(parent_cfg, uri, kind="sweep")
     tracking.client(uri).log_text(parent_id, yaml.safe_dump(space.model_dump(), sort_keys=False), "space.yaml")
@@ -86,8 +87,12 @@ def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
                            tune_config=_tune_config(cfg, space),
                            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
                                                      failure_config=tune.FailureConfig(max_failures=0)))
-    results = tuner.fit()
-    return _report(cfg, space, results, sweep_dir, uri, parent_id)
+    try:
+        results = tuner.fit()
+        return _report(cfg, space, results, sweep_dir, uri, parent_id)
+    except BaseException as err:  # the parent run never stays RUNNING after the sweep is gone
+        tracking.client(uri).set_terminated(parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 def _tune_config(cfg: RunConfig, space: SweepSpace):

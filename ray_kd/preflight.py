@@ -1,0 +1,110 @@
+"""Checks the driver runs before any worker starts, so bad input fails in seconds with one line.
+
+The data must load and fit every role and weight file (`check_roles`); every folder the
+run writes must be writable and the MLflow sqlite store's folder too (checked by writing,
+since permission bits say nothing to root or on a read-only mount); a cluster address must
+answer within seconds (a dead head otherwise hangs `ray.init` for minutes).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+from ray_kd.config import ConfigError, RunConfig
+from ray_kd.data import Dataset
+from ray_kd.errors import UserError
+from ray_kd.models.external import is_external, role_field
+from ray_kd.session import all_roles
+from ray_kd.weights import load_backbone
+
+ADDRESS_TIMEOUT_S = 5.0
+
+
+class PreflightError(UserError, RuntimeError):
+    """A folder the run cannot write, or a cluster it cannot reach."""
+
+
+def check_roles(cfg: RunConfig, data: Dataset) -> None:
+    """The method takes these roles on this data, and every weight file was trained for it."""
+    method, roles = cfg.method.build(), all_roles(cfg)
+    try:
+        method.check_roles(roles, data.num_classes, data.in_channels)
+    except ValueError as err:
+        raise ConfigError(f"config error: {err}") from None
+    for role in roles:  # an external model is built once here too: a 1-channel dataset or bad kwargs fail now
+        if role.checkpoint is not None or is_external(role.model):
+            try:
+                load_backbone(role, data.num_classes, method.input_channels(role, data.in_channels))
+            except UserError:
+                raise
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"config error at {role_field(role)}: {str(err).splitlines()[0]}") from None
+
+
+def check_writable(folder: str | Path, field: str) -> None:
+    """Create `folder` if needed and write a file in it; one line naming `field` if that fails."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ray-kd-write-test"):
+            pass
+    except OSError as err:
+        raise PreflightError(f"{field}={folder} is not a writable folder ({err.strerror or err}); "
+                             f"point {field} at a folder this user can write") from None
+
+
+def check_folders(cfg: RunConfig) -> None:
+    check_writable(cfg.output_dir, "output_dir")
+    if cfg.data.dataset == "imagefolder":
+        check_writable(cfg.data.cache_dir, "data.cache_dir")
+
+
+def check_sqlite_store(uri: str) -> None:
+    """A sqlite MLflow store needs to write its database (and its mlruns/ artifacts) in that folder."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return
+    database = Path(uri[len(prefix):])
+    try:
+        check_writable(database.parent, "the MLflow store folder")
+        if database.exists() and not os.access(database, os.W_OK):
+            raise PermissionError(f"{database} is read-only")
+    except (PreflightError, PermissionError) as err:
+        raise PreflightError(f"MLflow store {uri} cannot be written ({err}); set MLFLOW_TRACKING_URI or "
+                             "tracking.uri to a store in a writable folder") from None
+
+
+def check_out_file(out: Path) -> None:
+    """`train-teacher --out` names a file to write, not a folder."""
+    if out.is_dir():
+        raise PreflightError(f"--out {out} is a folder; give a file path such as {out / 'teacher.pt'}")
+    check_writable(out.parent, "--out's folder")
+
+
+def check_address(address: str | None) -> None:
+    """A `host:port` (or `ray://host:port`) cluster address must accept a connection within seconds;
+    `auto` must find a cluster started on this machine (then its GCS is probed the same way)."""
+    if not address or address == "local":
+        return
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError:
+            raise PreflightError("runtime.address=auto found no Ray cluster on this machine; start one (`ray start "
+                                 "--head`) or unset runtime.address and RAY_ADDRESS to start a local one") from None
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise PreflightError(f"runtime.address={address!r} is not host:port (e.g. 10.0.0.5:6379, "
+                             "ray://10.0.0.5:10001 or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=ADDRESS_TIMEOUT_S):
+            pass
+    except OSError as err:
+        raise PreflightError(f"no Ray cluster answers at runtime.address={address} ({err.strerror or err}); start "
+                             "it (`ray start --head`), fix the address, or unset it to start a local cluster") from None

@@ -1,0 +1,139 @@
+"""What keeps one run's folder to one run: a lock, a config fingerprint, and the MLflow store it records to.
+
+A run folder (`<output_dir>/<name>/`) holds checkpoints that a later start with the
+same name resumes. Three things stop two computations from mixing there:
+- `run.lock`: held (an OS file lock, released by the kernel when the holder dies, so a
+  stale lock from a dead process never blocks) by the one process running the name;
+  it names the holder's host, pid and start time.
+- `fingerprint.json`: every field that changes what the run computes (the teacher and
+  other weight files by content); a resume that differs is refused, naming the fields.
+- `mlflow_run.json`: the run's MLflow store; a resume against another store is refused.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from ray_kd.checkpoint import atomic_write_json
+from ray_kd.config import RunConfig, flatten
+from ray_kd.errors import UserError
+
+LOCK = "run.lock"
+FINGERPRINT = "fingerprint.json"
+MAY_CHANGE_ON_RESUME = ("name", "output_dir", "optim.epochs", "data.cache_dir", "data.download", "runtime.*",
+                        "tracking.*")
+"""Fields a resume may change: where things go, how long to train, and how it runs; not what it computes."""
+
+
+class RunFolderError(UserError, RuntimeError):
+    """The run folder is in use, or holds a run made with another config or MLflow store."""
+
+
+@contextmanager
+def run_lock(cfg: RunConfig) -> Iterator[None]:
+    """Hold the run's lock while the body runs; a second start of the same name is refused in one line."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # never unlinked: a waiter must lock the same inode
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(path)
+            raise RunFolderError(f"run {cfg.name} is already running ({holder}; lock {path}); wait for it to "
+                                 "finish or stop it, or start this one under another name=") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _read_holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text())
+        return f"host {holder['host']}, pid {holder['pid']}, started {holder['started']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+def fingerprint(cfg: RunConfig) -> dict[str, Any]:
+    """The fields that change what the run computes, flat; weight files by the sha256 of their content."""
+    flat = flatten(cfg.model_dump())
+    free = tuple(f.removesuffix("*") for f in MAY_CHANGE_ON_RESUME)
+    out = {}
+    for key, value in flat.items():
+        if key in free or any(f.endswith(".") and key.startswith(f) for f in free):
+            continue
+        if key.endswith(".checkpoint") and value is not None:
+            value = f"sha256:{_sha256(Path(value))}"
+        out[key] = value
+    return json.loads(json.dumps(out))  # the form it has when read back (tuples -> lists)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_fingerprint(cfg: RunConfig) -> None:
+    """Record the fingerprint of a run with no checkpoint yet; refuse a resume whose fingerprint differs."""
+    path = cfg.run_dir / FINGERPRINT
+    now = fingerprint(cfg)
+    saved = any(p.is_dir() for p in [*cfg.run_dir.glob("checkpoints/epoch_*"), *cfg.run_dir.glob("ray/checkpoint_*")])
+    if path.is_file() and saved:
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            raise RunFolderError(f"{path} is corrupt; add --restart to start run {cfg.name} over, "
+                                 "or pick another name=") from None
+        differ = sorted((k for k in before.keys() | now.keys() if before.get(k) != now.get(k)),
+                        key=lambda k: (k not in before or k not in now, k))  # changed values before added ones
+        if differ:
+            shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
+            more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
+            raise RunFolderError(f"run {cfg.name} in {cfg.run_dir} was made with another config: {shown}{more}; "
+                                 "to keep it, start this one under another name=; to discard its checkpoints and "
+                                 "start over, add --restart")
+        return
+    atomic_write_json(now, path)
+
+
+def check_store(cfg: RunConfig, uri: str) -> None:
+    """A resumed run continues its MLflow run, which lives in the store it was started in."""
+    marker = cfg.run_dir / "mlflow_run.json"
+    if not marker.is_file():
+        return
+    try:
+        recorded = json.loads(marker.read_text())["tracking_uri"]
+    except (ValueError, KeyError, TypeError):
+        raise RunFolderError(f"{marker} is corrupt; add --restart to start run {cfg.name} over, "
+                             "or pick another name=") from None
+    if recorded != uri:
+        raise RunFolderError(f"run {cfg.name} is recorded in the MLflow store {recorded}, not {uri}; resume it with "
+                             f"MLFLOW_TRACKING_URI={recorded}, or add --restart to start it over in {uri}")
+
+
+def clear(cfg: RunConfig) -> None:
+    """`--restart`: everything in the run folder but its lock (held by the caller) goes."""
+    for item in cfg.run_dir.iterdir():
+        if item.name == LOCK:
+            continue
+        shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    print(f"run {cfg.name}: --restart cleared {cfg.run_dir}", flush=True)
