@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_streaming import make_tree
 
 from ray_kd.checkpoint import CheckpointError, save_model_file
 from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
@@ -197,14 +198,22 @@ def test_feature_methods_run_on_a_torchvision_teacher_and_timm_student(folder, r
     assert bridge_teacher.forward(x, y)[1]["bridge"].shape == (8, data.num_classes)
 
 
-def test_kd_torchvision_teacher_to_timm_student_on_ray(ray_cluster, mlflow_uri, folder, resnet18_file, tmp_path):
+def test_kd_torchvision_teacher_to_timm_student_on_ray(ray_cluster, mlflow_uri, resnet18_file, tmp_path):
+    """The practitioner's path: a torchvision teacher whose weights `torch.save(model.state_dict())` wrote, a timm
+    student, photos of mixed sizes streamed from disk by each role's DataLoader processes, on Ray; both roles drew
+    identical batches (each role's crc32 of every batch it drew is the same)."""
     original, path = resnet18_file
+    tree = make_tree(tmp_path / "photos", sizes=(20, 65), per_class=(12, 4), classes=CLASSES)
     cfg = load_config(None, [
-        "name=external-kd", f"output_dir={tmp_path}", "method.name=kd", f"data={{dataset: imagefolder, root: {folder}}}",
+        "name=external-kd", f"output_dir={tmp_path}", "method.name=kd",
+        f"data={{dataset: imagefolder, root: {tree}, mode: stream, image_size: 32, checksum: true, "
+        f"cache_dir: {tmp_path / 'cache'}}}",
         "data.batch_size=8", f"teacher={{model: 'torchvision:resnet18', checkpoint: {path}}}",
         "students=[{model: 'timm:test_resnet'}]", "optim.epochs=1", "optim.steps_per_epoch=3",
         "runtime.executor=ray"])
     summary = train(cfg)
+    history = json.loads(max((tmp_path / "external-kd" / "ray").rglob("history.json")).read_text())
+    assert history[0]["teacher/data_checksum"] == history[0]["student_0/data_checksum"] != 0
     data = load_dataset(cfg.data)
     with torch.no_grad():  # the teacher's accuracy under Ray is the original model's: its weights arrived intact
         correct = sum(int((original(x).argmax(1) == y).sum()) for x, y in eval_batches(data.test, data))
