@@ -96,7 +96,7 @@ def connect(cfg: RunConfig, state_api: bool = False) -> None:
 
     A local cluster starts the dashboard only when `state_api` is asked for (sweeps: Ray Train's
     placement-group cleaner needs its State API, else a finished trial leaks its workers' resources),
-    on loopback, and no metrics collection: each is a listening port fewer (see README, What listens where)."""
+    and no metrics collection, and binds every port it opens to 127.0.0.1 (see README, What listens where)."""
     if ray.is_initialized():
         return
     address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
@@ -105,8 +105,24 @@ def connect(cfg: RunConfig, state_api: bool = False) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        loopback_only()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=state_api, dashboard_host="127.0.0.1",
                  _system_config={"enable_metrics_collection": False}, **kwargs)
+
+
+def loopback_only() -> None:
+    """Make the local cluster this process starts listen on 127.0.0.1 only.
+
+    On Linux Ray gives a node the host's routable address (a 127.0.0.1 asked for is rewritten to it) and
+    binds its servers there or on every interface. Where Ray does not build multi-node clusters (its
+    macOS/Windows default, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`) the node's address is 127.0.0.1 and
+    every server binds loopback. A local cluster is one node, so nothing is lost; the variable is set in
+    the environment the cluster's processes inherit, and in the constant this process already read.
+    """
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def check_fits(cfg: RunConfig, gpu: bool) -> None:
