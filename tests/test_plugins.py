@@ -13,7 +13,8 @@ import pytest
 
 import ray_kd
 from ray_kd.config import ConfigError, load_config
-from ray_kd.methods.registry import PluginError, method_class
+from ray_kd.methods.registry import method_class
+from ray_kd.plugins import PluginError
 from tuning.space import SweepSpace
 
 PLUGIN = Path(__file__).parent / "plugin_example"

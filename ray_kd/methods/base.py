@@ -75,9 +75,10 @@ class RoleModule(nn.Module):
     and `eval_heads`; whatever they put in `extras` trains with the role.
     """
 
-    def __init__(self, role: Role, backbone: nn.Module, frozen_backbone: bool = False):
+    def __init__(self, role: Role, backbone: nn.Module, params: MethodParams | None = None,
+                 frozen_backbone: bool = False):
         super().__init__()
-        self.role = role
+        self.role, self.params = role, params
         self.backbone = backbone
         self.extras = nn.ModuleDict()
         self.frozen_backbone = frozen_backbone

@@ -20,10 +20,6 @@ class DMLParams(MethodParams):
 
 
 class Peer(RoleModule):
-    def __init__(self, role, backbone, params: DMLParams):
-        super().__init__(role, backbone)
-        self.params = params
-
     def loss(self, outputs, published, y, step):
         p, z = self.params, outputs["logits"]
         peers = [out["logits"] for name, out in published.items() if name not in (self.role.name, "teacher")]

@@ -16,10 +16,6 @@ class KDParams(MethodParams):
 
 
 class KDStudent(RoleModule):
-    def __init__(self, role, backbone, params: KDParams):
-        super().__init__(role, backbone)
-        self.params = params
-
     def loss(self, outputs, published, y, step):
         p, z_s = self.params, outputs["logits"]
         return {"ce": p.ce_weight * cross_entropy(z_s, y),

@@ -81,8 +81,7 @@ class GlyphTeacher(RoleModule):
     """The frozen lightweight teacher: for each label, its logits on a fresh synthesized sample of that class."""
 
     def __init__(self, role, backbone, params: LWKDParams, num_classes: int):
-        super().__init__(role, backbone, frozen_backbone=True)
-        self.params = params
+        super().__init__(role, backbone, params, frozen_backbone=True)
         # the seed comes from the role's seeded init: the same in every executor
         self.extras["draws"] = SyntheticDraws(num_classes, int(torch.randint(2**31 - 1, ())))
 
@@ -100,8 +99,7 @@ class AdversarialStudent(RoleModule):
     """KD from the glyph teacher, plus a discriminator (owned here) that tells the two output distributions apart."""
 
     def __init__(self, role, backbone, params: LWKDParams, num_classes: int):
-        super().__init__(role, backbone)
-        self.params = params
+        super().__init__(role, backbone, params)
         self.extras["discriminator"] = discriminator(num_classes, params.disc_hidden)
 
     def loss(self, outputs, published, y, step):

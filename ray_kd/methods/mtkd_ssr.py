@@ -139,8 +139,7 @@ class SelfReviewingStudent(RoleModule):
     """A student with stage heads (and SCD's channel adapters) learning from the teacher's stages and its own."""
 
     def __init__(self, role, backbone, params: MTKDParams, num_classes: int):
-        super().__init__(role, backbone)
-        self.params = params
+        super().__init__(role, backbone, params)
         self.extras["heads"] = stage_heads(backbone, num_classes, params.head_width)
         if params.scd_weight:  # an adapter SCD never runs would stay unbuilt in the checkpoint
             self.extras["adapters"] = nn.ModuleList(ChannelAdapter() for _ in backbone.stage_channels)

@@ -13,21 +13,16 @@
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
 from typing import Callable
 
-from ray_kd.errors import UserError
 from ray_kd.methods.base import Method
+from ray_kd.plugins import PluginError, load_entry_points
 
 ENTRY_POINT_GROUP = "ray_kd.methods"
 METHODS: dict[str, type[Method]] = {}
 WRAPPERS: dict[str, Callable[[type[Method]], type[Method]]] = {}
 ORIGINS: dict[str, str] = {}
 """Method or wrapper name -> where it came from: 'built-in', or 'plugin <distribution>'."""
-
-
-class PluginError(UserError, ImportError):
-    """A plugin (entry point or `package.module:Class`) that cannot be imported or is not a method."""
 
 
 def register_method(cls: type[Method], origin: str | None = None) -> type[Method]:
@@ -59,13 +54,7 @@ def _origin(module: str) -> str:
 def load_plugins() -> None:
     """Import every `ray_kd.methods` entry point (again each call: a plugin installed since is found; loading
     the same class twice is harmless); a broken plugin is one line naming it."""
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        origin = f"plugin {entry.dist.name if entry.dist else entry.value}"
-        try:
-            loaded = entry.load()
-        except Exception as err:
-            raise PluginError(f"method plugin {entry.name!r} ({entry.value}, from {origin}) failed to import: "
-                              f"{type(err).__name__}: {err}") from None
+    for _, loaded, origin in load_entry_points(ENTRY_POINT_GROUP, "method"):
         if isinstance(loaded, type) and issubclass(loaded, Method):
             register_method(loaded, origin)
 

@@ -63,8 +63,7 @@ class BridgedTeacher(RoleModule):
     """The frozen teacher plus its knowledge bridge, the only part of this role that trains."""
 
     def __init__(self, role, backbone, params: SOKDParams, num_classes: int):
-        super().__init__(role, backbone, frozen_backbone=True)
-        self.params = params
+        super().__init__(role, backbone, params, frozen_backbone=True)
         self.extras["bridge"] = KnowledgeBridge(role, backbone.stage_channels[-1], num_classes)
 
     def train(self, mode=True):
@@ -95,10 +94,6 @@ class BridgedTeacher(RoleModule):
 
 
 class BridgeTaughtStudent(RoleModule):
-    def __init__(self, role, backbone, params: SOKDParams):
-        super().__init__(role, backbone)
-        self.params = params
-
     def loss(self, outputs, published, y, step):
         p, z_s = self.params, outputs["logits"]
         return {"ce": p.ce_weight * cross_entropy(z_s, y),

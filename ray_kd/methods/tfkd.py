@@ -37,10 +37,6 @@ def fixed_target_logits(y: torch.Tensor, num_classes: int, correct_prob: float) 
 
 
 class TeacherFreeStudent(RoleModule):
-    def __init__(self, role, backbone, params: TFKDParams):
-        super().__init__(role, backbone)
-        self.params = params
-
     def loss(self, outputs, published, y, step):
         p, z = self.params, outputs["logits"]
         target = fixed_target_logits(y, z.shape[1], p.correct_prob)  # not received from a role: no distill hook

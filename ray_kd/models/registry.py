@@ -9,20 +9,15 @@ every Ray worker alike).
 from __future__ import annotations
 
 import fnmatch
-from importlib.metadata import entry_points
 from typing import Callable
 
-from ray_kd.errors import UserError
 from ray_kd.models.base import StagedNet
+from ray_kd.plugins import load_entry_points
 from ray_kd.models.external import build_external, is_external
 
 ENTRY_POINT_GROUP = "ray_kd.models"
 _BUILDERS: dict[str, Callable[..., StagedNet]] = {}
 _ORIGINS: dict[str, str] = {}
-
-
-class ModelPluginError(UserError, ImportError):
-    """A model plugin whose entry point cannot be imported."""
 
 
 def register_model(builder: Callable[..., StagedNet], name: str | None = None,
@@ -38,14 +33,8 @@ def register_model(builder: Callable[..., StagedNet], name: str | None = None,
 
 def load_plugins() -> None:
     """Import every `ray_kd.models` entry point (again each call, as for methods); a broken plugin is one line."""
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        origin = f"plugin {entry.dist.name if entry.dist else entry.value}"
-        try:
-            builder = entry.load()
-        except Exception as err:
-            raise ModelPluginError(f"model plugin {entry.name!r} ({entry.value}, from {origin}) failed to import: "
-                                   f"{type(err).__name__}: {err}") from None
-        register_model(builder, entry.name, origin)
+    for name, builder, origin in load_entry_points(ENTRY_POINT_GROUP, "model"):
+        register_model(builder, name, origin)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -18,10 +18,6 @@ class WarmupKDParams(MethodParams):
 
 
 class WarmupKDStudent(RoleModule):
-    def __init__(self, role, backbone, params: WarmupKDParams):
-        super().__init__(role, backbone)
-        self.params = params
-
     def loss(self, outputs, published, y, step):
         p, z = self.params, outputs["logits"]
         ramp = min(1.0, (step.epoch + 1) / p.warmup_epochs) if p.warmup_epochs else 1.0
