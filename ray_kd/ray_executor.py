@@ -50,7 +50,7 @@ class RayTrainStore:
             # On storage this node sees, a corrupt latest falls back to the folder before it (as the driver said).
             siblings = sorted(p for p in folder.parent.glob("checkpoint_*") if p.is_dir() and p.name <= folder.name)
             _, states, history = newest_good(siblings if folder in siblings else [folder],
-                                             [r.role.name for r in all_roles(session.cfg)])
+                                             [r.name for r in all_roles(session.cfg)])
             session.load_role_states({r.role.name: states[r.role.name] for r in session.runners})
             return history
 

@@ -272,6 +272,8 @@ def log_dataset(mlflow, run_id: str, data_cfg, data) -> tuple[str, str]:
     """The dataset as an MLflow input of the run: name, source, a digest of what was read, split sizes."""
     from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag
 
+    from ray_kd.streaming import DEFAULT_IMAGE_SIZE
+
     splits = {"train": data.train, "val": data.val, "test": data.test}
     sizes = {k: len(s.labels) for k, s in splits.items()}
     if data_cfg.dataset == "digits":
@@ -286,7 +288,9 @@ def log_dataset(mlflow, run_id: str, data_cfg, data) -> tuple[str, str]:
     for split in splits.values():
         h.update(split.labels.numpy().tobytes())
     digest = h.hexdigest()[:12]
-    profile = {"splits": sizes, "num_classes": data.num_classes, "image": list(data.train.images.shape[1:]),
+    image = (list(data.train.images.shape[1:]) if hasattr(data.train, "images")  # in memory
+             else [data.in_channels, *[data_cfg.image_size or DEFAULT_IMAGE_SIZE] * 2])  # streamed: as cropped
+    profile = {"splits": sizes, "num_classes": data.num_classes, "image": image,
                "val_fraction": data_cfg.val_fraction, "train_subset": data_cfg.train_subset}
     entity = DatasetEntity(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source}),
                            profile=json.dumps(profile))
