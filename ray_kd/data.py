@@ -186,7 +186,7 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     manifest = [CACHE_VERSION, cfg.bad_images, list(files["train"])] + [
         (str(f.relative_to(root)), st.st_size, st.st_mtime_ns)
         for split in files.values() for paths in split.values() for f in paths for st in [f.stat()]]
-    cache = Path(cfg.cache_dir) / f"imagefolder-{_digest(repr(manifest))}.pt"
+    cache = Path(cfg.cache_dir) / f"imagefolder-{digest(repr(manifest))}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
     else:
@@ -287,7 +287,7 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
     """Unpack once into the cache (keyed by the archive's path, size and mtime); the partial folder of a
     failed or interrupted unpack is removed on every exit path."""
     st = archive.stat()
-    target = cache_dir / f"unpacked-{_digest(repr((str(archive.resolve()), st.st_size, st.st_mtime_ns)))}"
+    target = cache_dir / f"unpacked-{digest(repr((str(archive.resolve()), st.st_size, st.st_mtime_ns)))}"
     if (target / ".complete").exists():
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -307,7 +307,8 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _digest(text: str) -> str:
+def digest(text: str) -> str:
+    """A short stable name for a cache file keyed by `text`."""
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

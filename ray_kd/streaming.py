@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 
 from ray_kd.checkpoint import atomic_write_json
 from ray_kd.config import DataConfig
-from ray_kd.data import (DataError, epoch_order, epoch_steps, imagefolder_root, list_image_folder, normalization,
-                         normalize, train_val_indices)
+from ray_kd.data import (DataError, digest, epoch_order, epoch_steps, imagefolder_root, list_image_folder,
+                         normalization, normalize, train_val_indices)
 
 DEFAULT_IMAGE_SIZE = 224
 STATS_SAMPLE = 1000
@@ -183,7 +183,7 @@ def _mean_std(cfg: DataConfig, data: StreamDataset, root: Path, image_size: int)
     if cfg.normalize != "dataset":
         return normalization(cfg, data.in_channels, lambda: torch.empty(0))
     key = f"{root.resolve()}|{image_size}|{len(data.train.labels)}|{cfg.val_fraction}|{cfg.train_subset}"
-    cache = Path(cfg.cache_dir) / f"stream-stats-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
+    cache = Path(cfg.cache_dir) / f"stream-stats-{digest(key)}.json"
     if cache.is_file():
         stats = json.loads(cache.read_text())
         return torch.tensor(stats["mean"]), torch.tensor(stats["std"])
