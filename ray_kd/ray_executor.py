@@ -10,6 +10,7 @@ checkpoint folder; re-running with the same run name resumes from the latest.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import threading
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Callable
 import ray
 import ray.train
 import torch
+from ray.train.torch import TorchTrainer
 
 from ray_kd.checkpoint import newest_good
 from ray_kd.config import RunConfig
@@ -139,18 +141,39 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
                            "set runtime.use_gpu=no or add GPUs")
 
 
+class Trainer(TorchTrainer):
+    """TorchTrainer whose Ctrl-C ends the run the way every other stop does.
+
+    Ray's own SIGINT handler aborts the controller and then exits the driver with status 0 or 1 and no
+    message, so nothing marks the MLflow run KILLED or says where the run stopped. This one aborts the
+    controller the same way (the workers stop, saved checkpoints stay) and then raises KeyboardInterrupt in
+    the driver, which `ray_kd.run` turns into the stop line and exit 130.
+    """
+
+    def _register_sigint_handler(self, controller) -> None:
+        def on_sigint(signum, frame):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C skips the abort
+            try:
+                ray.get(controller.abort.remote(), timeout=30)
+            except Exception:  # the controller is gone or slow: the driver's exit ends it anyway
+                pass
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, on_sigint)
+
+
 def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callbacks=(), name: str = "ray",
                  worker_loop: Callable[[dict], None] = train_worker):
     """The TorchTrainer of one distillation run (the Tune driver wraps this too; benchmarks pass their own
     `worker_loop`, which may wrap `train_worker`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     gpu = use_gpu(cfg)
     check_fits(cfg, gpu)
     backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if gpu else "gloo")
     resources = {"CPU": cfg.runtime.cpus_per_worker, **({"GPU": 1} if gpu else {})}
-    return TorchTrainer(
+    return Trainer(
         worker_loop,
         train_loop_config={"run": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id},
         scaling_config=ScalingConfig(num_workers=len(all_roles(cfg)), use_gpu=gpu, resources_per_worker=resources),

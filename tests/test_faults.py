@@ -65,12 +65,14 @@ def test_interrupted_driver_resumes_without_losing_epochs(ray_cluster, mlflow_ur
         time.sleep(0.1)
     driver.send_signal(signal.SIGINT)  # Ctrl-C
     output, _ = driver.communicate(timeout=120)
-    assert driver.returncode != 0, output
+    assert driver.returncode == 130, output
+    assert "ray-kd: run interrupted stopped at epoch " in output and "; resume with: ray-kd train" in output, output
 
     saved = _checkpoints(run_dir)[-1]
     before = json.loads((saved / "history.json").read_text())
     assert 1 <= len(before) < EPOCHS, "the interrupt came too late to test a resume"
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
+    assert client(mlflow_uri).get_run(run_id).info.status == "KILLED"
 
     summary = train(load_config("configs/digits_dml.yaml", overrides))  # the same command again
     assert summary["mlflow_run_id"] == run_id and summary["epochs"] == EPOCHS

@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from ray_kd.tracking import client
+from test_hardening import is_loopback
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -26,10 +27,12 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def ray_head():
-    """`ray start --head` on loopback ports in its own temp dir; afterwards exactly its processes are killed
-    (`ray stop` would also kill the test session's own cluster)."""
+    """`ray start --head` as the README writes it (listening on loopback only), on ports and in a temp dir of
+    its own; afterwards exactly its processes are killed (`ray stop` would also kill the test session's own
+    cluster)."""
     temp_dir = tempfile.mkdtemp(prefix="rkhead", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token"}  # the CLI then sends ~/.ray/auth_token
+    head_env = {**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # the README's prefix: every server on 127.0.0.1
     # Every port of its own, so it never collides with the test session's cluster (the job agent's above all).
     ports = {flag: _free_port() for flag in ("port", "dashboard-port", "dashboard-agent-listen-port",
                                              "dashboard-agent-grpc-port", "runtime-env-agent-port",
@@ -38,8 +41,13 @@ def ray_head():
         subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}",
                         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
                         "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
-                       check=True, env=env, capture_output=True, timeout=180)
+                       check=True, env=head_env, capture_output=True, timeout=180)
         yield env, f"http://127.0.0.1:{ports['dashboard-port']}"
+        head = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        listening = {(p.name(), c.laddr.ip, c.laddr.port) for p in head for c in p.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert {"gcs_server", "raylet"} <= {name for name, _, _ in listening}, listening
+        assert [s for s in listening if not is_loopback(s[1])] == [], listening
     finally:
         for proc in psutil.process_iter(["cmdline"]):
             if temp_dir in " ".join(proc.info["cmdline"] or []):
