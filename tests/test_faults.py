@@ -1,4 +1,4 @@
-"""Real faults: a Ray Train worker killed mid-run, and the driver interrupted with Ctrl-C."""
+"""Real faults: a Ray Train worker killed mid-run; the driver interrupted with Ctrl-C, then resumed past a corrupt newest checkpoint."""
 
 import json
 import os
@@ -51,7 +51,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, mlflow_uri, tm
     assert client(mlflow_uri).get_run(summary["mlflow_run_id"]).info.status == "FINISHED"
 
 
-def test_interrupted_driver_resumes_without_losing_epochs(ray_cluster, mlflow_uri, tmp_path):
+def test_interrupted_driver_resumes_without_losing_epochs(ray_cluster, mlflow_uri, tmp_path, capsys):
     import ray
 
     overrides = [f"output_dir={tmp_path}", "name=interrupted", f"optim.epochs={EPOCHS}"]
@@ -68,13 +68,16 @@ def test_interrupted_driver_resumes_without_losing_epochs(ray_cluster, mlflow_ur
     assert driver.returncode == 130, output
     assert "ray-kd: run interrupted stopped at epoch " in output and "; resume with: ray-kd train" in output, output
 
-    saved = _checkpoints(run_dir)[-1]
-    before = json.loads((saved / "history.json").read_text())
-    assert 1 <= len(before) < EPOCHS, "the interrupt came too late to test a resume"
+    saved = _checkpoints(run_dir)
+    assert len(saved) == 2, saved  # runtime.keep_checkpoints
+    before = json.loads((saved[-2] / "history.json").read_text())
+    assert 1 <= len(before) < EPOCHS - 1, "the interrupt came too late to test a resume"
+    (saved[-1] / "student_1.pt").write_bytes(b"cut short")  # and the newest checkpoint is corrupt
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]
     assert client(mlflow_uri).get_run(run_id).info.status == "KILLED"
 
     summary = train(load_config("configs/digits_dml.yaml", overrides))  # the same command again
+    assert f"checkpoint {saved[-1]} is unreadable" in capsys.readouterr().out  # it fell back to the one before
     assert summary["mlflow_run_id"] == run_id and summary["epochs"] == EPOCHS
     after = json.loads((_checkpoints(run_dir)[-1] / "history.json").read_text())
     # What was trained before the interrupt is kept: the same accuracies and losses for those epochs (an epoch
