@@ -8,7 +8,11 @@ a run whose summary.json exists is skipped, a half-done one resumes from its las
 results/tuned_<dataset>.json), on the same seeds and protocol.
 
     MLFLOW_TRACKING_URI=sqlite:////tmp/ray-kd-bench/mlflow.db .venv/bin/python benchmarks/quality.py \
-        --dataset digits [--methods ce kd ...] [--seeds 0 1 2]
+        --dataset digits|cifar10|cifar10_15 [--methods ce kd ...] [--seeds 0 1 2]
+
+`cifar10_15` is the longer protocol (issue 17): 10,000 training images, 15 epochs with a cosine schedule, the
+teacher kept at its last epoch, the last epoch's test top-1 as the headline, every method paired against the
+student alone and against KD. The runs table lists every run with its equivalent `ray-kd` command.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 from pathlib import Path
 
 from common import RESULTS, RUNS, machine, markdown_table, save
 
-METHODS = ["ce", "kd", "dml", "sokd", "kd+skd", "mtkd_ssr", "lwkd", "tfkd"]
-SEED_METHODS = ["sokd", "kd+skd", "mtkd_ssr", "lwkd"]
+METHODS = ["ce", "kd", "dml", "sokd", "kd+skd", "sokd+skd", "mtkd_ssr", "lwkd", "tfkd"]
+SEED_METHODS = ["sokd", "kd+skd", "sokd+skd", "mtkd_ssr", "lwkd"]
 CONFIGS = {  # method -> config, per dataset; the teacher configs under "teacher" and "lwkd_teacher"
     "digits": {"teacher": "configs/digits_teacher.yaml", "lwkd_teacher": "configs/lwkd_teacher_digits.yaml",
                "ce": "configs/digits_alone.yaml", "kd": "configs/digits_kd.yaml", "dml": "configs/digits_dml.yaml",
@@ -35,6 +40,7 @@ CONFIGS = {  # method -> config, per dataset; the teacher configs under "teacher
                 "kd+skd": "configs/skd_kd_cifar10.yaml", "mtkd_ssr": "configs/mtkd_cifar10.yaml",
                 "lwkd": "configs/lwkd_cifar10.yaml", "tfkd": "configs/tfkd_cifar10.yaml"},
 }
+CONFIGS["cifar10_15"] = {**CONFIGS["cifar10"], "sokd+skd": "configs/skd_sokd_cifar10.yaml"}
 PROTOCOL = {  # overrides every run of a dataset gets (teachers included, LW-KD's synthetic one excepted)
     # digits_cnn_s reaches 98-99% on the full digits: 300 training images (stratified) leave room to differ
     "digits": ["data.train_subset=300"],  # batch 64, 30 epochs, lr 0.05 x0.1 at 20: the configs' schedule
@@ -43,9 +49,19 @@ PROTOCOL = {  # overrides every run of a dataset gets (teachers included, LW-KD'
     # epoch costs as much as its epoch of training)
     "cifar10": ["data.train_subset=5000", "data.val_fraction=0.02", "data.batch_size=128",
                 "optim.epochs=5", "optim.milestones=[4]", "optim.lr=0.05"],
+    # Issue 17's protocol: 10,000 training images (stratified), a separate 1,000 for validation from the rest
+    # of the training split, the full 10,000-image test set, 15 epochs of SGD 0.1 with a cosine schedule
+    # (to 0 at the end of the last epoch), batch 128; the headline is the last epoch's test top-1.
+    "cifar10_15": ["data.train_subset=10000", "data.val_fraction=0.02", "data.batch_size=128",
+                   "optim.epochs=15", "optim.schedule=cosine", "optim.milestones=[]", "optim.lr=0.1"],
 }
-TEACHER_EPOCHS = {"digits": [], "cifar10": ["optim.epochs=12", "optim.milestones=[9]"]}
-SEEDS = {"digits": list(range(10)), "cifar10": [0, 1, 2]}  # the digits runs take seconds each
+TEACHER_EPOCHS = {"digits": [], "cifar10": ["optim.epochs=12", "optim.milestones=[9]"],
+                  "cifar10_15": ["optim.epochs=30"]}  # resnet20 to >= 70% test top-1 on the 10,000 images
+# The teacher's choice rule: the best validation epoch, or the last (a cosine schedule ends annealed, and a
+# 1,000-image validation split picks noise among the last epochs).
+TEACHER_KEEP = {"digits": "best", "cifar10": "best", "cifar10_15": "last"}
+HEADLINE = {"digits": "best_val_epoch_test", "cifar10": "best_val_epoch_test", "cifar10_15": "last_test"}
+SEEDS = {"digits": list(range(10)), "cifar10": [0, 1, 2], "cifar10_15": [0, 1, 2]}  # the digits runs take seconds each
 LOCAL = ["runtime.executor=local", "runtime.threads_per_worker=2"]
 
 
@@ -57,7 +73,8 @@ def tuned(dataset: str) -> dict[str, dict]:
 
 def variants(dataset: str) -> list[str]:
     """Every method at its config's defaults, then `<method>@tuned` for each method swept on validation."""
-    return METHODS + [f"{m}@tuned" for m in METHODS if m in tuned(dataset)]
+    methods = [m for m in METHODS if m in CONFIGS[dataset]]
+    return methods + [f"{m}@tuned" for m in methods if m in tuned(dataset)]
 
 
 def run_name(method: str) -> str:
@@ -68,56 +85,73 @@ def out_dir(dataset: str) -> Path:
     return RUNS / "quality" / dataset
 
 
+def teacher_args(dataset: str, kind: str) -> tuple[str, list[str], str]:
+    """(config, overrides, keep) of the dataset's teacher (kind 'teacher' or 'lwkd_teacher'), seed 0."""
+    protocol = (PROTOCOL[dataset] + TEACHER_EPOCHS[dataset]) if kind == "teacher" else []
+    keep = TEACHER_KEEP[dataset] if kind == "teacher" else "best"
+    return CONFIGS[dataset][kind], [*protocol, *LOCAL, f"name={kind}", f"output_dir={out_dir(dataset)}"], keep
+
+
 def teacher(dataset: str, kind: str) -> str:
-    """The dataset's teacher file (kind 'teacher' or 'lwkd_teacher'), trained once with seed 0."""
+    """The dataset's teacher file, trained once."""
     from ray_kd.config import load_config
     from ray_kd.run import train_teacher
 
     path = out_dir(dataset) / f"{kind}.pt"
     if not path.is_file():
-        protocol = (PROTOCOL[dataset] + TEACHER_EPOCHS[dataset]) if kind == "teacher" else []
-        cfg = load_config(CONFIGS[dataset][kind], [*protocol, *LOCAL, f"name={kind}", f"output_dir={out_dir(dataset)}"])
+        config, overrides, keep = teacher_args(dataset, kind)
         print(f"== training the {dataset} {kind}", flush=True)
-        train_teacher(cfg, path)
+        train_teacher(load_config(config, overrides), path, keep=keep)
     return str(path)
 
 
-def method_config(dataset: str, method: str, overrides: list[str]):
-    """The method's config for this dataset with `overrides`, pointed at the dataset's trained teacher if it has one."""
+def run_args(dataset: str, method: str, seed: int) -> tuple[str, list[str]]:
+    """(config, overrides) of one run; a teacher file it needs is named, not trained, here."""
     from ray_kd.config import load_config
 
-    cfg = load_config(CONFIGS[dataset][method], overrides)
-    if cfg.teacher is None:
-        return cfg
-    kind = "lwkd_teacher" if method == "lwkd" else "teacher"
-    return load_config(CONFIGS[dataset][method], [*overrides, f"teacher.checkpoint={teacher(dataset, kind)}"])
+    base, _, variant = method.partition("@")
+    chosen = [f"{k}={v}" for k, v in tuned(dataset)[base].items()] if variant else []
+    overrides = [*PROTOCOL[dataset], *LOCAL, *chosen, f"seed={seed}", f"name={run_name(method)}-s{seed}",
+                 f"output_dir={out_dir(dataset)}"]
+    if load_config(CONFIGS[dataset][base], overrides).teacher is not None:
+        kind = "lwkd_teacher" if base == "lwkd" else "teacher"
+        overrides.append(f"teacher.checkpoint={out_dir(dataset) / f'{kind}.pt'}")
+    return CONFIGS[dataset][base], overrides
+
+
+def command(verb: str, config: str, overrides: list[str], extra: tuple[str, ...] = ()) -> str:
+    """The `ray-kd` command line that does the same as this script's call (for the runs table)."""
+    return shlex.join(["ray-kd", verb, "-c", config, *extra, *overrides])
 
 
 def run(dataset: str, method: str, seed: int) -> dict:
     """One run's summary (from its summary.json when it is already done)."""
+    from ray_kd.config import load_config
     from ray_kd.run import train
 
-    name = f"{run_name(method)}-s{seed}"
-    summary = out_dir(dataset) / name / "summary.json"
+    config, overrides = run_args(dataset, method, seed)
+    summary = out_dir(dataset) / f"{run_name(method)}-s{seed}" / "summary.json"
     if not summary.is_file():
-        base, _, variant = method.partition("@")
-        chosen = [f"{k}={v}" for k, v in tuned(dataset)[base].items()] if variant else []
-        cfg = method_config(dataset, base, [*PROTOCOL[dataset], *LOCAL, *chosen, f"seed={seed}", f"name={name}",
-                                            f"output_dir={out_dir(dataset)}"])
+        if any(o.startswith("teacher.checkpoint=") for o in overrides):
+            teacher(dataset, "lwkd_teacher" if method.startswith("lwkd") else "teacher")
         print(f"== {dataset} {method} seed {seed}", flush=True)
-        train(cfg)
+        train(load_config(config, overrides))
     return json.loads(summary.read_text())
 
 
 def aggregate(dataset: str, runs: list[dict]) -> list[dict]:
+    """Per method: mean and std over seeds of both figures, and the paired comparison of the protocol's headline
+    figure against the student alone (vs_ce) and against KD (vs_kd: for the seed methods; on cifar10_15 for
+    every method): the mean and std over seeds of the same-seed difference."""
+    key = HEADLINE[dataset]
     rows = []
     for method in [m for m in variants(dataset) if any(r["method"] == m for r in runs)]:
         mine = [r for r in runs if r["method"] == method]
         row = {"method": method, "seeds": len(mine)}
-        for key in ("best_val_epoch_test", "last_test"):
-            xs = [r[key] for r in mine]
-            row[f"{key}_mean"] = statistics.fmean(xs)
-            row[f"{key}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        for figure in ("best_val_epoch_test", "last_test"):
+            xs = [r[figure] for r in mine]
+            row[f"{figure}_mean"] = statistics.fmean(xs)
+            row[f"{figure}_std"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
         if method == "dml":
             row["note"] = ("peer student_0; best-by-val peer: "
                            f"{statistics.fmean(r['dml_best_peer_test'] for r in mine):.2f}")
@@ -126,24 +160,23 @@ def aggregate(dataset: str, runs: list[dict]) -> list[dict]:
                                    for k, v in tuned(dataset)[method.partition("@")[0]].items())
         row["train_minutes_per_run"] = statistics.fmean(r["wall_seconds"] for r in mine) / 60
         rows.append(row)
-    means = {r["method"]: r["best_val_epoch_test_mean"] for r in rows}
+    present = {r["method"] for r in rows}
+    every = dataset == "cifar10_15"
     for row in rows:
         method = row["method"]
-        if "ce" in means and method != "ce":
-            row["vs_ce"] = row["best_val_epoch_test_mean"] - means["ce"]
-            row["vs_ce_paired_std"] = paired_std(runs, method, "ce")
-        kd = "kd@tuned" if method.endswith("@tuned") and "kd@tuned" in means else "kd"  # tuned against tuned
-        if kd in means and method.partition("@")[0] in SEED_METHODS:
-            row["vs_kd"] = row["best_val_epoch_test_mean"] - means[kd]
-            row["vs_kd_paired_std"] = paired_std(runs, method, kd)
+        if "ce" in present and method != "ce":
+            row["vs_ce"], row["vs_ce_paired_std"] = paired(runs, method, "ce", key)
+        kd = "kd@tuned" if method.endswith("@tuned") and "kd@tuned" in present else "kd"  # tuned against tuned
+        if kd in present and method not in ("ce", kd) and (every or method.partition("@")[0] in SEED_METHODS):
+            row["vs_kd"], row["vs_kd_paired_std"] = paired(runs, method, kd, key)
     return rows
 
 
-def paired_std(runs: list[dict], method: str, other: str) -> float | str:
-    """Std over seeds of (method - other) on the same seed (same batches, same augmentation draws)."""
-    by_seed = {r["seed"]: r["best_val_epoch_test"] for r in runs if r["method"] == other}
-    diffs = [r["best_val_epoch_test"] - by_seed[r["seed"]] for r in runs if r["method"] == method and r["seed"] in by_seed]
-    return statistics.stdev(diffs) if len(diffs) > 1 else ""
+def paired(runs: list[dict], method: str, other: str, key: str) -> tuple[float, float | str]:
+    """Mean and std over seeds of (method - other) on the same seed (same batches, same augmentation draws)."""
+    by_seed = {r["seed"]: r[key] for r in runs if r["method"] == other}
+    diffs = [r[key] - by_seed[r["seed"]] for r in runs if r["method"] == method and r["seed"] in by_seed]
+    return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else "")
 
 
 def plot(dataset: str, rows: list[dict], teachers: dict, path: Path) -> None:
@@ -199,15 +232,17 @@ def main() -> None:
                          "best_val_epoch_test": student["test_acc_at_best_val"], "last_test": student["last_test_acc"],
                          "best_val": student.get("val_acc_at_best", student.get("best_val_acc")), "best_epoch": student["best_epoch"],
                          "dml_best_peer_test": s["roles"][s["best_student"]]["test_acc_at_best_val"],
-                         "wall_seconds": s["wall_seconds"]})
+                         "wall_seconds": s["wall_seconds"],
+                         "command": command("train", *run_args(args.dataset, method, int(summary.parent.name.rsplit("-s", 1)[1])))})
     teachers, detail, total = {}, [], sum(r["wall_seconds"] for r in runs)
     for kind in ("teacher", "lwkd_teacher"):
         summary = out_dir(args.dataset) / kind / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
             t = s["roles"].get("teacher") or s["roles"]["student_0"]  # summaries before/after issue 16
-            teachers[kind] = t["test_acc_at_best_val"]
-            detail.append(f"{kind}: best val {t.get('val_acc_at_best', t.get('best_val_acc')):.2f} first reached at epoch {t['best_epoch']} of "
+            teachers[kind] = t["last_test_acc" if TEACHER_KEEP[args.dataset] == "last" and kind == "teacher"
+                               else "test_acc_at_best_val"]
+            detail.append(f"{kind} (kept: {TEACHER_KEEP[args.dataset] if kind == 'teacher' else 'best'}): best val {t.get('val_acc_at_best', t.get('best_val_acc')):.2f} first reached at epoch {t['best_epoch']} of "
                           f"{s['epochs']}, test {t['test_acc_at_best_val']:.2f} there, {t['last_test_acc']:.2f} at the last epoch")
             total += s["wall_seconds"]
     rows = aggregate(args.dataset, runs)
@@ -221,10 +256,10 @@ def main() -> None:
              f"subset ({' '.join(TEACHER_EPOCHS[args.dataset]) or 'the same schedule'}): "
              + ", ".join(f"{k} test top-1 {v:.2f}" + (" (on its synthetic glyphs)" if k == "lwkd_teacher" else "")
                         for k, v in teachers.items())
-             + ". vs_ce / vs_kd: difference of the best-val-epoch means, and the std over seeds of the same-seed difference (same batches and augmentation); train_minutes_per_run: the executor's wall time from summary.json (without MLflow set-up and model logging). Targets: every method above ce -> "
+             + f". vs_ce / vs_kd: mean and std over seeds of the same-seed difference (same batches and augmentation) of the {'last-epoch test top-1' if HEADLINE[args.dataset] == 'last_test' else 'test top-1 at the best val epoch'}; train_minutes_per_run: the executor's wall time from summary.json (without MLflow set-up and model logging). Targets: every method above ce -> "
              + ("met" if not short else "missed by " + ", ".join(short))
              + "; seed methods above kd -> " + ("met" if not below_kd else "missed by " + ", ".join(below_kd))
-             + f". Teachers as train_teacher kept them (the first epoch of best val): {'; '.join(detail)}"
+             + f". Teachers: {'; '.join(detail)}"
              + f". Per-run figures: quality_{args.dataset}_runs.md. Plot: quality_{args.dataset}.png. "
              f"Wall time of all runs (teachers included, from their summary.json): {total / 60:.1f} min.")
     save(f"quality_{args.dataset}", f"Distillation quality on {args.dataset}", rows,
@@ -234,7 +269,10 @@ def main() -> None:
     (RESULTS / f"quality_{args.dataset}_runs.md").write_text(
         f"# Every run behind quality_{args.dataset}.md\n\n" + markdown_table(
             sorted(runs, key=lambda r: (order.index(r["method"]), r["seed"])),
-            ["method", "seed", "best_val", "best_epoch", "best_val_epoch_test", "last_test", "wall_seconds"]) + "\n")
+            ["method", "seed", "best_val", "best_epoch", "best_val_epoch_test", "last_test", "wall_seconds", "command"])
+        + "\n\nTeachers:\n\n" + "\n".join(
+            f"- `{command('train-teacher', c, o, ('--out', str(out_dir(args.dataset) / f'{kind}.pt'), '--keep', keep))}`"
+            for kind in teachers for c, o, keep in [teacher_args(args.dataset, kind)]) + "\n")
 
 
 if __name__ == "__main__":

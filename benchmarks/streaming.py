@@ -22,14 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 BATCH, IMAGE_SIZE, WORKERS, TEST_PER_CLASS = 128, 32, 2, 100
 
 
 def build_trees(cache: Path, sizes: list[int]) -> dict[str, Path]:
     """mixed-<N> and uniform-<N> for each N (N/10 training images a class, 100 test images a class)."""
-    import numpy as np
-    from PIL import Image
+    from photo_folder import ARCHIVE, make_photo_folder
 
     from ray_kd.config import DataConfig
     from ray_kd.data import imagefolder_root, list_image_folder
@@ -37,27 +35,20 @@ def build_trees(cache: Path, sizes: list[int]) -> dict[str, Path]:
     source = imagefolder_root(DataConfig(dataset="imagefolder", root=str(ARCHIVE), cache_dir=str(cache)))
     trees = {}
     for n in sizes:
-        for kind in ("uniform", "mixed"):
-            root = cache / f"{kind}-{n}"
-            trees[f"{kind}-{n}"] = root
-            if (root / ".complete").exists():
-                continue
-            rng = np.random.default_rng(n)
-            for split, per_class in (("train", n // 10), ("test", TEST_PER_CLASS)):
-                classes, files, labels = list_image_folder(source / split)
-                for c, name in enumerate(classes):
-                    folder = root / split / name
-                    folder.mkdir(parents=True, exist_ok=True)
-                    for file in [f for f, label in zip(files, labels) if label == c][:per_class]:
-                        if kind == "uniform":
-                            if not (folder / file.name).exists():
-                                os.link(file, folder / file.name)
-                            continue
-                        w, h = rng.integers(20, 65, size=2)
-                        with Image.open(file) as img:
-                            img.convert("RGB").resize((int(w), int(h)), Image.BICUBIC).save(folder / file.name, quality=90)
-            (root / ".complete").touch()
-            print(f"built {root}", flush=True)
+        trees[f"mixed-{n}"] = make_photo_folder(cache / f"mixed-{n}", n // 10, TEST_PER_CLASS, 20, 64, seed=n,
+                                                source=source)
+        root = trees[f"uniform-{n}"] = cache / f"uniform-{n}"
+        if (root / ".complete").exists():
+            continue
+        for split, per_class in (("train", n // 10), ("test", TEST_PER_CLASS)):
+            classes, files, labels = list_image_folder(source / split)
+            for c, name in enumerate(classes):
+                folder = root / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for file in [f for f, label in zip(files, labels) if label == c][:per_class]:
+                    if not (folder / file.name).exists():
+                        os.link(file, folder / file.name)
+        (root / ".complete").touch()
     return trees
 
 

@@ -26,11 +26,12 @@ def train(config: ConfigSource = None, overrides: Overrides | None = None, resta
 
 
 def train_teacher(config: ConfigSource, out: str | Path, overrides: Overrides | None = None,
-                  restart: bool = False) -> dict:
-    """Train `students[0]` alone and save it as a teacher file at `out`; returns the summary (`teacher_file`)."""
+                  restart: bool = False, keep: str = "best") -> dict:
+    """Train `students[0]` alone and save it as a teacher file at `out`, its weights from the best validation
+    epoch (`keep="best"`) or the last (`keep="last"`); returns the summary (`teacher_file`)."""
     from ray_kd import run
 
-    return run.train_teacher(load_config(config, overrides), Path(out), restart=restart)
+    return run.train_teacher(load_config(config, overrides), Path(out), restart=restart, keep=keep)
 
 
 def tune(config: ConfigSource, space, overrides: Overrides | None = None) -> dict:

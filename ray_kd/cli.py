@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_args(teacher)
     restart_arg(teacher)
     teacher.add_argument("--out", required=True, help="where to write the teacher checkpoint (.pt)")
+    teacher.add_argument("--keep", choices=["best", "last"], default="best",
+                         help="save the weights of the best validation epoch (default) or of the last epoch")
     tune = sub.add_parser("tune", help="search hyper-parameters with Ray Tune (each trial a full distillation run)")
     run_args(tune)
     tune.add_argument("--space", "-s", required=True, help="YAML search space (see tuning/spaces/)")
@@ -87,7 +89,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "tune":
         api.tune(args.config, args.space, args.overrides)
     elif args.command == "train-teacher":
-        api.train_teacher(args.config, args.out, args.overrides, restart=args.restart)
+        api.train_teacher(args.config, args.out, args.overrides, restart=args.restart, keep=args.keep)
     return 0
 
 

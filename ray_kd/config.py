@@ -144,7 +144,7 @@ class OptimConfig(Strict):
     schedule: Literal["multistep", "cosine"] = Field("multistep", description="lr schedule, stepped per iteration")
     warmup_epochs: float = Field(0.0, ge=0, description="linear lr warmup first (fractions of an epoch allowed)")
     warmup_start_factor: float = Field(0.01, gt=0, le=1, description="lr x this at the first warmup step")
-    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype; fp16 needs a CUDA GPU")
+    amp: Literal["none", "bf16", "fp16"] = Field("none", description="autocast dtype; fp16 adds a grad scaler (for GPUs; bf16 is the one for CPUs)")
     clip_grad_norm: float | None = Field(None, gt=0, description="clip each role's gradient norm to this")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="smoothing of every cross-entropy on labels")
 

@@ -27,7 +27,6 @@ from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange
 from ray_kd.local_executor import write_role_files
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, StepStatus
-from ray_kd.recipe import check_amp
 from ray_kd.session import History, Session, all_roles, fit, progress_line
 
 
@@ -189,7 +188,6 @@ def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callback
 def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None) -> Path:
     """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint."""
     connect(cfg)
-    check_amp(cfg.optim.amp, use_gpu(cfg))
     trainer = make_trainer(cfg, tracking_uri, run_id)
     stop = threading.Event()
     display = ProgressDisplay(cfg.runtime.progress_every_s)

@@ -17,26 +17,13 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from ray_kd.config import OptimConfig, RunConfig
+from ray_kd.config import OptimConfig
 from ray_kd.errors import UserError
 from ray_kd.methods.losses import smoothing
 
 
 class RecipeError(UserError, ValueError):
     """An optim.* setting this machine or this checkpoint cannot run."""
-
-
-def check_amp(amp: str, cuda: bool) -> None:
-    """fp16 autocast needs a grad scaler and a GPU to pay off; on CPU bf16 is the one to use."""
-    if amp == "fp16" and not cuda:
-        raise RecipeError("optim.amp=fp16 needs a CUDA GPU (fp16 with a grad scaler); on CPU use optim.amp=bf16")
-
-
-def preflight_amp(cfg: RunConfig) -> None:
-    """The fp16 check before any worker starts, where the device is already known (the Ray executor
-    re-checks once it sees the cluster's GPUs)."""
-    if cfg.runtime.use_gpu == "no" or cfg.runtime.executor == "local":
-        check_amp(cfg.optim.amp, cfg.runtime.use_gpu != "no" and torch.cuda.is_available())
 
 
 def param_groups(module: nn.Module, trainable: list[nn.Parameter], weight_decay: float,
@@ -91,7 +78,6 @@ class Recipe:
 
     def __init__(self, module: nn.Module, trainable: list[nn.Parameter], optim: OptimConfig, steps_per_epoch: int,
                  device: torch.device):
-        check_amp(optim.amp, device.type == "cuda")
         self.optim, self.device = optim, device
         self.total_steps = optim.epochs * steps_per_epoch
         self.optimizer = build_optimizer(module, trainable, optim)

@@ -15,9 +15,9 @@ from ray_kd.checkpoint import (atomic_save, checkpoint_folders, newest_good, rea
                                save_model_file)
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, eval_batches, load_dataset
+from ray_kd.errors import UserError
 from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
                               check_sqlite_store)
-from ray_kd.recipe import preflight_amp
 from ray_kd.session import all_roles
 from ray_kd.results import plot_curves, summarize, write_summary
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
@@ -87,7 +87,6 @@ def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
 def preflight(cfg: RunConfig) -> Dataset:
     """Fail in seconds, before any worker starts: every folder the run writes must be writable, the data must
     load and fit every role and weight file. Returns the dataset."""
-    preflight_amp(cfg)
     check_folders(cfg)
     data = load_dataset(cfg.data)
     check_roles(cfg, data)
@@ -117,21 +116,35 @@ def newest_good_checkpoint(cfg: RunConfig, quiet: bool = False):
     return None if found is None else (found[0], found[2])
 
 
-def train_teacher(cfg: RunConfig, out: Path, restart: bool = False) -> dict:
-    """Train `cfg.students[0]` alone with cross-entropy and save its best weights as a teacher file;
-    returns the run's summary, with the file's path as `teacher_file`.
+def train_teacher(cfg: RunConfig, out: Path, restart: bool = False, keep: str = "best") -> dict:
+    """Train `cfg.students[0]` alone with cross-entropy and save it as a teacher file; returns the run's
+    summary, with the file's path as `teacher_file`.
 
-    The file also names the MLflow run and model it came from (plain values, so it still loads with
-    `weights_only=True`): a KD run that uses it tags and links that teacher run."""
+    `keep` picks the weights: `best` (the epoch of best validation top-1) or `last` (the last epoch). With a
+    small validation split the best epoch can be noise (a val top-1 of 1,000 images moves by a point from
+    one epoch to the next), and with a schedule that anneals to the end the last epoch is usually as good.
+    The file also names the MLflow run (and, for `best`, the logged model) it came from, and the epoch and
+    figures of the weights it holds (plain values, so it still loads with `weights_only=True`): a KD run
+    that uses it tags and links that teacher run."""
+    if keep not in ("best", "last"):
+        raise UserError(f"keep={keep!r}: choose 'best' (the best validation epoch) or 'last' (the last epoch)")
     check_out_file(out)
     summary = train(cfg, kind="teacher", restart=restart)
     blob = safe_load(summary["best_student_file"])
     head = summary["headline"]
-    blob["mlflow"] = {"run_id": summary["mlflow_run_id"], "model_id": summary.get("mlflow_model_id"),
-                      "tracking_uri": tracking.tracking_uri(cfg), **head}
+    kept = {"kept": keep, "epoch": head["best_epoch"], "val_acc": head["val_acc_at_best"],
+            "test_acc": head["test_acc_at_best_val"]}
+    if keep == "last":
+        folder, _ = newest_good_checkpoint(cfg, quiet=True)
+        net = safe_load(folder / f"{summary['best_role']}.pt")["net"]
+        blob["state_dict"] = {k.removeprefix("backbone."): v for k, v in net.items() if k.startswith("backbone.")}
+        kept.update(epoch=summary["epochs"], val_acc=head["last_val_acc"], test_acc=head["last_test_acc"])
+    blob.update(kept)
+    blob["mlflow"] = {"run_id": summary["mlflow_run_id"], "tracking_uri": tracking.tracking_uri(cfg),
+                      "model_id": summary.get("mlflow_model_id") if keep == "best" else None, **kept}
     atomic_save(blob, out)
-    test = head["test_acc_at_best_val"]
-    print(f"teacher: {out} (epoch {head['best_epoch']}: val top-1 {head['val_acc_at_best']:.2f}, "
+    test = kept["test_acc"]
+    print(f"teacher: {out} (epoch {kept['epoch']}, the {keep}: val top-1 {kept['val_acc']:.2f}, "
           f"test top-1 {'not scored' if test is None else f'{test:.2f}'})", flush=True)
     return {**summary, "teacher_file": str(out)}
 

@@ -169,8 +169,10 @@ def teacher_origin(checkpoint: str) -> dict[str, str]:
     origin = safe_load(checkpoint).get("mlflow")
     if not isinstance(origin, dict):
         return {}
+    origin = {"test_acc": origin.get("test_acc_at_best_val"), "epoch": origin.get("best_epoch"),  # files before `kept`
+              **origin}
     names = {"run_id": "ray_kd.teacher_run_id", "model_id": "ray_kd.teacher_model_id",
-             "test_acc_at_best_val": "ray_kd.teacher_test_acc", "best_epoch": "ray_kd.teacher_epoch"}
+             "test_acc": "ray_kd.teacher_test_acc", "epoch": "ray_kd.teacher_epoch", "kept": "ray_kd.teacher_kept"}
     return {tag: str(origin[key]) for key, tag in names.items() if origin.get(key) is not None}
 
 

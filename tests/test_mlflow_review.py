@@ -104,14 +104,36 @@ def test_tags_description_dataset_and_lineage(store, capsys):
     assert "teacher/val_acc" in teacher_run.data.metrics and not any(k.startswith("student_0") for k in
                                                                      teacher_run.data.metrics)
     assert _logged_model(mlflow, teacher_run).name == "teacher-digits_cnn_l"
-    assert origin["test_acc_at_best_val"] == teacher_run.data.metrics["test_acc_at_best_val"]
+    assert origin["kept"] == "best" and origin["test_acc"] == teacher_run.data.metrics["test_acc_at_best_val"]
     assert tags["ray_kd.teacher_run_id"] == origin["run_id"] and tags["ray_kd.teacher_model_id"] == origin["model_id"]
+    assert tags["ray_kd.teacher_kept"] == "best" and tags["ray_kd.teacher_epoch"] == str(origin["epoch"])
     assert [m.model_id for m in kd.inputs.model_inputs] == [origin["model_id"]]
 
     # A teacher file from before (no MLflow origin in it) still loads, and links nothing.
     old = store["root"] / "old_teacher.pt"
     torch.save({k: v for k, v in torch.load(store["teacher"], weights_only=True).items() if k != "mlflow"}, old)
     assert teacher_origin(str(old)) == {}
+
+
+def test_a_teacher_kept_at_its_last_epoch(store, monkeypatch):
+    """`train-teacher --keep last`: the file holds the last epoch's weights and says so; a KD run tags it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    root = store["root"]
+    out = [f"output_dir={root / 'runs'}", "tracking.experiment=kept-last"]  # apart from the report's experiment
+    cfg = load_config("configs/digits_teacher.yaml", TINY + out + ["name=teacher-last"])
+    summary = train_teacher(cfg, root / "last.pt", keep="last")
+    blob = torch.load(root / "last.pt", weights_only=True)
+    scores = summary["roles"]["teacher"]
+    assert (blob["kept"], blob["epoch"], blob["test_acc"]) == ("last", 3, scores["last_test_acc"])
+    assert blob["mlflow"]["model_id"] is None  # the logged model is the best epoch's, not these weights
+    net = torch.load(cfg.run_dir / "checkpoints" / "epoch_0003" / "student_0.pt", weights_only=True)["net"]
+    assert blob["state_dict"].keys() == {k.removeprefix("backbone.") for k in net if k.startswith("backbone.")}
+    assert all(torch.equal(v, net[f"backbone.{k}"]) for k, v in blob["state_dict"].items())
+    kd = train(load_config("configs/digits_kd.yaml", TINY + out + [f"teacher.checkpoint={root / 'last.pt'}",
+                                                                    "name=kd-last"]))
+    tags = client(store["uri"]).get_run(kd["mlflow_run_id"]).data.tags
+    assert (tags["ray_kd.teacher_kept"], tags["ray_kd.teacher_epoch"]) == ("last", "3")
+    assert kd["roles"]["teacher"]["last_test_acc"] == pytest.approx(scores["last_test_acc"])  # the same weights
 
 
 def test_system_metrics_of_the_local_process(store):
