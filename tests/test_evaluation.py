@@ -11,7 +11,7 @@ from ray_kd.evaluation import Evaluator, is_frozen, require_val_every_epoch, spl
 from ray_kd.roles import RoleRunner
 from ray_kd.run import train
 from ray_kd.session import OBJECTIVE, all_roles
-from ray_kd.tracking import client
+from ray_kd.tracking import client, describe
 
 QUICK = ["runtime.executor=local", "optim.steps_per_epoch=4", "optim.milestones=[1]"]
 
@@ -32,8 +32,9 @@ def test_eval_section_rejects_bad_values_in_one_line():
 
 
 def test_sparse_evaluation_reaches_summary_plot_and_mlflow(mlflow_uri, tmp_path):
-    summary = train(load_config("configs/digits_dml.yaml", QUICK + [
-        f"output_dir={tmp_path}", "name=sparse", "optim.epochs=3", "eval.every=2", "eval.splits=[val]"]))
+    cfg = load_config("configs/digits_dml.yaml", QUICK + [
+        f"output_dir={tmp_path}", "name=sparse", "optim.epochs=3", "eval.every=2", "eval.splits=[val]"])
+    summary = train(cfg)
     history = json.loads((tmp_path / "sparse" / "checkpoints" / "epoch_0003" / "history.json").read_text())
     assert not any(k.endswith("_acc") for k in history[0]) and OBJECTIVE not in history[0]
     assert "student_0/val_acc" in history[1] and "student_0/test_acc" not in history[1] and OBJECTIVE in history[1]
@@ -44,6 +45,12 @@ def test_sparse_evaluation_reaches_summary_plot_and_mlflow(mlflow_uri, tmp_path)
     assert (tmp_path / "sparse" / "accuracy.png").is_file()
     mlflow = client(mlflow_uri)
     assert [m.step for m in mlflow.get_metric_history(summary["mlflow_run_id"], "student_0/val_acc")] == [2, 3]
+    note = mlflow.get_run(summary["mlflow_run_id"]).data.tags["mlflow.note.content"]
+    assert f"at its best-val epoch {best['best_epoch']} of 3" in note
+    # A best epoch whose test split was not scored (epoch 2 here, when it wins) is described without a test figure.
+    unscored = {**summary, "headline": {**summary["headline"], "best_epoch": 2, "test_acc_at_best_val": None}}
+    assert "at its best-val epoch 2 of 3 (test not scored there; last epoch test" in describe(cfg, "distillation",
+                                                                                             unscored)
 
 
 def _runners(cfg):
