@@ -258,7 +258,8 @@ def main() -> None:
                         for k, v in teachers.items())
              + f". vs_ce / vs_kd: mean and std over seeds of the same-seed difference (same batches and augmentation) of the {'last-epoch test top-1' if HEADLINE[args.dataset] == 'last_test' else 'test top-1 at the best val epoch'}; train_minutes_per_run: the executor's wall time from summary.json (without MLflow set-up and model logging). Targets: every method above ce -> "
              + ("met" if not short else "missed by " + ", ".join(short))
-             + "; seed methods above kd -> " + ("met" if not below_kd else "missed by " + ", ".join(below_kd))
+             + "; seed methods above kd -> " + ("not run yet" if not any("vs_kd" in r for r in rows)
+                                                else "met" if not below_kd else "missed by " + ", ".join(below_kd))
              + f". Teachers: {'; '.join(detail)}"
              + f". Per-run figures: quality_{args.dataset}_runs.md. Plot: quality_{args.dataset}.png. "
              f"Wall time of all runs (teachers included, from their summary.json): {total / 60:.1f} min.")

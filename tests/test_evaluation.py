@@ -46,7 +46,7 @@ def test_sparse_evaluation_reaches_summary_plot_and_mlflow(mlflow_uri, tmp_path)
     mlflow = client(mlflow_uri)
     assert [m.step for m in mlflow.get_metric_history(summary["mlflow_run_id"], "student_0/val_acc")] == [2, 3]
     note = mlflow.get_run(summary["mlflow_run_id"]).data.tags["mlflow.note.content"]
-    assert f"at its best-val epoch {best['best_epoch']} of 3" in note
+    assert f"at its best-val epoch {summary['headline']['best_epoch']} of 3" in note
     # A best epoch whose test split was not scored (epoch 2 here, when it wins) is described without a test figure.
     unscored = {**summary, "headline": {**summary["headline"], "best_epoch": 2, "test_acc_at_best_val": None}}
     assert "at its best-val epoch 2 of 3 (test not scored there; last epoch test" in describe(cfg, "distillation",
