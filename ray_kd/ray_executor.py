@@ -21,7 +21,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from ray_kd.checkpoint import newest_good
+from ray_kd.checkpoint import checkpoint_folders, newest_good
 from ray_kd.config import RunConfig
 from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange
@@ -49,7 +49,7 @@ class RayTrainStore:
         with checkpoint.as_directory() as folder:
             folder = Path(folder)
             # On storage this node sees, a corrupt latest falls back to the folder before it (as the driver said).
-            siblings = sorted(p for p in folder.parent.glob("checkpoint_*") if p.is_dir() and p.name <= folder.name)
+            siblings = [p for p in checkpoint_folders(folder.parent) if p.name <= folder.name]
             _, states, history = newest_good(siblings if folder in siblings else [folder],
                                              [r.name for r in all_roles(session.cfg)])
             session.load_role_states({r.role.name: states[r.role.name] for r in session.runners})

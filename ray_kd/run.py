@@ -111,8 +111,7 @@ def newest_good_checkpoint(cfg: RunConfig, quiet: bool = False):
     """(folder, history) of the checkpoint a resume starts from, or None; says so when it passes over a
     corrupt one (the executors' stores make the same choice)."""
     names = [r.name for r in all_roles(cfg)]
-    folders = checkpoint_folders(cfg.run_dir / "checkpoints", "epoch_*") or checkpoint_folders(cfg.run_dir / "ray")
-    found = newest_good(folders, names, None if quiet else print)
+    found = newest_good(run_folder.saved_checkpoints(cfg), names, None if quiet else print)
     return None if found is None else (found[0], found[2])
 
 

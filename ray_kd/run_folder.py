@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ray_kd.checkpoint import atomic_write_json
+from ray_kd.checkpoint import atomic_write_json, checkpoint_folders
 from ray_kd.config import RunConfig, flatten
 from ray_kd.errors import UserError
 
@@ -92,12 +92,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def saved_checkpoints(cfg: RunConfig) -> list[Path]:
+    """The run's checkpoint folders, oldest first: the local executor's `checkpoints/epoch_*`, else Ray
+    Train's `ray/checkpoint_*`."""
+    return checkpoint_folders(cfg.run_dir / "checkpoints", "epoch_*") or checkpoint_folders(cfg.run_dir / "ray")
+
+
 def check_fingerprint(cfg: RunConfig) -> None:
     """Record the fingerprint of a run with no checkpoint yet; refuse a resume whose fingerprint differs."""
     path = cfg.run_dir / FINGERPRINT
     now = fingerprint(cfg)
-    saved = any(p.is_dir() for p in [*cfg.run_dir.glob("checkpoints/epoch_*"), *cfg.run_dir.glob("ray/checkpoint_*")])
-    if path.is_file() and saved:
+    if path.is_file() and saved_checkpoints(cfg):
         try:
             before = json.loads(path.read_text())
         except ValueError:

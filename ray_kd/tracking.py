@@ -129,12 +129,11 @@ def describe(cfg: RunConfig, kind: str, summary: dict | None = None) -> str:
         return f"{what}; running"
     h = summary["headline"]
     if h["test_acc_at_best_val"] is None:  # eval.splits left the test split unscored at that epoch
-        return (f"{what}: {summary['best_student']} val top-1 **{h['val_acc_at_best']:.2f}** at its best-val "
-                f"epoch {h['best_epoch']} of {summary['epochs']} (test not scored there; last epoch test "
-                f"{h['last_test_acc']:.2f})")
-    return (f"{what}: {summary['best_student']} test top-1 **{h['test_acc_at_best_val']:.2f}** at its best-val "
-            f"epoch {h['best_epoch']} of {summary['epochs']} (val {h['val_acc_at_best']:.2f}; last epoch test "
-            f"{h['last_test_acc']:.2f})")
+        figure, aside = f"val top-1 **{h['val_acc_at_best']:.2f}**", "test not scored there"
+    else:
+        figure, aside = f"test top-1 **{h['test_acc_at_best_val']:.2f}**", f"val {h['val_acc_at_best']:.2f}"
+    return (f"{what}: {summary['best_student']} {figure} at its best-val epoch {h['best_epoch']} of "
+            f"{summary['epochs']} ({aside}; last epoch test {h['last_test_acc']:.2f})")
 
 
 def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, kind: str | None = None) -> str:
