@@ -57,6 +57,17 @@ PROTOCOL = {  # overrides every run of a dataset gets (teachers included, LW-KD'
 }
 TEACHER_EPOCHS = {"digits": [], "cifar10": ["optim.epochs=12", "optim.milestones=[9]"],
                   "cifar10_15": ["optim.epochs=30"]}  # resnet20 to >= 70% test top-1 on the 10,000 images
+# Issue 17's controlled runs: each changes one thing from its method's row (paired against ce and kd on the
+# same seeds). `teacher` names the teacher kind ('teacher15': the protocol's teacher trained 15 epochs instead of 30,
+# the issue's ~68% one), `best` takes that run's best-validation epoch instead of its last.
+CONTROLS = {"cifar10_15": {
+    "kd@teacher15": {"teacher": "teacher15"},
+    "kd@teacher15_best": {"teacher": "teacher15", "best": True},
+    "kd@even_weights": {"overrides": ["method.ce_weight=0.5", "method.kd_weight=0.5"]},
+    # and SKD's anti-collapse term on (its sweep on the 5-epoch protocol chose 0.6; the default is 0)
+    "kd+skd@simplifier_ce": {"overrides": ["method.simplifier_ce_weight=0.6"]},
+}}
+CONTROL_TEACHERS = {"teacher15": ["optim.epochs=15"]}  # kind -> its overrides on top of the protocol
 # The teacher's choice rule: the best validation epoch, or the last (a cosine schedule ends annealed, and a
 # 1,000-image validation split picks noise among the last epochs).
 TEACHER_KEEP = {"digits": "best", "cifar10": "best", "cifar10_15": "last"}
@@ -72,9 +83,10 @@ def tuned(dataset: str) -> dict[str, dict]:
 
 
 def variants(dataset: str) -> list[str]:
-    """Every method at its config's defaults, then `<method>@tuned` for each method swept on validation."""
+    """Every method at its config's defaults, then `<method>@tuned` for each method swept on validation, then
+    the dataset's controlled runs."""
     methods = [m for m in METHODS if m in CONFIGS[dataset]]
-    return methods + [f"{m}@tuned" for m in methods if m in tuned(dataset)]
+    return methods + [f"{m}@tuned" for m in methods if m in tuned(dataset)] + list(CONTROLS.get(dataset, {}))
 
 
 def run_name(method: str) -> str:
@@ -86,10 +98,13 @@ def out_dir(dataset: str) -> Path:
 
 
 def teacher_args(dataset: str, kind: str) -> tuple[str, list[str], str]:
-    """(config, overrides, keep) of the dataset's teacher (kind 'teacher' or 'lwkd_teacher'), seed 0."""
-    protocol = (PROTOCOL[dataset] + TEACHER_EPOCHS[dataset]) if kind == "teacher" else []
-    keep = TEACHER_KEEP[dataset] if kind == "teacher" else "best"
-    return CONFIGS[dataset][kind], [*protocol, *LOCAL, f"name={kind}", f"output_dir={out_dir(dataset)}"], keep
+    """(config, overrides, keep) of the dataset's teacher (kind 'teacher', 'lwkd_teacher' or one of
+    CONTROL_TEACHERS), seed 0."""
+    if kind == "lwkd_teacher":  # trained on its synthesized glyphs, not on the protocol's images
+        return CONFIGS[dataset][kind], [*LOCAL, f"name={kind}", f"output_dir={out_dir(dataset)}"], "best"
+    extra = TEACHER_EPOCHS[dataset] if kind == "teacher" else CONTROL_TEACHERS[kind]
+    return (CONFIGS[dataset]["teacher"], [*PROTOCOL[dataset], *extra, *LOCAL, f"name={kind}",
+                                          f"output_dir={out_dir(dataset)}"], TEACHER_KEEP[dataset])
 
 
 def teacher(dataset: str, kind: str) -> str:
@@ -110,13 +125,27 @@ def run_args(dataset: str, method: str, seed: int) -> tuple[str, list[str]]:
     from ray_kd.config import load_config
 
     base, _, variant = method.partition("@")
-    chosen = [f"{k}={v}" for k, v in tuned(dataset)[base].items()] if variant else []
-    overrides = [*PROTOCOL[dataset], *LOCAL, *chosen, f"seed={seed}", f"name={run_name(method)}-s{seed}",
-                 f"output_dir={out_dir(dataset)}"]
+    control = CONTROLS.get(dataset, {}).get(method, {})
+    chosen = [f"{k}={v}" for k, v in tuned(dataset)[base].items()] if variant == "tuned" else []
+    overrides = [*PROTOCOL[dataset], *LOCAL, *chosen, *control.get("overrides", []), f"seed={seed}",
+                 f"name={run_name(method)}-s{seed}", f"output_dir={out_dir(dataset)}"]
     if load_config(CONFIGS[dataset][base], overrides).teacher is not None:
-        kind = "lwkd_teacher" if base == "lwkd" else "teacher"
-        overrides.append(f"teacher.checkpoint={out_dir(dataset) / f'{kind}.pt'}")
+        overrides.append(f"teacher.checkpoint={teacher_file(dataset, method)}")
     return CONFIGS[dataset][base], overrides
+
+
+def teacher_kind(dataset: str, method: str) -> str:
+    if method.startswith("lwkd"):
+        return "lwkd_teacher"
+    return CONTROLS.get(dataset, {}).get(method, {}).get("teacher", "teacher")
+
+
+def teacher_file(dataset: str, method: str) -> Path:
+    """The teacher file a run of `method` loads: the kind's file, or the best-validation weights its run kept."""
+    kind = teacher_kind(dataset, method)
+    if CONTROLS.get(dataset, {}).get(method, {}).get("best"):
+        return out_dir(dataset) / kind / "best_student.pt"
+    return out_dir(dataset) / f"{kind}.pt"
 
 
 def command(verb: str, config: str, overrides: list[str], extra: tuple[str, ...] = ()) -> str:
@@ -133,7 +162,7 @@ def run(dataset: str, method: str, seed: int) -> dict:
     summary = out_dir(dataset) / f"{run_name(method)}-s{seed}" / "summary.json"
     if not summary.is_file():
         if any(o.startswith("teacher.checkpoint=") for o in overrides):
-            teacher(dataset, "lwkd_teacher" if method.startswith("lwkd") else "teacher")
+            teacher(dataset, teacher_kind(dataset, method))
         print(f"== {dataset} {method} seed {seed}", flush=True)
         train(load_config(config, overrides))
     return json.loads(summary.read_text())
@@ -235,14 +264,14 @@ def main() -> None:
                          "wall_seconds": s["wall_seconds"],
                          "command": command("train", *run_args(args.dataset, method, int(summary.parent.name.rsplit("-s", 1)[1])))})
     teachers, detail, total = {}, [], sum(r["wall_seconds"] for r in runs)
-    for kind in ("teacher", "lwkd_teacher"):
+    for kind in ("teacher", "lwkd_teacher", *CONTROL_TEACHERS):
         summary = out_dir(args.dataset) / kind / "summary.json"
         if summary.is_file():
             s = json.loads(summary.read_text())
             t = s["roles"].get("teacher") or s["roles"]["student_0"]  # summaries before/after issue 16
-            teachers[kind] = t["last_test_acc" if TEACHER_KEEP[args.dataset] == "last" and kind == "teacher"
-                               else "test_acc_at_best_val"]
-            detail.append(f"{kind} (kept: {TEACHER_KEEP[args.dataset] if kind == 'teacher' else 'best'}): best val {t.get('val_acc_at_best', t.get('best_val_acc')):.2f} first reached at epoch {t['best_epoch']} of "
+            keep = teacher_args(args.dataset, kind)[2]
+            teachers[kind] = t["last_test_acc" if keep == "last" else "test_acc_at_best_val"]
+            detail.append(f"{kind} (kept: {keep}): best val {t.get('val_acc_at_best', t.get('best_val_acc')):.2f} first reached at epoch {t['best_epoch']} of "
                           f"{s['epochs']}, test {t['test_acc_at_best_val']:.2f} there, {t['last_test_acc']:.2f} at the last epoch")
             total += s["wall_seconds"]
     rows = aggregate(args.dataset, runs)
@@ -260,6 +289,11 @@ def main() -> None:
              + ("met" if not short else "missed by " + ", ".join(short))
              + "; seed methods above kd -> " + ("not run yet" if not any("vs_kd" in r for r in rows)
                                                 else "met" if not below_kd else "missed by " + ", ".join(below_kd))
+             + (". Controlled rows (`<method>@<change>`, issue 17), one change each from the method's row: "
+                "teacher15 = a teacher trained 15 epochs instead of 30, kept at its last epoch; teacher15_best = "
+                "that run's best-validation epoch instead; even_weights = CE 0.5 / KD 0.5 instead of 0.1 / 0.9; "
+                "simplifier_ce = SKD's simplifier_ce_weight 0.6 instead of 0"
+                if any(r["method"] in CONTROLS.get(args.dataset, {}) for r in rows) else "")
              + f". Teachers: {'; '.join(detail)}"
              + f". Per-run figures: quality_{args.dataset}_runs.md. Plot: quality_{args.dataset}.png. "
              f"Wall time of all runs (teachers included, from their summary.json): {total / 60:.1f} min.")
