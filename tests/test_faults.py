@@ -12,7 +12,7 @@ from ray_kd.config import load_config
 from ray_kd.run import train
 from ray_kd.tracking import client
 
-EPOCHS = 30
+EPOCHS = 12  # enough that the kill and the interrupt land mid-run (each waits for a checkpoint)
 
 
 def _checkpoints(run_dir):

@@ -46,13 +46,16 @@ def test_readme_kd_flow_on_ray_from_another_directory(ray_cluster, tmp_path):
     exactly as the README writes them (shortened by overrides), run from a directory of their own: the relative
     teacher path and output folder must mean the caller's directory, not the Ray workers'."""
     shutil.copytree(REPO / "configs", tmp_path / "configs")
-    # Both join the session's cluster (two cold Ray starts would double the test's time); its workers run in
+    # The KD run joins the session's cluster (a cold Ray start would double the test's time); its workers run in
     # Ray's own directories, as a local cluster's do, so a path read there relative to them would not be found.
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     short = ["optim.epochs=1", "optim.steps_per_epoch=4", "optim.milestones=[]"]
-    for command in (["train-teacher", "--config", "configs/digits_teacher.yaml", "--out", "runs/digits_teacher.pt"],
+    # The teacher in one process (its relative paths are the driver's alone); the KD run on Ray, where workers
+    # read the teacher file and write checkpoints under the relative output folder.
+    for command in (["train-teacher", "--config", "configs/digits_teacher.yaml", "--out", "runs/digits_teacher.pt",
+                     "runtime.executor=local"],
                     ["train", "--config", "configs/digits_kd.yaml"]):
         proc = subprocess.run([sys.executable, "-m", "ray_kd.cli", *command, *short], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=900)

@@ -69,6 +69,14 @@ def test_trials_find_files_given_as_relative_paths(ray_cluster, mlflow_uri, digi
     assert (tmp_path / "out" / "rel-sweep" / "results.csv").is_file()
 
 
+def test_a_grid_runs_each_point_once_unless_asked_for_repeats():
+    params = {"method.temperature": {"type": "grid", "values": [2.0, 4.0]}}
+    assert SweepSpace.model_validate({"searcher": "grid", "params": params}).num_samples == 1
+    assert SweepSpace.model_validate({"searcher": "grid", "num_samples": 3, "params": params}).num_samples == 3
+    uniform = {"optim.lr": {"type": "uniform", "low": 0.01, "high": 0.1}}
+    assert SweepSpace.model_validate({"searcher": "random", "params": uniform}).num_samples == 8
+
+
 def test_bad_space_is_one_line(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({"params": {"optim.lr": {"type": "loguniform", "low": 0, "high": 1}}}))

@@ -40,7 +40,8 @@ class Scheduler(Strict):
 
 class SweepSpace(Strict):
     searcher: Literal["optuna", "random", "grid"] = "optuna"
-    num_samples: int = Field(8, gt=0, description="trials (for grid: repeats of the whole grid)")
+    num_samples: int | None = Field(None, gt=0, description="trials, default 8; for grid: repeats of the whole "
+                                                           "grid, default 1 (a repeat runs the same seed again)")
     max_concurrent_trials: int | None = Field(None, gt=0, description="None: as many as the cluster holds")
     scheduler: Scheduler = Field(default_factory=Scheduler)
     params: dict[str, Param] = Field(min_length=1, description="dotted run-config field -> how to search it")
@@ -52,6 +53,8 @@ class SweepSpace(Strict):
             raise ValueError("searcher grid takes only `type: grid` parameters")
         if self.searcher != "grid" and "grid" in kinds:
             raise ValueError(f"`type: grid` parameters need `searcher: grid` (got {self.searcher})")
+        if self.num_samples is None:
+            self.num_samples = 1 if self.searcher == "grid" else 8
         return self
 
 
