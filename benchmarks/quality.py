@@ -255,6 +255,8 @@ def main() -> None:
     runs = []
     for method in order:  # every finished run of this dataset, not only this call's
         for summary in sorted(out_dir(args.dataset).glob(f"{run_name(method)}-s*/summary.json")):
+            if summary.parent.name.rsplit("-s", 1)[0] != run_name(method):  # kd_skd-s* matches kd_skd-simplifier_ce-s0
+                continue
             s = json.loads(summary.read_text())
             student = s["roles"]["student_0"]
             runs.append({"method": method, "seed": int(summary.parent.name.rsplit("-s", 1)[1]),
@@ -276,8 +278,10 @@ def main() -> None:
             total += s["wall_seconds"]
     rows = aggregate(args.dataset, runs)
     plot(args.dataset, rows, teachers, RESULTS / f"quality_{args.dataset}.png")
-    short = [f"{r['method']} {r['vs_ce']:+.2f}" for r in rows if r.get("vs_ce", 1) <= 0]
-    below_kd = [f"{r['method']} {r['vs_kd']:+.2f}" for r in rows if r.get("vs_kd", 1) <= 0]
+    short = [f"{r['method']} {r['vs_ce']:+.2f}" for r in rows if r.get("vs_ce", 1) <= 0
+             and r["method"] not in CONTROLS.get(args.dataset, {})]
+    below_kd = [f"{r['method']} {r['vs_kd']:+.2f}" for r in rows if r.get("vs_kd", 1) <= 0
+                and r["method"].partition("@")[0] in SEED_METHODS and r["method"] not in CONTROLS.get(args.dataset, {})]
     notes = (f"Student test top-1 (%), mean and sample std over seeds: at the epoch of its best validation top-1, "
              f"and at the last epoch. Protocol (fixed beforehand): {' '.join(PROTOCOL[args.dataset])}, every other "
              "setting from the method's config under configs/ (its defaults; `@tuned` rows: the values in the note column, "
