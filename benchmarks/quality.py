@@ -125,25 +125,29 @@ def run_args(dataset: str, method: str, seed: int) -> tuple[str, list[str]]:
     from ray_kd.config import load_config
 
     base, _, variant = method.partition("@")
-    control = CONTROLS.get(dataset, {}).get(method, {})
     chosen = [f"{k}={v}" for k, v in tuned(dataset)[base].items()] if variant == "tuned" else []
-    overrides = [*PROTOCOL[dataset], *LOCAL, *chosen, *control.get("overrides", []), f"seed={seed}",
+    overrides = [*PROTOCOL[dataset], *LOCAL, *chosen, *control(dataset, method).get("overrides", []), f"seed={seed}",
                  f"name={run_name(method)}-s{seed}", f"output_dir={out_dir(dataset)}"]
     if load_config(CONFIGS[dataset][base], overrides).teacher is not None:
         overrides.append(f"teacher.checkpoint={teacher_file(dataset, method)}")
     return CONFIGS[dataset][base], overrides
 
 
+def control(dataset: str, method: str) -> dict:
+    """The controlled run's one change ({} for every other method)."""
+    return CONTROLS.get(dataset, {}).get(method, {})
+
+
 def teacher_kind(dataset: str, method: str) -> str:
     if method.startswith("lwkd"):
         return "lwkd_teacher"
-    return CONTROLS.get(dataset, {}).get(method, {}).get("teacher", "teacher")
+    return control(dataset, method).get("teacher", "teacher")
 
 
 def teacher_file(dataset: str, method: str) -> Path:
     """The teacher file a run of `method` loads: the kind's file, or the best-validation weights its run kept."""
     kind = teacher_kind(dataset, method)
-    if CONTROLS.get(dataset, {}).get(method, {}).get("best"):
+    if control(dataset, method).get("best"):
         return out_dir(dataset) / kind / "best_student.pt"
     return out_dir(dataset) / f"{kind}.pt"
 
@@ -255,16 +259,17 @@ def main() -> None:
     runs = []
     for method in order:  # every finished run of this dataset, not only this call's
         for summary in sorted(out_dir(args.dataset).glob(f"{run_name(method)}-s*/summary.json")):
-            if summary.parent.name.rsplit("-s", 1)[0] != run_name(method):  # kd_skd-s* matches kd_skd-simplifier_ce-s0
+            name, _, seed = summary.parent.name.rpartition("-s")
+            if name != run_name(method):  # kd_skd-s* also matches kd_skd-simplifier_ce-s0
                 continue
             s = json.loads(summary.read_text())
             student = s["roles"]["student_0"]
-            runs.append({"method": method, "seed": int(summary.parent.name.rsplit("-s", 1)[1]),
+            runs.append({"method": method, "seed": int(seed),
                          "best_val_epoch_test": student["test_acc_at_best_val"], "last_test": student["last_test_acc"],
                          "best_val": student.get("val_acc_at_best", student.get("best_val_acc")), "best_epoch": student["best_epoch"],
                          "dml_best_peer_test": s["roles"][s["best_student"]]["test_acc_at_best_val"],
                          "wall_seconds": s["wall_seconds"],
-                         "command": command("train", *run_args(args.dataset, method, int(summary.parent.name.rsplit("-s", 1)[1])))})
+                         "command": command("train", *run_args(args.dataset, method, int(seed)))})
     teachers, detail, total = {}, [], sum(r["wall_seconds"] for r in runs)
     for kind in ("teacher", "lwkd_teacher", *CONTROL_TEACHERS):
         summary = out_dir(args.dataset) / kind / "summary.json"
@@ -278,10 +283,10 @@ def main() -> None:
             total += s["wall_seconds"]
     rows = aggregate(args.dataset, runs)
     plot(args.dataset, rows, teachers, RESULTS / f"quality_{args.dataset}.png")
-    short = [f"{r['method']} {r['vs_ce']:+.2f}" for r in rows if r.get("vs_ce", 1) <= 0
-             and r["method"] not in CONTROLS.get(args.dataset, {})]
+    controls = CONTROLS.get(args.dataset, {})
+    short = [f"{r['method']} {r['vs_ce']:+.2f}" for r in rows if r.get("vs_ce", 1) <= 0 and r["method"] not in controls]
     below_kd = [f"{r['method']} {r['vs_kd']:+.2f}" for r in rows if r.get("vs_kd", 1) <= 0
-                and r["method"].partition("@")[0] in SEED_METHODS and r["method"] not in CONTROLS.get(args.dataset, {})]
+                and r["method"].partition("@")[0] in SEED_METHODS and r["method"] not in controls]
     notes = (f"Student test top-1 (%), mean and sample std over seeds: at the epoch of its best validation top-1, "
              f"and at the last epoch. Protocol (fixed beforehand): {' '.join(PROTOCOL[args.dataset])}, every other "
              "setting from the method's config under configs/ (its defaults; `@tuned` rows: the values in the note column, "
@@ -297,7 +302,7 @@ def main() -> None:
                 "teacher15 = a teacher trained 15 epochs instead of 30, kept at its last epoch; teacher15_best = "
                 "that run's best-validation epoch instead; even_weights = CE 0.5 / KD 0.5 instead of 0.1 / 0.9; "
                 "simplifier_ce = SKD's simplifier_ce_weight 0.6 instead of 0"
-                if any(r["method"] in CONTROLS.get(args.dataset, {}) for r in rows) else "")
+                if any(r["method"] in controls for r in rows) else "")
              + f". Teachers: {'; '.join(detail)}"
              + f". Per-run figures: quality_{args.dataset}_runs.md. Plot: quality_{args.dataset}.png. "
              f"Wall time of all runs (teachers included, from their summary.json): {total / 60:.1f} min.")
