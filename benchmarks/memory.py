@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import absolute_paths, machine, random_teacher, save, trainer_with
+from common import absolute_paths, machine, random_teacher, save
 
 CASES = {  # name -> (config, random teacher model)
     "cifar-kd": ("configs/bench_cifar10_kd.yaml", "resnet20"),
@@ -51,18 +51,15 @@ class PeakRSS:
 def sampled_worker(out: str):
     """The project's train_worker, sampled; each rank writes its figures to `out`/rank<r>.json."""
 
-    def run(config: dict) -> None:
+    def run(config: dict, rank: int) -> None:
         import json
-
-        import ray.train
 
         from ray_kd.config import RunConfig
         from ray_kd.ray_executor import train_worker
         from ray_kd.session import all_roles
 
         sampler = PeakRSS()
-        train_worker(config)
-        rank = ray.train.get_context().get_world_rank()
+        train_worker(config, rank)
         role = all_roles(RunConfig.model_validate(config["run"]))[rank]
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"role": f"{role.name} ({role.model})", **sampler.finish()}, f)
@@ -80,7 +77,7 @@ def overrides_for(case: str, executor: str, tmp: Path, steps: int) -> tuple[str,
 
 def measure_ray(case: str, tmp: Path, steps: int) -> list[dict]:
     from ray_kd.config import load_config
-    from ray_kd.ray_executor import connect
+    from ray_kd.ray_executor import connect, run_roles
     from ray_kd.session import all_roles
 
     config, overrides = overrides_for(case, "ray", tmp, steps)
@@ -89,7 +86,7 @@ def measure_ray(case: str, tmp: Path, steps: int) -> list[dict]:
     connect(cfg)
     out = tmp / f"{case}-ranks"
     out.mkdir()
-    trainer_with(cfg, sampled_worker(str(out)), name="memory").fit()
+    run_roles(cfg, sampled_worker(str(out)))
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 

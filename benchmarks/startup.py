@@ -1,7 +1,7 @@
 """Seconds from the command to the first training step, phase by phase, on both executors.
 
 Each measurement is a fresh Python process that does what `ray-kd train` does (imports, preflight,
-MLflow run, ray.init, the project's TorchTrainer), with the worker function timed at each stage
+MLflow run, ray.init, the project's role group), with the worker function timed at each stage
 (dataset load, Session = models + optimisers, first step = forward + all_gather + update).
 
     .venv/bin/python benchmarks/startup.py [--cases digits-dml cifar-kd cifar-kd-cold]
@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RUNS, absolute_paths, machine, random_teacher, save, trainer_with
+from common import RUNS, absolute_paths, machine, random_teacher, save
 
 CASES = {  # name -> (config, overrides, random teacher model)
     "digits-dml": ("configs/digits_dml.yaml", [], None),
@@ -31,30 +31,28 @@ CASES = {  # name -> (config, overrides, random teacher model)
 def timed_worker(out: str):
     """ray_executor.train_worker's set-up, with a timestamp after each stage and one step instead of fit()."""
 
-    def run(config: dict) -> None:
+    def run(config: dict, rank: int) -> None:
         import time
 
         entered = time.time()
         import json
 
         import psutil
-        import ray.train
-        import ray.train.torch
         import torch
 
         from ray_kd.config import RunConfig
         from ray_kd.data import load_dataset
         from ray_kd.exchange import CollectiveExchange
+        from ray_kd.ray_executor import worker_device
         from ray_kd.session import Session, all_roles
 
         cfg = RunConfig.model_validate(config["run"])
-        rank = ray.train.get_context().get_world_rank()
         torch.set_num_threads(cfg.runtime.threads_per_worker)
         t = {"process_created": psutil.Process().create_time(), "entered": entered, "imports": time.time()}
         data = load_dataset(cfg.data)
         t["dataset"] = time.time()
         session = Session(cfg, [rank], CollectiveExchange([r.name for r in all_roles(cfg)], rank),
-                          ray.train.torch.get_device(), dataset=data)
+                          worker_device(config), dataset=data)
         t["models"] = time.time()
         session._train_epoch(0)  # steps_per_epoch=1: exactly the first step
         t["first_step"] = time.time()
@@ -75,7 +73,7 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
     from ray_kd.config import load_config
     from ray_kd.data import load_dataset
     from ray_kd.exchange import LocalExchange
-    from ray_kd.ray_executor import connect
+    from ray_kd.ray_executor import connect, run_roles
     from ray_kd.run import preflight
     from ray_kd.session import Session, all_roles
 
@@ -109,7 +107,7 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
         t["ray.init"] = time.time()
         workers = out.parent / "workers"
         workers.mkdir()
-        trainer_with(cfg, timed_worker(str(workers)), name="startup").fit()
+        run_roles(cfg, timed_worker(str(workers)))
         ranks = [json.loads(p.read_text()) for p in sorted(workers.glob("rank*.json"))]
         import ray
 
@@ -136,7 +134,7 @@ def phases(m: dict) -> dict[str, float]:
     else:
         last = lambda key: max(r[key] for r in ranks)  # noqa: E731
         p.update({"ray.init": d["ray.init"] - d["mlflow"],
-                  "worker group start (controller, placement group, workers, gloo)": last("entered") - d["ray.init"],
+                  "worker group start (placement group, workers, gloo)": last("entered") - d["ray.init"],
                   "worker imports": last("imports") - last("entered"),
                   "dataset load (each worker)": last("dataset") - last("imports"),
                   "models + optimisers": last("models") - last("dataset"),

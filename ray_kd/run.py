@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import torch
 
-from ray_kd.checkpoint import (atomic_save, checkpoint_folders, newest_good, read_history, safe_load,
-                               save_model_file)
+from ray_kd.checkpoint import atomic_save, newest_good, read_history, safe_load, save_model_file
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, eval_batches, load_dataset
 from ray_kd.errors import UserError
@@ -60,11 +58,6 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
                 from ray_kd.ray_executor import run_on_ray
 
                 last = run_on_ray(cfg, uri, run_id)
-                # Ray deletes only checkpoints it registered: folders written by an interrupted driver or a
-                # failed worker-group attempt stay behind; keep exactly the newest runtime.keep_checkpoints.
-                for old in checkpoint_folders(cfg.run_dir / "ray")[:-cfg.runtime.keep_checkpoints]:
-                    if old != last:
-                        shutil.rmtree(old, ignore_errors=True)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
             _mark_unfinished(uri, before, epochs_before, "KILLED")
             done = newest_good_checkpoint(cfg, quiet=True)
