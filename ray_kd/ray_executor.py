@@ -24,6 +24,7 @@ import torch
 
 from ray_kd.checkpoint import CheckpointError, FolderStore, checkpoint_folders, read_history
 from ray_kd.config import RunConfig
+from ray_kd.data import Dataset, as_arrays, from_arrays
 from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, StepStatus
@@ -47,7 +48,9 @@ def train_worker(config: dict, rank: int) -> None:
     log_every = cfg.tracking.log_every_steps if config.get("run_id") else 0  # the same on every rank
     monitor = StepMonitor(cfg.optim.epochs, exchange, log_every,
                           StepMetricLogger(sync.client, sync.run_id) if sync and log_every else None)
-    session = Session(cfg, [rank], exchange, worker_device(config), monitor=monitor)
+    shared = config.get("dataset")  # the driver's in-memory dataset, held once per node by Ray's object store
+    data = from_arrays(ray.get(shared[0])) if shared else None
+    session = Session(cfg, [rank], exchange, worker_device(config), data, monitor=monitor)
     store = FolderStore(cfg.run_dir / "checkpoints", [r.name for r in roles], cfg.runtime.keep_checkpoints, rank,
                         barrier=lambda: exchange.gather_objects(None))
     node = sync.names.get(roles[rank].name, roles[rank].name) if sync else roles[rank].name
@@ -174,11 +177,23 @@ def connect(cfg: RunConfig) -> None:
     # Worker logs stay in Ray's log files unless asked for: the driver prints progress itself.
     kwargs = dict(log_to_driver=cfg.runtime.worker_logs, logging_level="ERROR")
     if address:
+        if on_loopback(address):  # a cluster started loopback-only (the README's `ray start`) is joined the same way
+            loopback_only()
         ray.init(address=address, **kwargs)
     else:
         loopback_only()
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
                  _system_config={"enable_metrics_collection": False}, **kwargs)
+
+
+def on_loopback(address: str) -> bool:
+    """Whether a cluster address (`host:port`, `ray://host:port`, `auto`) is on this machine's loopback."""
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        address = canonicalize_bootstrap_address_or_die("auto")
+    host = address.split("://", 1)[-1].rpartition(":")[0]
+    return host == "localhost" or host.startswith("127.")
 
 
 def loopback_only() -> None:
@@ -211,18 +226,20 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
 
 
 def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking_uri: str | None = None,
-              run_id: str | None = None, poll: Callable[[], None] = lambda: None) -> list:
+              run_id: str | None = None, poll: Callable[[], None] = lambda: None, dataset: Dataset | None = None) -> list:
     """Every rank's `fn(config, rank)` (default: train_worker) on one worker per role, all in one process group.
 
     A worker that dies (killed, out of memory, its node lost) takes the group down and a new one starts, up to
     runtime.max_failures times; train_worker then resumes from the last checkpoint. An error a worker raises
-    ends the run with the worker's own message (a NaN loss, a bad checkpoint). Benchmarks pass their own `fn`."""
+    ends the run with the worker's own message (a NaN loss, a bad checkpoint). Benchmarks pass their own `fn`.
+    An in-memory `dataset` the driver loaded goes to the workers through the object store (`config["dataset"]`:
+    one copy per node, mapped by its workers) instead of each worker loading and holding its own."""
     fn = fn or train_worker
     gpu = use_gpu(cfg)
     check_fits(cfg, gpu)
     backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if gpu else "gloo")
     config = {"run": cfg.with_absolute_paths().model_dump(), "tracking_uri": tracking_uri, "run_id": run_id,
-              "gpu": gpu}
+              "gpu": gpu, "dataset": [ray.put(as_arrays(dataset))] if isinstance(dataset, Dataset) else None}
     roles = all_roles(cfg)
     for attempt in range(cfg.runtime.max_failures + 1):
         group = RoleGroup(cfg, gpu)
@@ -243,10 +260,12 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
 
 
 def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None,
-               on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True) -> Path:
+               on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True,
+               dataset: Dataset | None = None) -> Path:
     """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint.
 
-    `on_epoch(record)` gets each epoch's metrics as its checkpoint lands (a Tune trial reports them)."""
+    `on_epoch(record)` gets each epoch's metrics as its checkpoint lands (a Tune trial reports them);
+    `dataset`, the one the driver loaded, is shared with the workers (see run_roles)."""
     connect(cfg)
     store = cfg.run_dir / "checkpoints"
     stop = threading.Event()
@@ -256,7 +275,8 @@ def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | No
     if run_id and show_progress:
         watcher.start()
     try:
-        run_roles(cfg, train_worker, tracking_uri, run_id, NewEpochs(store, on_epoch) if on_epoch else lambda: None)
+        run_roles(cfg, train_worker, tracking_uri, run_id, NewEpochs(store, on_epoch) if on_epoch else lambda: None,
+                  dataset)
     finally:
         stop.set()
         if watcher.is_alive():

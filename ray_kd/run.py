@@ -6,6 +6,7 @@ import os
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,12 +29,8 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
     `kind` is the run's `ray_kd.run_kind` tag (teacher, baseline, distillation, sweep_trial); by default
     baseline for the student alone (`ce`), else distillation. `restart` discards the run folder's
     checkpoints first (a new MLflow run too)."""
-    data = preflight(cfg)  # loaded once on the driver: the local executor and finish use it too
-    if cfg.runtime.executor == "ray":
-        connect_checked(cfg)
     uri = tracking.tracking_uri(cfg)
-    check_sqlite_store(uri)
-    tracking.check_reachable(uri)
+    data = checked_and_connected(cfg, uri)  # loaded once on the driver: the local executor and finish use it too
     if threading.current_thread() is threading.main_thread():
         install_handlers()
     with run_folder.run_lock(cfg):
@@ -57,7 +54,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
             else:
                 from ray_kd.ray_executor import run_on_ray
 
-                last = run_on_ray(cfg, uri, run_id)
+                last = run_on_ray(cfg, uri, run_id, dataset=data)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
             _mark_unfinished(uri, before, epochs_before, "KILLED")
             done = newest_good_checkpoint(cfg, quiet=True)
@@ -75,6 +72,28 @@ def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
     if before.info.status == "FINISHED" and tracking.latest_epoch(mlflow, before.info.run_id)[0] == epochs_before:
         return
     mlflow.set_terminated(before.info.run_id, status)
+
+
+def checked_and_connected(cfg: RunConfig, uri: str) -> Dataset:
+    """The preflight and the MLflow store's checks, and for the Ray executor the cluster joined or started at
+    the same time (a local cluster takes seconds to start: this process loads the data meanwhile). A bad
+    config or store is the error shown, even when the cluster failed too. Returns the dataset."""
+    def checks() -> Dataset:
+        data = preflight(cfg)
+        check_sqlite_store(uri)
+        tracking.check_reachable(uri)
+        return data
+
+    if cfg.runtime.executor != "ray":
+        return checks()
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(checks)
+        try:
+            connect_checked(cfg)
+        except BaseException:
+            checked.result()
+            raise
+        return checked.result()
 
 
 def preflight(cfg: RunConfig) -> Dataset:
