@@ -27,6 +27,7 @@ from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, as_arrays, from_arrays
 from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange
+from ray_kd.preflight import cluster_address
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, StepStatus
 from ray_kd.session import Session, all_roles, fit, progress_line
 
@@ -173,7 +174,7 @@ def connect(cfg: RunConfig) -> None:
     127.0.0.1 (see README, What listens where)."""
     if ray.is_initialized():
         return
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     # Worker logs stay in Ray's log files unless asked for: the driver prints progress itself.
     kwargs = dict(log_to_driver=cfg.runtime.worker_logs, logging_level="ERROR")
     if address:

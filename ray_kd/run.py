@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 import time
@@ -16,7 +15,7 @@ from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, eval_batches, load_dataset
 from ray_kd.errors import UserError
 from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
-                              check_sqlite_store)
+                              check_sqlite_store, cluster_address)
 from ray_kd.session import all_roles
 from ray_kd.results import plot_curves, summarize, write_summary
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
@@ -86,6 +85,7 @@ def checked_and_connected(cfg: RunConfig, uri: str) -> Dataset:
 
     if cfg.runtime.executor != "ray":
         return checks()
+    check_address(cluster_address(cfg))  # a dead address is one line before anything else starts
     with ThreadPoolExecutor(1) as pool:
         checked = pool.submit(checks)
         try:
@@ -109,8 +109,7 @@ def connect_checked(cfg: RunConfig) -> None:
     """Join (or start) the Ray cluster now, so a dead or missing one is one line before anything starts."""
     from ray_kd.ray_executor import connect
 
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
-    check_address(address)
+    address = cluster_address(cfg)
     try:
         connect(cfg)
     except ConnectionError as err:
