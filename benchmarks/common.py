@@ -78,14 +78,6 @@ def save(name: str, title: str, rows: list[dict], columns: list[str], info: dict
     return md
 
 
-def trainer_with(cfg, worker_fn, name: str):
-    """The project's own TorchTrainer for `cfg` (ray_executor.make_trainer: one worker per role, same
-    resources and backend), with `worker_fn(config)` in place of train_worker; it may wrap train_worker."""
-    from ray_kd.ray_executor import make_trainer
-
-    return make_trainer(cfg, None, None, name=name, worker_loop=worker_fn)
-
-
 def random_teacher(config: str, overrides: list[str], model: str) -> str:
     """A randomly initialised teacher file for `config`'s data (speed and memory do not depend on its quality)."""
     from ray_kd.checkpoint import save_model_file
@@ -102,8 +94,8 @@ def random_teacher(config: str, overrides: list[str], model: str) -> str:
 
 
 def absolute_paths(config: str) -> list[str]:
-    """Overrides that make `config`'s data paths absolute: Ray Train workers run in another directory
-    (/tmp/ray/session_*/artifacts/<run>), where the relative paths of configs/ point nowhere."""
+    """Overrides that make `config`'s data paths absolute, for a process that may run in another directory
+    (a benchmark's child, a Ray worker), where the relative paths of configs/ point nowhere."""
     import yaml
 
     data = (yaml.safe_load(Path(config).read_text()) or {}).get("data", {})

@@ -1,7 +1,7 @@
 """Per-step latency of exchanging B x C float32 logits among N workers: the collective against the naive path.
 
-(a) collective: the project's CollectiveExchange.all_gather inside the project's own Ray Train worker
-    group (ray_executor.make_trainer: one TorchTrainer worker per role, gloo), timed on every rank;
+(a) collective: the project's CollectiveExchange.all_gather inside the project's own role worker
+    group (ray_executor.run_roles: one worker per role, gloo), timed on every rank;
     a step's latency is the slowest rank's call.
 (b) naive: Ray's object store through the driver; each of N actors returns its tensor, the driver
     ray.get()s all of them, ray.put()s the list once and every actor ray.get()s it back; timed at the driver.
@@ -22,18 +22,17 @@ import ray
 import torch
 import torch.distributed as dist
 
-from common import RESULTS, machine, save, trainer_with
+from common import RESULTS, machine, save
 from ray_kd.config import load_config
-from ray_kd.ray_executor import connect
+from ray_kd.ray_executor import connect, run_roles
 
 SHAPES = [(128, 10), (128, 100), (256, 1000)]
 
 
 def collective_worker(shapes, steps: int, warmup: int, out: str):
-    """What each Train worker runs: `steps` timed all_gathers of each shape through CollectiveExchange."""
+    """What each role worker runs: `steps` timed all_gathers of each shape through CollectiveExchange."""
 
-    def run(config: dict) -> None:
-        import ray.train
+    def run(config: dict, rank: int) -> None:
         import torch
         import torch.distributed as dist
 
@@ -43,7 +42,6 @@ def collective_worker(shapes, steps: int, warmup: int, out: str):
 
         torch.set_num_threads(1)
         names = [r.name for r in all_roles(RunConfig.model_validate(config["run"]))]
-        rank = ray.train.get_context().get_world_rank()
         times = {}
         for b, c in shapes:
             exchange = CollectiveExchange(names, rank)  # it caches one layout per batch size: a fresh one per shape
@@ -73,7 +71,7 @@ def collective(n: int, steps: int, warmup: int, tmp: Path) -> dict[str, list[flo
     cfg = load_config(None, [f"students=[{students}]", "method.name=dml",
                              f"output_dir={tmp}", f"name=exchange-{n}"])
     out = tmp / f"collective-{n}.json"
-    trainer_with(cfg, collective_worker(SHAPES, steps, warmup, str(out)), name=f"exchange-{n}").fit()
+    run_roles(cfg, collective_worker(SHAPES, steps, warmup, str(out)))
     per_rank = json.loads(out.read_text())
     return {key: [max(r[key][i] for r in per_rank) for i in range(steps)] for key in per_rank[0]}
 

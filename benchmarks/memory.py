@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import absolute_paths, machine, random_teacher, save, trainer_with
+from common import absolute_paths, machine, random_teacher, save
 
 CASES = {  # name -> (config, random teacher model)
     "cifar-kd": ("configs/bench_cifar10_kd.yaml", "resnet20"),
@@ -45,24 +45,22 @@ class PeakRSS:
         self.stop.set()
         self.thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
-        return {"baseline_mb": self.baseline / 2**20, "peak_mb": self.peak / 2**20}
+        return {"baseline_mb": self.baseline / 2**20, "peak_mb": self.peak / 2**20,
+                "end_uss_mb": self.proc.memory_full_info().uss / 2**20}
 
 
 def sampled_worker(out: str):
     """The project's train_worker, sampled; each rank writes its figures to `out`/rank<r>.json."""
 
-    def run(config: dict) -> None:
+    def run(config: dict, rank: int) -> None:
         import json
-
-        import ray.train
 
         from ray_kd.config import RunConfig
         from ray_kd.ray_executor import train_worker
         from ray_kd.session import all_roles
 
         sampler = PeakRSS()
-        train_worker(config)
-        rank = ray.train.get_context().get_world_rank()
+        train_worker(config, rank)
         role = all_roles(RunConfig.model_validate(config["run"]))[rank]
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump({"role": f"{role.name} ({role.model})", **sampler.finish()}, f)
@@ -78,27 +76,37 @@ def overrides_for(case: str, executor: str, tmp: Path, steps: int) -> tuple[str,
     return config, overrides
 
 
-def measure_ray(case: str, tmp: Path, steps: int) -> list[dict]:
+def measure_ray(case: str, tmp: Path, steps: int, shared: bool) -> list[dict]:
+    """Each rank's figures; `shared`: the driver's dataset through the object store (what `ray-kd train`
+    does), else every worker loads its own."""
     from ray_kd.config import load_config
-    from ray_kd.ray_executor import connect
+    from ray_kd.data import load_dataset
+    from ray_kd.ray_executor import connect, run_roles
     from ray_kd.session import all_roles
 
     config, overrides = overrides_for(case, "ray", tmp, steps)
     n = len(all_roles(load_config(config, overrides)))
     cfg = load_config(config, overrides + ["runtime.threads_per_worker=1", f"runtime.cpus_per_worker={2 / n}"])
     connect(cfg)
-    out = tmp / f"{case}-ranks"
+    out = tmp / f"{case}-ranks-{shared}"
     out.mkdir()
-    trainer_with(cfg, sampled_worker(str(out)), name="memory").fit()
+    run_roles(cfg, sampled_worker(str(out)), dataset=load_dataset(cfg.data) if shared else None)
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
-def child(case: str, steps: int, out: Path) -> None:
-    """The single-process executor, sampled in this fresh process."""
+def child(case: str, executor: str, steps: int, out: Path) -> None:
+    """One measurement in this fresh process (a Ray worker's heap is not reused across measurements):
+    `local` samples the single-process executor here; `shared` / `own` run the Ray workers."""
     from ray_kd.config import load_config
     from ray_kd.local_executor import run_local
     from ray_kd.session import all_roles
 
+    if executor != "local":
+        import ray
+
+        out.write_text(json.dumps(measure_ray(case, out.parent, steps, shared=executor == "shared")))
+        ray.shutdown()
+        return
     sampler = PeakRSS()
     config, overrides = overrides_for(case, "local", out.parent, steps)
     cfg = load_config(config, overrides)
@@ -106,45 +114,46 @@ def child(case: str, steps: int, out: Path) -> None:
     run_local(load_config(config, overrides + ["runtime.executor=local", f"runtime.threads_per_worker={n}"]),
               show_progress=False)
     roles = " + ".join(f"{r.name} ({r.model})" for r in all_roles(cfg))
-    out.write_text(json.dumps({"role": f"all: {roles}", **sampler.finish()}))
+    out.write_text(json.dumps([{"role": f"all: {roles}", **sampler.finish()}]))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--steps", type=int, default=20, help="training steps (one epoch, then a full evaluation)")
-    parser.add_argument("--child", nargs=2, metavar=("CASE", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "EXECUTOR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        return child(args.child[0], args.steps, Path(args.child[1]))
+        return child(args.child[0], args.child[1], args.steps, Path(args.child[2]))
     info = machine()
     rows = []
+    labels = {"shared": "ray, dataset shared (object store)", "own": "ray, dataset loaded by each worker",
+              "local": "local (one process)"}
     with tempfile.TemporaryDirectory(prefix="ray-kd-memory-") as tmp:
         for case in args.cases:
-            for r in measure_ray(case, Path(tmp), args.steps):
-                rows.append({"case": case, "executor": "ray (1 worker per role)", **r})
-            out = Path(tmp) / f"{case}-local.json"
-            subprocess.run([sys.executable, sys.argv[0], "--steps", str(args.steps), "--child", case, str(out)],
-                           check=True)
-            rows.append({"case": case, "executor": "local (one process)", **json.loads(out.read_text())})
-            for r in rows[-3:]:
-                r["added_mb"] = r["peak_mb"] - r["baseline_mb"]
-            print(rows[-3:], flush=True)
-    import ray
-
-    ray.shutdown()
+            for executor, label in labels.items():
+                out = Path(tmp) / f"{case}-{executor}.json"
+                subprocess.run([sys.executable, sys.argv[0], "--steps", str(args.steps), "--child", case, executor,
+                                str(out)], check=True)
+                for r in json.loads(out.read_text()):
+                    rows.append({"case": case, "executor": label, **r, "added_mb": r["peak_mb"] - r["baseline_mb"]})
+            print([r for r in rows if r["case"] == case], flush=True)
     for case in args.cases:
-        ray_rows = [r for r in rows if r["case"] == case and r["executor"].startswith("ray")]
-        rows.append({"case": case, "executor": "ray, all workers", "role": "sum",
-                     **{k: sum(r[k] for r in ray_rows) for k in ("baseline_mb", "peak_mb", "added_mb")}})
+        for label in (labels["shared"], labels["own"]):
+            ray_rows = [r for r in rows if r["case"] == case and r["executor"] == label]
+            rows.append({"case": case, "executor": label, "role": "sum of its workers",
+                         **{k: sum(r[k] for r in ray_rows) for k in ("baseline_mb", "peak_mb", "added_mb", "end_uss_mb")}})
     notes = ("MiB. peak_mb: the highest RSS sampled every 20 ms while the role trained one epoch of "
              f"{args.steps} steps (batch 128) and evaluated on val (5,000) and test (10,000); baseline_mb: the RSS "
-             "before the run started in that process (Python, torch, Ray worker); added_mb = peak - baseline. "
+             "before the run started in that process (Python, torch, Ray worker); added_mb = peak - baseline; end_uss_mb: "
+             "the memory only that process holds at the end (USS: pages shared with others, such as the object store's "
+             "one copy of a shared dataset, left out). "
              "Each process's load_dataset reads the whole decoded CIFAR-10 copy (60,000 x 3 x 32 x 32 uint8 = 176 MiB) "
              "and keeps only the splits it uses (here 5,000 train + 5,000 val + 10,000 test images = 59 MiB); what it frees "
-             "mostly stays in the process's heap.")
+             "mostly stays in the process's heap. A shared dataset is loaded once by the driver and put in Ray's object "
+             "store, where every worker of the node maps it (`ray-kd train` does this for an in-memory dataset).")
     save("memory", "Peak resident memory per worker, CIFAR-size pairs", rows,
-         ["case", "executor", "role", "baseline_mb", "peak_mb", "added_mb"], info, notes)
+         ["case", "executor", "role", "baseline_mb", "peak_mb", "added_mb", "end_uss_mb"], info, notes)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import absolute_paths, machine, random_teacher, save, trainer_with
+from common import absolute_paths, machine, random_teacher, save
 
 CASES = {  # name -> (config, overrides)
     "kd": ("configs/bench_cifar10_kd.yaml", []),
@@ -40,19 +40,16 @@ def measure(session, warmup: int, steps: int) -> dict:
 
 
 def pinned_worker(out: str, warmup: int, steps: int):
-    def run(config: dict) -> None:
+    def run(config: dict, rank: int) -> None:
         import json
         import os
 
-        import ray.train
-        import ray.train.torch
         import torch
 
         from ray_kd.config import RunConfig
         from ray_kd.exchange import CollectiveExchange
         from ray_kd.session import Session, all_roles
 
-        rank = ray.train.get_context().get_world_rank()
         os.sched_setaffinity(0, {rank % os.cpu_count()})  # this role's own core
         torch.set_num_threads(1)
         cfg = RunConfig.model_validate(config["run"])
@@ -81,12 +78,12 @@ def child(case: str, mode: str, out: Path, teacher: str, warmup: int, steps: int
         torch.set_num_threads(1)
         result = measure(Session(cfg, list(range(n)), LocalExchange(), torch.device("cpu")), warmup, steps)
     else:
-        from ray_kd.ray_executor import connect
+        from ray_kd.ray_executor import connect, run_roles
 
         connect(cfg)
         workers = out.parent / "workers"
         workers.mkdir()
-        trainer_with(cfg, pinned_worker(str(workers), warmup, steps), name="role-parallel").fit()
+        run_roles(cfg, pinned_worker(str(workers), warmup, steps))
         ranks = [json.loads(p.read_text()) for p in sorted(workers.glob("rank*.json"))]
         result = {"step_s": max(r["step_s"] for r in ranks),
                   "compute_ms": {k: v for r in ranks for k, v in r["compute_ms"].items()}}

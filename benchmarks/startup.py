@@ -1,8 +1,10 @@
 """Seconds from the command to the first training step, phase by phase, on both executors.
 
-Each measurement is a fresh Python process that does what `ray-kd train` does (imports, preflight,
-MLflow run, ray.init, the project's TorchTrainer), with the worker function timed at each stage
-(dataset load, Session = models + optimisers, first step = forward + all_gather + update).
+Each measurement is a fresh Python process that does what `ray-kd train` does (imports, preflight and
+MLflow checks while ray.init starts or joins the cluster, MLflow run, the project's role group), with the
+worker function timed at each stage (dataset load, Session = models + optimisers, first step = forward +
+all_gather + update). Ray runs twice: starting its own local cluster, and joining one already running
+(`ray start --head` beforehand: a warm machine).
 
     .venv/bin/python benchmarks/startup.py [--cases digits-dml cifar-kd cifar-kd-cold]
 """
@@ -16,9 +18,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from common import RUNS, absolute_paths, machine, random_teacher, save, trainer_with
+from common import RUNS, absolute_paths, machine, random_teacher, save
 
 CASES = {  # name -> (config, overrides, random teacher model)
     "digits-dml": ("configs/digits_dml.yaml", [], None),
@@ -31,30 +34,30 @@ CASES = {  # name -> (config, overrides, random teacher model)
 def timed_worker(out: str):
     """ray_executor.train_worker's set-up, with a timestamp after each stage and one step instead of fit()."""
 
-    def run(config: dict) -> None:
+    def run(config: dict, rank: int) -> None:
         import time
 
         entered = time.time()
         import json
 
         import psutil
-        import ray.train
-        import ray.train.torch
+        import ray
         import torch
 
         from ray_kd.config import RunConfig
-        from ray_kd.data import load_dataset
+        from ray_kd.data import from_arrays, load_dataset
         from ray_kd.exchange import CollectiveExchange
+        from ray_kd.ray_executor import worker_device
         from ray_kd.session import Session, all_roles
 
         cfg = RunConfig.model_validate(config["run"])
-        rank = ray.train.get_context().get_world_rank()
         torch.set_num_threads(cfg.runtime.threads_per_worker)
         t = {"process_created": psutil.Process().create_time(), "entered": entered, "imports": time.time()}
-        data = load_dataset(cfg.data)
+        shared = config.get("dataset")  # as train_worker: the driver's dataset from the object store
+        data = from_arrays(ray.get(shared[0])) if shared else load_dataset(cfg.data)
         t["dataset"] = time.time()
         session = Session(cfg, [rank], CollectiveExchange([r.name for r in all_roles(cfg)], rank),
-                          ray.train.torch.get_device(), dataset=data)
+                          worker_device(config), dataset=data)
         t["models"] = time.time()
         session._train_epoch(0)  # steps_per_epoch=1: exactly the first step
         t["first_step"] = time.time()
@@ -73,10 +76,9 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
 
     from ray_kd import tracking
     from ray_kd.config import load_config
-    from ray_kd.data import load_dataset
     from ray_kd.exchange import LocalExchange
-    from ray_kd.ray_executor import connect
-    from ray_kd.run import preflight
+    from ray_kd.ray_executor import run_roles
+    from ray_kd.run import checked_and_connected
     from ray_kd.session import Session, all_roles
 
     t["imports"] = time.time()
@@ -89,15 +91,13 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
                   else ["runtime.threads_per_worker=1", f"runtime.cpus_per_worker={2 / n}"])
     cfg = load_config(config, overrides)
     t["config"] = time.time()
-    preflight(cfg)
-    t["preflight"] = time.time()
     uri = tracking.tracking_uri(cfg)
-    tracking.check_reachable(uri)
+    data = checked_and_connected(cfg, uri)  # as ray_kd.run.train does
+    t["checks"] = time.time()
     tracking.start_or_resume(cfg, uri)
     t["mlflow"] = time.time()
     if executor == "local":
-        torch.set_num_threads(n)
-        data = load_dataset(cfg.data)
+        torch.set_num_threads(n)  # the executor takes the dataset the checks loaded (as run_local does)
         t["dataset"] = time.time()
         session = Session(cfg, list(range(n)), LocalExchange(), torch.device("cpu"), dataset=data)
         t["models"] = time.time()
@@ -105,11 +105,9 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
         t["first_step"] = time.time()
         ranks = []
     else:
-        connect(cfg)
-        t["ray.init"] = time.time()
         workers = out.parent / "workers"
         workers.mkdir()
-        trainer_with(cfg, timed_worker(str(workers)), name="startup").fit()
+        run_roles(cfg, timed_worker(str(workers)), dataset=data)
         ranks = [json.loads(p.read_text()) for p in sorted(workers.glob("rank*.json"))]
         import ray
 
@@ -127,23 +125,48 @@ def phases(m: dict) -> dict[str, float]:
     d, ranks = m["driver"], m["ranks"]
     p = {"python + imports": d["imports"] - d["process_created"],
          "config": d["config"] - d["imports"],
-         "preflight (driver loads data, checks teacher)": d["preflight"] - d["config"],
-         "MLflow run": d["mlflow"] - d["preflight"]}
+         "checks (data, teacher, MLflow store; Ray: while ray.init starts the cluster)": d["checks"] - d["config"],
+         "MLflow run": d["mlflow"] - d["checks"]}
     if not ranks:
-        p.update({"dataset load": d["dataset"] - d["mlflow"], "models + optimisers": d["models"] - d["dataset"],
+        p.update({"models + optimisers": d["models"] - d["mlflow"],
                   "first step": d["first_step"] - d["models"]})
         end = d["first_step"]
     else:
         last = lambda key: max(r[key] for r in ranks)  # noqa: E731
-        p.update({"ray.init": d["ray.init"] - d["mlflow"],
-                  "worker group start (controller, placement group, workers, gloo)": last("entered") - d["ray.init"],
+        p.update({"worker group start (placement group, workers, gloo)": last("entered") - d["mlflow"],
                   "worker imports": last("imports") - last("entered"),
-                  "dataset load (each worker)": last("dataset") - last("imports"),
+                  "dataset (each worker: mapped from the object store)": last("dataset") - last("imports"),
                   "models + optimisers": last("models") - last("dataset"),
                   "first step (incl. waiting for the slowest role)": last("first_step") - last("models")})
         end = last("first_step")
     p["total: command to first step"] = end - d["process_created"]
     return p
+
+
+@contextmanager
+def running_cluster(tmp: Path):
+    """A one-node cluster started beforehand (`ray start --head`, loopback only, as the README's walkthrough
+    does): the "warm machine" a run joins through RAY_ADDRESS. Yields its address; stopped afterwards."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp_dir = tempfile.mkdtemp(prefix="rkstart", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray = Path(sys.executable).parent / "ray"
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={temp_dir}",
+                    f"--num-cpus={os.cpu_count()}", "--include-dashboard=false", "--disable-usage-stats"],
+                   check=True, env=env, capture_output=True, timeout=180)
+    try:
+        time.sleep(5)  # let its own start-up settle: a warm machine
+        yield f"127.0.0.1:{port}"
+    finally:
+        import psutil
+
+        for proc in psutil.process_iter(["cmdline"]):
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                proc.kill()
 
 
 def main() -> None:
@@ -158,16 +181,18 @@ def main() -> None:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tempfile.mkdtemp(prefix='ray-kd-startup-mlflow-')}/mlflow.db"}
     columns, results = ["phase"], {}
     for case in args.cases:
-        for executor in ("ray", "local"):
-            with tempfile.TemporaryDirectory(prefix="ray-kd-startup-") as tmp:
+        for column in ("ray", "ray joining", "local"):
+            executor = column.split()[0]
+            with tempfile.TemporaryDirectory(prefix="ray-kd-startup-") as tmp, \
+                    running_cluster(Path(tmp)) if column == "ray joining" else nullcontext(None) as address:
                 out = Path(tmp) / "timings.json"
                 config, _, model = CASES[case]  # the teacher file from the warm cache: "cold" stays cold
                 teacher_file = random_teacher(config, absolute_paths(config), model) if model else ""
                 subprocess.run([sys.executable, sys.argv[0], "--child", case, executor, str(out), teacher_file],
-                               env=env, check=True)
-                results[f"{case} {executor}"] = phases(json.loads(out.read_text()))
-            columns.append(f"{case} {executor}")
-            print(case, executor, {k: round(v, 2) for k, v in results[f"{case} {executor}"].items()}, flush=True)
+                               env={**env, **({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"} if address else {})}, check=True)
+                results[f"{case} {column}"] = phases(json.loads(out.read_text()))
+            columns.append(f"{case} {column}")
+            print(case, column, {k: round(v, 2) for k, v in results[f"{case} {column}"].items()}, flush=True)
     names = list(dict.fromkeys(k for p in results.values() for k in p))
     names.append(names.pop(names.index("total: command to first step")))
     rows = [{"phase": name, **{col: round(p[name], 2) if name in p else "" for col, p in results.items()}}

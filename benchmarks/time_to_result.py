@@ -3,7 +3,7 @@
 Each measured run is a fresh Python process doing exactly what `ray-kd train` does (`ray_kd.run.train`:
 preflight, MLflow run, executor, summary), with timers wrapped around the project's own functions:
 the driver's phases, and inside every role (a Ray worker, or the single process) its training epochs,
-its evaluation, the wait for the other roles' metrics and its checkpoint report. `--trees` runs the
+its evaluation, the wait for the other roles' metrics and its checkpoint save. `--trees` runs the
 same protocol on other checkouts (e.g. main before a change), alternating, so the ratios are side by side.
 
     .venv/bin/python benchmarks/time_to_result.py [--runs ray local] [--trees .:after /work/main:before
@@ -54,23 +54,26 @@ def instrument(log: list) -> None:
 
 
 def timed_worker(out: str):
-    """ray_executor.train_worker with the role-side timers; each rank writes its log when done."""
+    """ray_executor.train_worker with the role-side timers; each rank writes its log when done. It takes the
+    rank as the role group passes it, or (a checkout from the Ray Train days) asks Ray Train for it."""
 
-    def run(config: dict) -> None:
+    def run(config: dict, rank: int | None = None) -> None:
         import json
         import time
 
         entered = time.time()
-        import ray.train
-
-        from ray_kd import ray_executor
+        from ray_kd import checkpoint, ray_executor
 
         log: list = []
         instrument(log)
-        _timed(ray_executor.RayTrainStore, "save", log, lambda *a: "checkpoint report (files + ray.train.report)")
-        rank = ray.train.get_context().get_world_rank()
+        store_save(checkpoint, ray_executor, log=log)
+        args = (config,) if rank is None else (config, rank)
+        if rank is None:
+            import ray.train
+
+            rank = ray.train.get_context().get_world_rank()
         try:
-            ray_executor.train_worker(config)
+            ray_executor.train_worker(*args)
         finally:
             with open(f"{out}/rank{rank}.json", "w") as f:
                 json.dump({"entered": entered, "log": log}, f)
@@ -78,12 +81,20 @@ def timed_worker(out: str):
     return run
 
 
+def store_save(*modules, log: list) -> None:
+    """Time the checkpoint store's save, whichever class a checkout has (FolderStore, or the older ones)."""
+    for module in modules:
+        for name in ("FolderStore", "RayTrainStore", "DirectoryStore"):
+            if hasattr(module, name):
+                _timed(getattr(module, name), "save", log, lambda *a: "checkpoint save")
+
+
 def child(executor: str, out: Path, overrides: list[str]) -> None:
     """One measured `ray-kd train`, in this fresh process."""
     import psutil
 
     t = {"process_created": psutil.Process().create_time()}
-    from ray_kd import local_executor, ray_executor, run
+    from ray_kd import checkpoint, local_executor, ray_executor, run
     from ray_kd.config import load_config
 
     t["imports"] = time.time()
@@ -92,16 +103,17 @@ def child(executor: str, out: Path, overrides: list[str]) -> None:
     _timed(run, "finish", log, lambda *a: "summary, plot, best student, MLflow model")
     if executor == "local":
         instrument(log)
-        _timed(local_executor.DirectoryStore, "save", log, lambda *a: "checkpoint report (files + ray.train.report)")
+        store_save(checkpoint, local_executor, log=log)
     else:
         workers = out.parent / "workers"
         workers.mkdir()
         _timed(ray_executor, "connect", log, lambda *a: "ray.init")
         worker = timed_worker(str(workers))
-        if "worker_loop" in inspect.signature(ray_executor.make_trainer).parameters:
+        if hasattr(ray_executor, "make_trainer") and \
+                "worker_loop" in inspect.signature(ray_executor.make_trainer).parameters:
             make_trainer = ray_executor.make_trainer
             ray_executor.make_trainer = lambda *a, **k: make_trainer(*a, **k, worker_loop=worker)
-        else:  # a checkout from before make_trainer took the worker loop
+        else:  # the role group (it calls the module's train_worker), or a checkout before make_trainer took a loop
             ray_executor.train_worker = worker
     cfg = load_config(CONFIG, overrides)
     summary = run.train(cfg)
@@ -122,7 +134,7 @@ def phases(m: dict, roles: list[str]) -> dict[str, float]:
     accounted = sum(v for k, v in p.items() if k != "dataset load")  # dataset load is inside models + optimisers
     if m["ranks"]:
         first_entered = min(r["entered"] for r in m["ranks"])
-        p["worker group start (controller, placement group, workers, gloo)"] = first_entered - min(
+        p["worker group start (placement group, workers, gloo; Ray Train: + controller)"] = first_entered - min(
             end for label, _, end in m["log"] if label == "ray.init")
         per_rank = []
         for r in m["ranks"]:
@@ -136,9 +148,9 @@ def phases(m: dict, roles: list[str]) -> dict[str, float]:
             else:
                 p[label] = max(q.get(label, 0.0) for q in per_rank)
         # the ranks run side by side: the slowest rank's role-side total is on the critical path
-        accounted += p["worker group start (controller, placement group, workers, gloo)"] + max(
+        accounted += p["worker group start (placement group, workers, gloo; Ray Train: + controller)"] + max(
             sum(v for k, v in q.items() if k != "dataset load") for q in per_rank)
-    p["other (MLflow run, Ray Train controller, shutdown)"] = total - accounted
+    p["other (MLflow run, shutdown; Ray Train: its controller)"] = total - accounted
     p["total wall"] = total
     return p
 
@@ -195,7 +207,7 @@ def report(args, info: dict, results: dict, walls: dict) -> None:
     # per column: the run with the shortest wall (interference only ever slows a run down)
     best = {c: min(ps, key=lambda p: p["total wall"]) for c, ps in results.items()}
     names = list(dict.fromkeys(k for p in best.values() for k in p))
-    for last in ("other (MLflow run, Ray Train controller, shutdown)", "total wall", "load average (1 min) at start"):
+    for last in ("other (MLflow run, shutdown; Ray Train: its controller)", "total wall", "load average (1 min) at start"):
         names.append(names.pop(names.index(last)))
     rows = [{"phase": n, **{c: round(p[n], 2) if n in p else "" for c, p in best.items()}} for n in names]
     notes = (f"Seconds per phase of one `ray-kd train` of {CONFIG} (KD resnet20 -> resnet8, random teacher), "

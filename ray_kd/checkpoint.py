@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -99,3 +101,47 @@ def newest_good(folders: list[Path], role_names: list[str], say=None) -> tuple[P
         raise CheckpointError(f"no readable checkpoint left in {folders[0].parent}; add --restart to start the run "
                               "over, or pick another name=")
     return None
+
+
+class FolderStore:
+    """A run's checkpoints as `checkpoints/epoch_NNNN/` folders (one `<role>.pt` per role and the epoch
+    history), the same on both executors, so a run can resume on either.
+
+    Each rank writes its own roles' files into the epoch's temporary folder; once every rank has (the
+    `barrier`), rank 0 writes the history and renames the folder into place, so a folder under its final
+    name is always complete. On a cluster the folder must be on storage every node sees."""
+
+    def __init__(self, root: Path, role_names: list[str], keep: int = 2, rank: int = 0,
+                 barrier: Callable[[], None] = lambda: None):
+        self.root, self.role_names, self.keep, self.rank, self.barrier = Path(root), role_names, keep, rank, barrier
+
+    def folders(self) -> list[Path]:
+        return checkpoint_folders(self.root, "epoch_*")
+
+    def latest(self) -> Path | None:
+        done = self.folders()
+        return done[-1] if done else None
+
+    def restore(self, session) -> list:
+        """Load the session's roles from the newest readable checkpoint; returns its history ([] for none)."""
+        found = newest_good(self.folders(), self.role_names)
+        if found is None:
+            return []
+        _, states, history = found
+        session.load_role_states(states)
+        return history
+
+    def save(self, session, history: list) -> None:
+        final = self.root / f"epoch_{len(history):04d}"
+        tmp = self.root / f".{final.name}.tmp"
+        for name, state in session.role_states().items():  # a failed attempt's files are overwritten
+            atomic_save(state, tmp / f"{name}.pt")
+        self.barrier()
+        if self.rank != 0:
+            return
+        atomic_write_json(history, tmp / "history.json")
+        if final.exists():  # the same epoch again, after a resume from the checkpoint before it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in self.folders()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -15,8 +15,9 @@ import os
 import shutil
 import sys
 import tarfile
+import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -55,6 +56,23 @@ class Dataset:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return normalize(images, self.mean, self.std)
+
+
+def as_arrays(data: Dataset) -> Dataset:
+    """The dataset with numpy arrays in place of its tensors: Ray's object store keeps numpy arrays once per
+    node and every worker there maps them without a copy (a tensor would be copied into each worker)."""
+    split = lambda s: Split(s.images.numpy(), s.labels.numpy())  # noqa: E731
+    return replace(data, train=split(data.train), val=split(data.val), test=split(data.test),
+                   mean=data.mean.numpy(), std=data.std.numpy())
+
+
+def from_arrays(data: Dataset) -> Dataset:
+    """`as_arrays` undone, sharing the arrays' memory (read-only: nothing writes a dataset in place)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        split = lambda s: Split(torch.from_numpy(s.images), torch.from_numpy(s.labels))  # noqa: E731
+        return replace(data, train=split(data.train), val=split(data.val), test=split(data.test),
+                       mean=torch.from_numpy(data.mean), std=torch.from_numpy(data.std))
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

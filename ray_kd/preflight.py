@@ -84,6 +84,11 @@ def check_out_file(out: Path) -> None:
     check_writable(out.parent, "--out's folder")
 
 
+def cluster_address(cfg) -> str | None:
+    """The cluster a Ray run joins: runtime.address, else RAY_ADDRESS (set under `ray job submit`); None: start one."""
+    return cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+
+
 def check_address(address: str | None) -> None:
     """A `host:port` (or `ray://host:port`) cluster address must accept a connection within seconds;
     `auto` must find a cluster started on this machine (then its GCS is probed the same way)."""

@@ -1,77 +1,46 @@
-"""The Ray executor: one Ray Train worker per role, all in lockstep, exchanging through a collective.
+"""The Ray executor: one Ray actor per role, all in lockstep, exchanging through a collective.
 
 Rank r runs role r. Every worker builds its own role and dataset, draws the same
 batches, and calls the same `Session` code as the single-process executor; only
-the exchange (an all_gather in the worker group's process group) differs.
-Checkpoints: each rank reports its own `<role>.pt`, Ray merges them into one
-checkpoint folder; re-running with the same run name resumes from the latest.
+the exchange (an all_gather in the group's torch.distributed process group) differs.
+Checkpoints: each rank writes its own `<role>.pt` into the epoch's folder of the
+run's `FolderStore`; re-running with the same run name resumes from the latest.
+
+The group is plain actors in one placement group, not Ray Train: a Train run starts
+a controller and four helper actors before the workers, ~11 s on 2 cores against
+~2 s for the workers alone (benchmarks/results/startup.md), and everything Train
+added here (checkpoint folders, restarts after a worker's death) is a few lines.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
 
 import ray
-import ray.train
 import torch
-from ray.train.torch import TorchTrainer
 
-from ray_kd.checkpoint import checkpoint_folders, newest_good
+from ray_kd.checkpoint import CheckpointError, FolderStore, checkpoint_folders, read_history
 from ray_kd.config import RunConfig
+from ray_kd.data import Dataset, as_arrays, from_arrays
 from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange
-from ray_kd.local_executor import write_role_files
+from ray_kd.preflight import cluster_address
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, StepStatus
-from ray_kd.session import History, Session, all_roles, fit, progress_line
+from ray_kd.session import Session, all_roles, fit, progress_line
 
 
 class ClusterError(UserError, RuntimeError):
     """The cluster cannot ever hold this run (too few CPUs/GPUs), or cannot be reached."""
 
 
-class RayTrainStore:
-    """Checkpoints through `ray.train.report`: every rank adds its role file, rank 0 the history."""
-
-    def __init__(self, rank: int):
-        self.rank = rank
-
-    def restore(self, session: Session) -> History:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return []
-        with checkpoint.as_directory() as folder:
-            folder = Path(folder)
-            # On storage this node sees, a corrupt latest falls back to the folder before it (as the driver said).
-            siblings = [p for p in checkpoint_folders(folder.parent) if p.name <= folder.name]
-            _, states, history = newest_good(siblings if folder in siblings else [folder],
-                                             [r.name for r in all_roles(session.cfg)])
-            session.load_role_states({r.role.name: states[r.role.name] for r in session.runners})
-            return history
-
-    def save(self, session: Session, history: History) -> None:
-        import ray.train
-
-        with tempfile.TemporaryDirectory() as tmp:
-            write_role_files(Path(tmp), session, history if self.rank == 0 else None)
-            ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-
-def train_worker(config: dict) -> None:
-    """What every Ray Train worker runs."""
-    import ray.train
-    import ray.train.torch
-
+def train_worker(config: dict, rank: int) -> None:
+    """What every role worker runs: its role of the run, in lockstep with the others."""
     from ray_kd.tracking import MetricSync, system_metrics
 
     cfg = RunConfig.model_validate(config["run"])
-    rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(cfg.runtime.threads_per_worker)
     roles = all_roles(cfg)
     exchange = CollectiveExchange([r.name for r in roles], rank)
@@ -80,10 +49,116 @@ def train_worker(config: dict) -> None:
     log_every = cfg.tracking.log_every_steps if config.get("run_id") else 0  # the same on every rank
     monitor = StepMonitor(cfg.optim.epochs, exchange, log_every,
                           StepMetricLogger(sync.client, sync.run_id) if sync and log_every else None)
-    session = Session(cfg, [rank], exchange, ray.train.torch.get_device(), monitor=monitor)
+    shared = config.get("dataset")  # the driver's in-memory dataset, held once per node by Ray's object store
+    data = from_arrays(ray.get(shared[0])) if shared else None
+    session = Session(cfg, [rank], exchange, worker_device(config), data, monitor=monitor)
+    store = FolderStore(cfg.run_dir / "checkpoints", [r.name for r in roles], cfg.runtime.keep_checkpoints, rank,
+                        barrier=lambda: exchange.gather_objects(None))
     node = sync.names.get(roles[rank].name, roles[rank].name) if sync else roles[rank].name
     with system_metrics(config["tracking_uri"], config.get("run_id"), node, cfg.tracking.system_metrics_interval):
-        fit(session, RayTrainStore(rank), sync)
+        fit(session, store, sync)
+
+
+def worker_device(config: dict) -> torch.device:
+    """The GPU Ray gave this worker (it sees only that one), or the CPU."""
+    return torch.device("cuda", 0) if config["gpu"] else torch.device("cpu")
+
+
+@ray.remote
+class RoleWorker:
+    """One process of the role group: rank r runs role r's share of the run (`fn(config, rank)`) inside the
+    group's torch.distributed process group."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+
+    def free_address(self) -> str:
+        """host:port for the group's rendezvous, on this (rank 0's) node."""
+        import socket
+
+        host = ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return f"{host}:{s.getsockname()[1]}"
+
+    def run(self, fn: Callable[[dict, int], object], config: dict, address: str, backend: str):
+        import torch.distributed as dist
+
+        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank, world_size=self.world_size)
+        try:
+            return fn(config, self.rank)
+        finally:
+            dist.destroy_process_group()
+
+
+class WorkerDied(Exception):
+    """A role worker's process is gone (killed, out of memory, its node lost): the group can restart."""
+
+    def __init__(self, rank: int, reason: str):
+        super().__init__(reason)
+        self.rank = rank
+
+
+class RoleGroup:
+    """One worker per role, placed as one placement group (a GPU each when the run uses GPUs).
+
+    Ray owns the group's fate: the workers and their placement group die with the process that started them
+    (a driver, or a Tune trial stopped early), so nothing leaks."""
+
+    def __init__(self, cfg: RunConfig, gpu: bool):
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        n = len(all_roles(cfg))
+        bundle = {"CPU": cfg.runtime.cpus_per_worker, **({"GPU": 1} if gpu else {})}
+        self.group = placement_group([bundle] * n, strategy="PACK")
+        if not self.group.wait(timeout_seconds=10):
+            print(f"waiting for {n} x {bundle} to be free on the cluster (other work holds them)", flush=True)
+            ray.get(self.group.ready())
+        self.workers = [
+            RoleWorker.options(num_cpus=cfg.runtime.cpus_per_worker, num_gpus=1 if gpu else 0,
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r))
+            .remote(r, n)
+            for r in range(n)]
+
+    def run(self, fn, config: dict, backend: str, poll: Callable[[], None] = lambda: None, every: float = 0.5) -> list:
+        """Every rank's `fn(config, rank)`, calling `poll()` every `every` seconds meanwhile. A failed rank
+        ends the wait at once: WorkerDied if any worker's process is gone, else the failure itself."""
+        address = ray.get(self.workers[0].free_address.remote())
+        refs = [w.run.remote(fn, config, address, backend) for w in self.workers]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=len(pending), timeout=every)
+            for ref in done:
+                try:
+                    ray.get(ref)
+                except Exception as err:
+                    raise self._failure(refs, refs.index(ref), err) from None
+            poll()
+        poll()
+        return ray.get(refs)
+
+    def _failure(self, refs: list, rank: int, err: Exception) -> Exception:
+        """What the group's first failure means: a peer of a dead worker fails too (its collective breaks), so
+        give the others a moment to report before telling a death from an error."""
+        errors = {rank: err}
+        done, _ = ray.wait([r for r in refs if r != refs[rank]], num_returns=len(refs) - 1, timeout=5)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as other:
+                errors[refs.index(ref)] = other
+        for r, e in sorted(errors.items()):
+            if isinstance(e, ray.exceptions.RayActorError):
+                return WorkerDied(r, str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__)
+        return err
+
+    def shutdown(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for worker in self.workers:
+            ray.kill(worker)
+        remove_placement_group(self.group)
 
 
 def use_gpu(cfg: RunConfig) -> bool:
@@ -92,23 +167,34 @@ def use_gpu(cfg: RunConfig) -> bool:
     return cfg.runtime.use_gpu == "yes"
 
 
-def connect(cfg: RunConfig, state_api: bool = False) -> None:
+def connect(cfg: RunConfig) -> None:
     """Join the cluster in runtime.address / RAY_ADDRESS (as under `ray job submit`), or start a local one.
 
-    A local cluster starts the dashboard only when `state_api` is asked for (sweeps: Ray Train's
-    placement-group cleaner needs its State API, else a finished trial leaks its workers' resources),
-    and no metrics collection, and binds every port it opens to 127.0.0.1 (see README, What listens where)."""
+    A local cluster starts no dashboard and no metrics collection, and binds every port it opens to
+    127.0.0.1 (see README, What listens where)."""
     if ray.is_initialized():
         return
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     # Worker logs stay in Ray's log files unless asked for: the driver prints progress itself.
     kwargs = dict(log_to_driver=cfg.runtime.worker_logs, logging_level="ERROR")
     if address:
+        if on_loopback(address):  # a cluster started loopback-only (the README's `ray start`) is joined the same way
+            loopback_only()
         ray.init(address=address, **kwargs)
     else:
         loopback_only()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=state_api, dashboard_host="127.0.0.1",
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
                  _system_config={"enable_metrics_collection": False}, **kwargs)
+
+
+def on_loopback(address: str) -> bool:
+    """Whether a cluster address (`host:port`, `ray://host:port`, `auto`) is on this machine's loopback."""
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+
+        address = canonicalize_bootstrap_address_or_die("auto")
+    host = address.split("://", 1)[-1].rpartition(":")[0]
+    return host == "localhost" or host.startswith("127.")
 
 
 def loopback_only() -> None:
@@ -140,92 +226,99 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
                            "set runtime.use_gpu=no or add GPUs")
 
 
-class Trainer(TorchTrainer):
-    """TorchTrainer whose Ctrl-C ends the run the way every other stop does.
+def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking_uri: str | None = None,
+              run_id: str | None = None, poll: Callable[[], None] = lambda: None, dataset: Dataset | None = None) -> list:
+    """Every rank's `fn(config, rank)` (default: train_worker) on one worker per role, all in one process group.
 
-    Ray's own SIGINT handler aborts the controller and then exits the driver with status 0 or 1 and no
-    message, so nothing marks the MLflow run KILLED or says where the run stopped. This one aborts the
-    controller the same way (the workers stop, saved checkpoints stay) and then raises KeyboardInterrupt in
-    the driver, which `ray_kd.run` turns into the stop line and exit 130.
-    """
-
-    def _register_sigint_handler(self, controller) -> None:
-        def on_sigint(signum, frame):
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C skips the abort
-            try:
-                ray.get(controller.abort.remote(), timeout=30)
-            except Exception:  # the controller is gone or slow: the driver's exit ends it anyway
-                pass
-            raise KeyboardInterrupt
-
-        signal.signal(signal.SIGINT, on_sigint)
-
-
-def make_trainer(cfg: RunConfig, tracking_uri: str, run_id: str | None, callbacks=(), name: str = "ray",
-                 worker_loop: Callable[[dict], None] = train_worker):
-    """The TorchTrainer of one distillation run (the Tune driver wraps this too; benchmarks pass their own
-    `worker_loop`, which may wrap `train_worker`)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
-
+    A worker that dies (killed, out of memory, its node lost) takes the group down and a new one starts, up to
+    runtime.max_failures times; train_worker then resumes from the last checkpoint. An error a worker raises
+    ends the run with the worker's own message (a NaN loss, a bad checkpoint). Benchmarks pass their own `fn`.
+    An in-memory `dataset` the driver loaded goes to the workers through the object store (`config["dataset"]`:
+    one copy per node, mapped by its workers) instead of each worker loading and holding its own."""
+    fn = fn or train_worker
     gpu = use_gpu(cfg)
     check_fits(cfg, gpu)
     backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if gpu else "gloo")
-    resources = {"CPU": cfg.runtime.cpus_per_worker, **({"GPU": 1} if gpu else {})}
-    return Trainer(
-        worker_loop,
-        train_loop_config={"run": cfg.model_dump(), "tracking_uri": tracking_uri, "run_id": run_id},
-        scaling_config=ScalingConfig(num_workers=len(all_roles(cfg)), use_gpu=gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend=backend),
-        run_config=TrainRunConfig(
-            name=name, storage_path=str(cfg.run_dir), callbacks=list(callbacks),
-            failure_config=FailureConfig(max_failures=cfg.runtime.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.runtime.keep_checkpoints),
-        ),
-    )
+    config = {"run": cfg.with_absolute_paths().model_dump(), "tracking_uri": tracking_uri, "run_id": run_id,
+              "gpu": gpu, "dataset": [ray.put(as_arrays(dataset))] if isinstance(dataset, Dataset) else None}
+    roles = all_roles(cfg)
+    for attempt in range(cfg.runtime.max_failures + 1):
+        group = RoleGroup(cfg, gpu)
+        try:
+            return group.run(fn, config, backend, poll)
+        except WorkerDied as died:
+            role = f"role {roles[died.rank].name} (rank {died.rank})"
+            if attempt == cfg.runtime.max_failures:
+                raise WorkerFailedError(f"{role} died after runtime.max_failures={cfg.runtime.max_failures} "
+                                        f"restarts: {died}; checkpoints are kept in {cfg.run_dir / 'checkpoints'}: "
+                                        "run the same command to resume") from None
+            print(f"{role} died ({died}); restarting the workers from the last checkpoint "
+                  f"({attempt + 1} of runtime.max_failures={cfg.runtime.max_failures})", flush=True)
+        except ray.exceptions.RayTaskError as err:
+            raise explain_failure(err, cfg) from None
+        finally:
+            group.shutdown()
 
 
-def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None) -> Path:
-    """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint."""
+def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None,
+               on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True,
+               dataset: Dataset | None = None) -> Path:
+    """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint.
+
+    `on_epoch(record)` gets each epoch's metrics as its checkpoint lands (a Tune trial reports them);
+    `dataset`, the one the driver loaded, is shared with the workers (see run_roles)."""
     connect(cfg)
-    trainer = make_trainer(cfg, tracking_uri, run_id)
+    store = cfg.run_dir / "checkpoints"
     stop = threading.Event()
     display = ProgressDisplay(cfg.runtime.progress_every_s)
     watcher = threading.Thread(target=watch_progress, args=(tracking_uri, run_id, cfg.optim.epochs, stop, display),
                                daemon=True)
-    if run_id:
+    if run_id and show_progress:
         watcher.start()
     try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as err:
-        raise explain_failure(err, cfg) from None
+        run_roles(cfg, train_worker, tracking_uri, run_id, NewEpochs(store, on_epoch) if on_epoch else lambda: None,
+                  dataset)
     finally:
         stop.set()
-        if run_id:
+        if watcher.is_alive():
             watcher.join()
-    return Path(result.checkpoint.path)
+    return checkpoint_folders(store, "epoch_*")[-1]
+
+
+class NewEpochs:
+    """Passes each epoch of the newest checkpoint's history to `on_epoch` once, in order."""
+
+    def __init__(self, root: Path, on_epoch: Callable[[dict], None]):
+        self.root, self.on_epoch, self.seen = root, on_epoch, 0
+
+    def __call__(self) -> None:
+        folders = checkpoint_folders(self.root, "epoch_*")
+        try:
+            history = read_history(folders[-1]) if folders else []
+        except (CheckpointError, FileNotFoundError):  # pruned or replaced while read: the next call sees it
+            return
+        for record in history[self.seen:]:
+            self.on_epoch(record)
+        self.seen = max(self.seen, len(history))
 
 
 class WorkerFailedError(UserError, RuntimeError):
-    """A role's worker kept failing after every restart the run allows."""
+    """A role's worker kept dying after every restart the run allows, or failed with an unexpected error."""
 
 
 def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
-    """The one-line error a user can act on: the worker's own UserError (a NaN loss, a bad checkpoint)
-    if it raised one, else which role failed, after how many restarts, and how to resume."""
-    roles = all_roles(cfg)
-    for rank, failure in sorted(getattr(err, "worker_failures", {}).items()):
-        cause = failure
-        while cause is not None:
-            if isinstance(cause, UserError):
-                return cause
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        first = str(failure).strip().splitlines()[-1][:300] if str(failure).strip() else type(failure).__name__
-        return WorkerFailedError(f"role {roles[rank].name} (rank {rank}) failed after runtime.max_failures="
-                                 f"{cfg.runtime.max_failures} restarts: {first}; checkpoints are kept in "
-                                 f"{cfg.run_dir / 'ray'}: run the same command to resume")
-    return WorkerFailedError(f"the run failed ({str(err).strip().splitlines()[0][:300]}); checkpoints are kept in "
-                             f"{cfg.run_dir / 'ray'}: run the same command to resume")
+    """The one-line error a user can act on: the worker's own UserError (a NaN loss, a bad checkpoint) if it
+    raised one, else the worker's last line and how to resume."""
+    cause = err
+    while cause is not None:
+        inner = getattr(cause, "cause", None)  # a RayTaskError carries the worker's own exception
+        if isinstance(cause, UserError) and inner is None:
+            return cause
+        cause = inner or cause.__cause__
+    text = str(getattr(err, "cause", None) or err).strip()
+    first = text.splitlines()[-1][:300] if text else type(err).__name__
+    return WorkerFailedError(f"the run failed in a worker ({first}); checkpoints are kept in "
+                             f"{cfg.run_dir / 'checkpoints'}: run the same command to resume")
 
 
 def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, display: ProgressDisplay,

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from ray_kd.checkpoint import (atomic_save, checkpoint_folders, newest_good, read_history, safe_load,
-                               save_model_file)
+from ray_kd.checkpoint import atomic_save, newest_good, read_history, safe_load, save_model_file
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, eval_batches, load_dataset
 from ray_kd.errors import UserError
 from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
-                              check_sqlite_store)
+                              check_sqlite_store, cluster_address)
 from ray_kd.session import all_roles
 from ray_kd.results import plot_curves, summarize, write_summary
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
@@ -30,12 +28,8 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
     `kind` is the run's `ray_kd.run_kind` tag (teacher, baseline, distillation, sweep_trial); by default
     baseline for the student alone (`ce`), else distillation. `restart` discards the run folder's
     checkpoints first (a new MLflow run too)."""
-    data = preflight(cfg)  # loaded once on the driver: the local executor and finish use it too
-    if cfg.runtime.executor == "ray":
-        connect_checked(cfg)
     uri = tracking.tracking_uri(cfg)
-    check_sqlite_store(uri)
-    tracking.check_reachable(uri)
+    data = checked_and_connected(cfg, uri)  # loaded once on the driver: the local executor and finish use it too
     if threading.current_thread() is threading.main_thread():
         install_handlers()
     with run_folder.run_lock(cfg):
@@ -59,12 +53,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
             else:
                 from ray_kd.ray_executor import run_on_ray
 
-                last = run_on_ray(cfg, uri, run_id)
-                # Ray deletes only checkpoints it registered: folders written by an interrupted driver or a
-                # failed worker-group attempt stay behind; keep exactly the newest runtime.keep_checkpoints.
-                for old in checkpoint_folders(cfg.run_dir / "ray")[:-cfg.runtime.keep_checkpoints]:
-                    if old != last:
-                        shutil.rmtree(old, ignore_errors=True)
+                last = run_on_ray(cfg, uri, run_id, dataset=data)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
             _mark_unfinished(uri, before, epochs_before, "KILLED")
             done = newest_good_checkpoint(cfg, quiet=True)
@@ -84,6 +73,29 @@ def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
     mlflow.set_terminated(before.info.run_id, status)
 
 
+def checked_and_connected(cfg: RunConfig, uri: str) -> Dataset:
+    """The preflight and the MLflow store's checks, and for the Ray executor the cluster joined or started at
+    the same time (a local cluster takes seconds to start: this process loads the data meanwhile). A bad
+    config or store is the error shown, even when the cluster failed too. Returns the dataset."""
+    def checks() -> Dataset:
+        data = preflight(cfg)
+        check_sqlite_store(uri)
+        tracking.check_reachable(uri)
+        return data
+
+    if cfg.runtime.executor != "ray":
+        return checks()
+    check_address(cluster_address(cfg))  # a dead address is one line before anything else starts
+    with ThreadPoolExecutor(1) as pool:
+        checked = pool.submit(checks)
+        try:
+            connect_checked(cfg)
+        except BaseException:
+            checked.result()
+            raise
+        return checked.result()
+
+
 def preflight(cfg: RunConfig) -> Dataset:
     """Fail in seconds, before any worker starts: every folder the run writes must be writable, the data must
     load and fit every role and weight file. Returns the dataset."""
@@ -97,8 +109,7 @@ def connect_checked(cfg: RunConfig) -> None:
     """Join (or start) the Ray cluster now, so a dead or missing one is one line before anything starts."""
     from ray_kd.ray_executor import connect
 
-    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
-    check_address(address)
+    address = cluster_address(cfg)
     try:
         connect(cfg)
     except ConnectionError as err:

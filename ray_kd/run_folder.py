@@ -93,9 +93,8 @@ def _sha256(path: Path) -> str:
 
 
 def saved_checkpoints(cfg: RunConfig) -> list[Path]:
-    """The run's checkpoint folders, oldest first: the local executor's `checkpoints/epoch_*`, else Ray
-    Train's `ray/checkpoint_*`."""
-    return checkpoint_folders(cfg.run_dir / "checkpoints", "epoch_*") or checkpoint_folders(cfg.run_dir / "ray")
+    """The run's checkpoint folders, oldest first (both executors write `checkpoints/epoch_*`)."""
+    return checkpoint_folders(cfg.run_dir / "checkpoints", "epoch_*")
 
 
 def check_fingerprint(cfg: RunConfig) -> None:

@@ -212,7 +212,7 @@ def test_kd_torchvision_teacher_to_timm_student_on_ray(ray_cluster, mlflow_uri, 
         "students=[{model: 'timm:test_resnet'}]", "optim.epochs=1", "optim.steps_per_epoch=3",
         "runtime.executor=ray"])
     summary = train(cfg)
-    history = json.loads(max((tmp_path / "external-kd" / "ray").rglob("history.json")).read_text())
+    history = json.loads(max((tmp_path / "external-kd" / "checkpoints").rglob("history.json")).read_text())
     assert history[0]["teacher/data_checksum"] == history[0]["student_0/data_checksum"] != 0
     data = load_dataset(cfg.data)
     with torch.no_grad():  # the teacher's accuracy under Ray is the original model's: its weights arrived intact

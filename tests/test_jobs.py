@@ -1,4 +1,4 @@
-"""`ray job submit` against a real local Ray head: the job succeeds and its run lands in MLflow."""
+"""`ray job submit` against a real local Ray head: the job succeeds and its run lands in MLflow; a driver joins it too."""
 
 import os
 import shutil
@@ -42,7 +42,7 @@ def ray_head():
                         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true",
                         "--disable-usage-stats", *(f"--{flag}={port}" for flag, port in ports.items())],
                        check=True, env=head_env, capture_output=True, timeout=180)
-        yield env, f"http://127.0.0.1:{ports['dashboard-port']}"
+        yield env, f"http://127.0.0.1:{ports['dashboard-port']}", f"127.0.0.1:{ports['port']}"
         head = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
         listening = {(p.name(), c.laddr.ip, c.laddr.port) for p in head for c in p.net_connections(kind="inet")
                      if c.status == psutil.CONN_LISTEN}
@@ -56,7 +56,7 @@ def ray_head():
 
 
 def test_submitted_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
-    env, address = ray_head
+    env, address, gcs = ray_head
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runtime_env = '{"env_vars": {"MLFLOW_TRACKING_URI": "%s"}}' % uri
     for _ in range(40):  # the job agent takes a few seconds to come up after `ray start`
@@ -83,3 +83,11 @@ def test_submitted_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
     artifacts = {a.path for a in mlflow.list_artifacts(runs[0].info.run_id)}
     assert {"summary.json", "best_student.pt", "accuracy.png"} <= artifacts
     assert list((tmp_path / "mlruns").rglob("best_student.pt"))  # beside the store, not in the job's temp copy
+
+    # A driver of one's own joins the same loopback-only head by its address (no job): Ray would rewrite
+    # 127.0.0.1 to the host's routable address, where nothing listens, and hang.
+    joined = subprocess.run([sys.executable, "-m", "ray_kd.cli", "train", "-c", "configs/digits_dml.yaml",
+                             "optim.epochs=1", f"runtime.address={gcs}", f"output_dir={tmp_path / 'runs'}",
+                             "name=joined"], env={**env, "MLFLOW_TRACKING_URI": uri}, capture_output=True, text=True,
+                            timeout=180, cwd=REPO)
+    assert joined.returncode == 0 and "epoch 1/1" in joined.stdout, (joined.stdout + joined.stderr)[-3000:]

@@ -52,7 +52,7 @@ def test_plugin_method_and_model_run_on_ray_through_the_api(ray_cluster, install
         "teacher": {"model": "digits_cnn_l", "checkpoint": digits_teacher}, "students": [{"model": "digits_mlp"}],
         "optim.epochs": 2, "optim.steps_per_epoch": 3})
     assert summary["epochs"] == 2 and summary["best_student"] == "student_0"
-    history = json.loads(next((tmp_path / "plugin" / "ray").rglob("history.json")).read_text())
+    history = json.loads(next((tmp_path / "plugin" / "checkpoints").rglob("history.json")).read_text())
     assert all(entry["student_0/loss_kd"] > 0 for entry in history)
 
 

@@ -1,8 +1,8 @@
 """The Tune driver: every trial is a full multi-worker distillation run, searched on validation only.
 
-Each trial runs `ray_kd`'s own TorchTrainer (one worker per role, its resources
-placed as one group) inside a Tune function trainable, reporting per-epoch
-metrics through Train's TuneReportCallback; the searcher (Optuna TPE, random or
+Each trial runs `ray_kd`'s own role group (one worker per role, its resources
+placed as one group) inside a Tune function trainable, reporting each epoch's
+metrics to Tune as its checkpoint lands; the searcher (Optuna TPE, random or
 grid) and the ASHA scheduler read `best_student_val_acc`. MLflow gets a parent
 run for the sweep and a nested child run per trial. Re-running the same command
 resumes an interrupted sweep.
@@ -34,9 +34,8 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
     import time
 
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
-    from ray_kd.ray_executor import make_trainer
+    from ray_kd.ray_executor import run_on_ray
 
     trial_id = tune.get_context().get_trial_id()
     tree = apply_overrides(copy.deepcopy(base), params)  # typed values, never through YAML strings
@@ -44,8 +43,8 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
     cfg = validate_config(tree)
     run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind="sweep_trial")
     start = time.perf_counter()
-    result = make_trainer(cfg, uri, run_id, callbacks=[TuneReportCallback()]).fit()
-    history = json.loads((Path(result.checkpoint.path) / "history.json").read_text())
+    last = run_on_ray(cfg, uri, run_id, on_epoch=tune.report, show_progress=False)
+    history = json.loads((last / "history.json").read_text())
     summary = summarize(history, time.perf_counter() - start, run_id)
     write_summary(summary, cfg.run_dir)
     mlflow = tracking.client(uri)
@@ -67,7 +66,7 @@ def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
     sweep_dir = parent_cfg.run_dir
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
-    connect(cfg, state_api=True)
+    connect(cfg)
     check_fits(cfg, use_gpu(cfg))
     parent_id = tracking.start_or_resume(parent_cfg, uri, kind="sweep")
     tracking.client(uri).log_text(parent_id, yaml.safe_dump(space.model_dump(), sort_keys=False), "space.yaml")
