@@ -1,15 +1,16 @@
 """The Ray executor: one Ray actor per role, all in lockstep, exchanging through a collective.
 
-Rank r runs role r. Every worker builds its own role and dataset, draws the same
-batches, and calls the same `Session` code as the single-process executor; only
+Rank r runs role r. Every worker builds its own role (the driver's in-memory dataset
+reaches it through Ray's object store, one copy per node), draws the same batches, and calls the same `Session` code as the single-process executor; only
 the exchange (an all_gather in the group's torch.distributed process group) differs.
 Checkpoints: each rank writes its own `<role>.pt` into the epoch's folder of the
 run's `FolderStore`; re-running with the same run name resumes from the latest.
 
 The group is plain actors in one placement group, not Ray Train: a Train run starts
-a controller and four helper actors before the workers, ~11 s on 2 cores against
-~2 s for the workers alone (benchmarks/results/startup.md), and everything Train
-added here (checkpoint folders, restarts after a worker's death) is a few lines.
+a controller and four helper actors before the workers (its worker-group start took
+12.6-15.9 s on 2 cores against 1.9-2.1 s for this group, measured side by side for
+issue 14), and what Train added here (checkpoint folders, restarts after a worker's
+death) is a few lines.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class RoleGroup:
             ray.get(self.group.ready())
         self.workers = [
             RoleWorker.options(num_cpus=cfg.runtime.cpus_per_worker, num_gpus=1 if gpu else 0,
-                               scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=r))
+                               scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                   self.group, placement_group_bundle_index=r))
             .remote(r, n)
             for r in range(n)]
 
