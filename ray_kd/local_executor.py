@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from ray_kd.checkpoint import FolderStore
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset
 from ray_kd.exchange import LocalExchange
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor
+from ray_kd.run_folder import checkpoint_store
 from ray_kd.session import Session, all_roles, fit, progress_line
 
 
@@ -29,6 +29,6 @@ def run_local(cfg: RunConfig, sync=None, show_progress: bool = True, dataset: Da
                           StepMetricLogger(sync.client, sync.run_id) if log_every else None,
                           ProgressDisplay(cfg.runtime.progress_every_s) if show_progress else None)
     session = Session(cfg, list(range(len(roles))), exchange, device, dataset, monitor=monitor)
-    store = FolderStore(cfg.run_dir / "checkpoints", [r.name for r in roles], cfg.runtime.keep_checkpoints)
+    store = checkpoint_store(cfg)
     fit(session, store, sync, progress_line(cfg.optim.epochs) if show_progress else None)
     return store.latest()

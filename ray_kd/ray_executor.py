@@ -23,13 +23,14 @@ from typing import Callable
 import ray
 import torch
 
-from ray_kd.checkpoint import CheckpointError, FolderStore, checkpoint_folders, read_history
+from ray_kd.checkpoint import CheckpointError, read_history
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, as_arrays, from_arrays
 from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange
 from ray_kd.preflight import cluster_address
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, StepStatus
+from ray_kd.run_folder import checkpoint_store, saved_checkpoints
 from ray_kd.session import Session, all_roles, fit, progress_line
 
 
@@ -53,8 +54,7 @@ def train_worker(config: dict, rank: int) -> None:
     shared = config.get("dataset")  # the driver's in-memory dataset, held once per node by Ray's object store
     data = from_arrays(ray.get(shared[0])) if shared else None
     session = Session(cfg, [rank], exchange, worker_device(config), data, monitor=monitor)
-    store = FolderStore(cfg.run_dir / "checkpoints", [r.name for r in roles], cfg.runtime.keep_checkpoints, rank,
-                        barrier=lambda: exchange.gather_objects(None))
+    store = checkpoint_store(cfg, rank, barrier=lambda: exchange.gather_objects(None))
     node = sync.names.get(roles[rank].name, roles[rank].name) if sync else roles[rank].name
     with system_metrics(config["tracking_uri"], config.get("run_id"), node, cfg.tracking.system_metrics_interval):
         fit(session, store, sync)
@@ -252,7 +252,7 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
             role = f"role {roles[died.rank].name} (rank {died.rank})"
             if attempt == cfg.runtime.max_failures:
                 raise WorkerFailedError(f"{role} died after runtime.max_failures={cfg.runtime.max_failures} "
-                                        f"restarts: {died}; checkpoints are kept in {cfg.run_dir / 'checkpoints'}: "
+                                        f"restarts: {died}; checkpoints are kept in {checkpoint_store(cfg).root}: "
                                         "run the same command to resume") from None
             print(f"{role} died ({died}); restarting the workers from the last checkpoint "
                   f"({attempt + 1} of runtime.max_failures={cfg.runtime.max_failures})", flush=True)
@@ -270,7 +270,6 @@ def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | No
     `on_epoch(record)` gets each epoch's metrics as its checkpoint lands (a Tune trial reports them);
     `dataset`, the one the driver loaded, is shared with the workers (see run_roles)."""
     connect(cfg)
-    store = cfg.run_dir / "checkpoints"
     stop = threading.Event()
     display = ProgressDisplay(cfg.runtime.progress_every_s)
     watcher = threading.Thread(target=watch_progress, args=(tracking_uri, run_id, cfg.optim.epochs, stop, display),
@@ -278,23 +277,23 @@ def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | No
     if run_id and show_progress:
         watcher.start()
     try:
-        run_roles(cfg, train_worker, tracking_uri, run_id, NewEpochs(store, on_epoch) if on_epoch else lambda: None,
+        run_roles(cfg, train_worker, tracking_uri, run_id, NewEpochs(cfg, on_epoch) if on_epoch else lambda: None,
                   dataset)
     finally:
         stop.set()
         if watcher.is_alive():
             watcher.join()
-    return checkpoint_folders(store, "epoch_*")[-1]
+    return saved_checkpoints(cfg)[-1]
 
 
 class NewEpochs:
     """Passes each epoch of the newest checkpoint's history to `on_epoch` once, in order."""
 
-    def __init__(self, root: Path, on_epoch: Callable[[dict], None]):
-        self.root, self.on_epoch, self.seen = root, on_epoch, 0
+    def __init__(self, cfg: RunConfig, on_epoch: Callable[[dict], None]):
+        self.cfg, self.on_epoch, self.seen = cfg, on_epoch, 0
 
     def __call__(self) -> None:
-        folders = checkpoint_folders(self.root, "epoch_*")
+        folders = saved_checkpoints(self.cfg)
         try:
             history = read_history(folders[-1]) if folders else []
         except (CheckpointError, FileNotFoundError):  # pruned or replaced while read: the next call sees it
@@ -320,7 +319,7 @@ def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
     text = str(getattr(err, "cause", None) or err).strip()
     first = text.splitlines()[-1][:300] if text else type(err).__name__
     return WorkerFailedError(f"the run failed in a worker ({first}); checkpoints are kept in "
-                             f"{cfg.run_dir / 'checkpoints'}: run the same command to resume")
+                             f"{checkpoint_store(cfg).root}: run the same command to resume")
 
 
 def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, display: ProgressDisplay,

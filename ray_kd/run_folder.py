@@ -21,11 +21,12 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from ray_kd.checkpoint import atomic_write_json, checkpoint_folders
+from ray_kd.checkpoint import FolderStore, atomic_write_json
 from ray_kd.config import RunConfig, flatten
 from ray_kd.errors import UserError
+from ray_kd.session import all_roles
 
 LOCK = "run.lock"
 FINGERPRINT = "fingerprint.json"
@@ -92,9 +93,16 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def checkpoint_store(cfg: RunConfig, rank: int = 0, barrier: Callable[[], None] = lambda: None) -> FolderStore:
+    """The run's checkpoints, `checkpoints/epoch_NNNN/`: the same store on both executors (a Ray rank passes its
+    rank and the group's barrier)."""
+    return FolderStore(cfg.run_dir / "checkpoints", [r.name for r in all_roles(cfg)], cfg.runtime.keep_checkpoints,
+                       rank, barrier)
+
+
 def saved_checkpoints(cfg: RunConfig) -> list[Path]:
-    """The run's checkpoint folders, oldest first (both executors write `checkpoints/epoch_*`)."""
-    return checkpoint_folders(cfg.run_dir / "checkpoints", "epoch_*")
+    """The run's checkpoint folders, oldest first."""
+    return checkpoint_store(cfg).folders()
 
 
 def check_fingerprint(cfg: RunConfig) -> None:

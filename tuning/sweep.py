@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from ray_kd import tracking
+from ray_kd.checkpoint import read_history
 from ray_kd.config import RunConfig, apply_overrides, validate_config
 from ray_kd.evaluation import require_val_every_epoch
 from ray_kd.results import summarize, write_summary
@@ -30,7 +31,6 @@ TRIAL_DRIVER_CPU = 0.01
 
 def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id: str) -> None:
     """One trial: the base run spec with this trial's values, trained on the cluster, logged as a child run."""
-    import json
     import time
 
     from ray import tune
@@ -44,7 +44,7 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
     run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind="sweep_trial")
     start = time.perf_counter()
     last = run_on_ray(cfg, uri, run_id, on_epoch=tune.report, show_progress=False)
-    history = json.loads((last / "history.json").read_text())
+    history = read_history(last)
     summary = summarize(history, time.perf_counter() - start, run_id)
     write_summary(summary, cfg.run_dir)
     mlflow = tracking.client(uri)
