@@ -61,18 +61,21 @@ class Dataset:
 def as_arrays(data: Dataset) -> Dataset:
     """The dataset with numpy arrays in place of its tensors: Ray's object store keeps numpy arrays once per
     node and every worker there maps them without a copy (a tensor would be copied into each worker)."""
-    split = lambda s: Split(s.images.numpy(), s.labels.numpy())  # noqa: E731
-    return replace(data, train=split(data.train), val=split(data.val), test=split(data.test),
-                   mean=data.mean.numpy(), std=data.std.numpy())
+    return _converted(data, lambda t: t.numpy())
 
 
 def from_arrays(data: Dataset) -> Dataset:
     """`as_arrays` undone, sharing the arrays' memory (read-only: nothing writes a dataset in place)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        split = lambda s: Split(torch.from_numpy(s.images), torch.from_numpy(s.labels))  # noqa: E731
-        return replace(data, train=split(data.train), val=split(data.val), test=split(data.test),
-                       mean=torch.from_numpy(data.mean), std=torch.from_numpy(data.std))
+        return _converted(data, torch.from_numpy)
+
+
+def _converted(data: Dataset, convert: Callable) -> Dataset:
+    """`data` with `convert` applied to every array it holds (images, labels, mean, std)."""
+    split = lambda s: Split(convert(s.images), convert(s.labels))  # noqa: E731
+    return replace(data, train=split(data.train), val=split(data.val), test=split(data.test),
+                   mean=convert(data.mean), std=convert(data.std))
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
