@@ -73,23 +73,27 @@ class RoleRunner:
         """An image batch in the memory layout of the role's conv weights (`runtime.channels_last`)."""
         return x.contiguous(memory_format=self.layout) if x.dim() == 4 else x
 
-    @torch.no_grad()
     def evaluate(self, dataset: Dataset, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
         """Top-1 of each of the role's heads on the splits, e.g. {'student_0/val_acc': 91.2}."""
-        self.net.eval()
         metrics = {}
         for split_name in splits:
             split = getattr(dataset, split_name)
             correct: dict[str, int] = {}
             for x, y in eval_batches(split, dataset):
-                x, y = x.to(self.device), y.to(self.device)
-                with self.recipe.context():
-                    outputs = self.net(self.laid_out(x), y)
-                for head, logits in self.net.eval_heads(outputs).items():
-                    correct[head] = correct.get(head, 0) + int((logits.argmax(1) == y).sum())
+                for head, n in self.correct(x, y).items():
+                    correct[head] = correct.get(head, 0) + n
             for head, n in correct.items():
                 metrics[f"{head}/{split_name}_acc"] = 100.0 * n / len(split.labels)
         return metrics
+
+    @torch.no_grad()
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+        """How many of the batch each head gets right, in eval mode."""
+        self.net.eval()
+        x, y = x.to(self.device), y.to(self.device)
+        with self.recipe.context():
+            outputs = self.net(self.laid_out(x), y)
+        return {head: int((logits.argmax(1) == y).sum()) for head, logits in self.net.eval_heads(outputs).items()}
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "step": self.step, **self.recipe.state_dict()}
