@@ -17,8 +17,9 @@ img/s: images trained / seconds in the training loops (ray-kd: from its history'
 The systems run in turn, the order rotated each repeat, the load average recorded with every run.
 ray-kd runs at its defaults (`runtime.channels_last` on: NHWC convolutions); a system named `... nchw`
 turns that off, to show what the layout buys. Where the wall goes, for each system's fastest run:
-train_s (the training loops), eval_s (scoring: per epoch, and at the end; ray-kd: the slowest role's per
-epoch, from its history's `<role>/eval_s`), other_s (the rest: start-up, checkpoints, MLflow, exit).
+train_s (the training loops), eval_s (scoring: per epoch, and at the end; ray-kd: from its history's
+`<role>/eval_s`, per epoch the slowest role on Ray, the roles' sum in one process), other_s (the rest:
+start-up, checkpoints, MLflow, exit).
 """
 
 from __future__ import annotations
@@ -202,7 +203,8 @@ def main() -> None:
                 else:
                     history = ray_kd_history(Path(tmp) / f"peer-{executor}-{repeat}")
                     train_s = sum(args.train_subset / h["student_0/samples_per_s"] for h in history)
-                    eval_s = sum(max(v for k, v in h.items() if k.endswith("/eval_s")) for h in history)
+                    roles_at_once = max if executor == "ray" else sum  # a worker each, or one after another
+                    eval_s = sum(roles_at_once(v for k, v in h.items() if k.endswith("/eval_s")) for h in history)
                     img_s = len(history) * args.train_subset / train_s
                     student_test = history[-1]["student_0/test_acc"]
             row = {"repeat": repeat, "system": system, "wall_s": round(wall, 1), "train_img_s": round(img_s, 1),
