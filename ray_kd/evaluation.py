@@ -64,7 +64,7 @@ class FrozenScore:
         self.chunk_s = 0.0  # running estimate of one chunk's seconds
         self._chunks = self._score(dataset, order)
 
-    def _score(self, dataset: Dataset, order: tuple[str, ...]) -> Iterator[None]:
+    def _score(self, dataset: Dataset, order: tuple[str, ...]) -> Iterator[int]:
         """Yields each chunk's size once it is counted; a split's scores land in `done` after its last chunk."""
         for split_name in order:
             split, correct = getattr(dataset, split_name), {}
