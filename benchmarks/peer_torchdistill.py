@@ -14,7 +14,12 @@ the student on val; the end scores student and teacher on val and test (ray-kd: 
 teacher is scored once). torchdistill saves the student when val improves (as its example script does); ray-kd
 writes its per-epoch checkpoints. Wall: from the command to its exit, start-up and evaluation included. Training
 img/s: images trained / seconds in the training loops (ray-kd: from its history's `student_0/samples_per_s`).
-The three systems run in turn, the order rotated each repeat, the load average recorded with every run.
+The systems run in turn, the order rotated each repeat, the load average recorded with every run.
+ray-kd runs at its defaults (`runtime.channels_last` on: NHWC convolutions); a system named `... nchw`
+turns that off, to show what the layout buys. Where the wall goes, for each system's fastest run:
+train_s (the training loops), eval_s (scoring: per epoch, and at the end; ray-kd: from its history's
+`<role>/eval_s`, per epoch the slowest role on Ray, the roles' sum in one process), other_s (the rest:
+start-up, checkpoints, MLflow, exit).
 """
 
 from __future__ import annotations
@@ -121,8 +126,10 @@ def td_child(data_file: str, teacher_file: str, out: str, epochs: int, threads: 
         log["eval_seconds"].append(time.perf_counter() - start)
         log["val"].append(val)
         box.post_epoch_process()
+    start = time.perf_counter()
     log["student_test"] = top1(student, "test")
     log["teacher_val"], log["teacher_test"] = top1(teacher, "val"), top1(teacher, "test")
+    log["eval_seconds"].append(time.perf_counter() - start)
     Path(out).write_text(json.dumps(log))
 
 
@@ -178,33 +185,40 @@ def main() -> None:
                     out = Path(tmp) / "td.json"
                     cmd = [args.td_python, __file__, "--td-child", str(data_file), teacher, str(out), str(args.epochs)]
                 else:
-                    executor = system.split()[-1]
+                    executor = system.split()[1]
                     cmd = [sys.executable, "-m", "ray_kd.cli", "train", "-c", CONFIG, *overrides,
                            f"output_dir={tmp}", f"name=peer-{executor}-{repeat}"]
                     cmd += (["runtime.executor=local", "runtime.threads_per_worker=2"] if executor == "local"
                             else args.ray_set)
+                    cmd += ["runtime.channels_last=false"] if system.endswith(" nchw") else []
                 load = os.getloadavg()[0]
                 start = time.time()
                 subprocess.run(cmd, env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
                 wall = time.time() - start
                 if system == "torchdistill":
                     log = json.loads(out.read_text())
-                    img_s = sum(log["samples"]) / sum(log["train_seconds"])
+                    train_s, eval_s = sum(log["train_seconds"]), sum(log["eval_seconds"])
+                    img_s = sum(log["samples"]) / train_s
                     student_test = log["student_test"]
                 else:
                     history = ray_kd_history(Path(tmp) / f"peer-{executor}-{repeat}")
-                    n = args.train_subset
-                    img_s = len(history) * n / sum(n / h["student_0/samples_per_s"] for h in history)
+                    train_s = sum(args.train_subset / h["student_0/samples_per_s"] for h in history)
+                    roles_at_once = max if executor == "ray" else sum  # a worker each, or one after another
+                    eval_s = sum(roles_at_once(v for k, v in h.items() if k.endswith("/eval_s")) for h in history)
+                    img_s = len(history) * args.train_subset / train_s
                     student_test = history[-1]["student_0/test_acc"]
             row = {"repeat": repeat, "system": system, "wall_s": round(wall, 1), "train_img_s": round(img_s, 1),
+                   "train_s": round(train_s, 1), "eval_s": round(eval_s, 1), "other_s": round(wall - train_s - eval_s, 1),
                    "student_test_top1": round(student_test, 2), "load_1min_at_start": round(load, 2)}
             runs.append(row)
             print(row, flush=True)
     summary = []
     for system in args.systems:
         mine = [r for r in runs if r["system"] == system]
-        summary.append({"system": system, "best_wall_s": min(r["wall_s"] for r in mine),
+        fastest = min(mine, key=lambda r: r["wall_s"])
+        summary.append({"system": system, "best_wall_s": fastest["wall_s"],
                         "best_train_img_s": max(r["train_img_s"] for r in mine),
+                        **{k: fastest[k] for k in ("train_s", "eval_s", "other_s")},
                         "walls": [r["wall_s"] for r in mine], "img_s": [r["train_img_s"] for r in mine]})
     td = next((s for s in summary if s["system"] == "torchdistill"), None)
     for s in summary:
@@ -216,7 +230,7 @@ def main() -> None:
              f"{args.ray_set or 'none (defaults)'}. Every run: {json.dumps(runs)}")
     save("peer_torchdistill", "Against the peer: torchdistill vs ray-kd, KD resnet20 -> resnet8 on a CIFAR-10 subset",
          summary, ["system", "best_wall_s", "best_train_img_s", "img_s_vs_torchdistill", "wall_vs_torchdistill",
-                   "walls", "img_s"], info, notes, {"runs": runs})
+                   "train_s", "eval_s", "other_s", "walls", "img_s"], info, notes, {"runs": runs})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ runtime env) the store; both reach every worker. Resubmitting with the same run 
 
 import sys
 
-from ray_kd.cli import main
+from ray_kd.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

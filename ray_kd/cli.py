@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import os
 import shlex
 import sys
 
@@ -93,5 +95,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The `ray-kd` command: `main`, then exit without the interpreter's teardown of torch, Ray and MLflow
+    modules (3 s on a 2-core machine), once everything a run writes is written: the atexit handlers (Ray's
+    shutdown of a cluster this process started, MLflow's flushes) run first, and the output is flushed."""
+    code = main(argv)
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -111,12 +111,23 @@ def load_dataset(cfg: DataConfig, seed: int = 0):
 
 def train_val_indices(labels: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of the training set's items train and which validate (`val_fraction`, then `train_subset`):
-    the same indices for the in-memory and the streaming path, since both list a folder alike."""
+    the same indices for the in-memory and the streaming path, since both list a folder alike.
+
+    Kept in `data.cache_dir` under the labels' content and the two settings: scikit-learn's import alone
+    takes seconds of every run's start, and the split it gives for them never changes."""
+    key = (hashlib.sha256(labels.numpy().tobytes()).hexdigest(), cfg.val_fraction, cfg.train_subset)
+    cache = Path(cfg.cache_dir) / f"split-{digest(repr(key))}.pt"
+    try:
+        kept = torch.load(cache, weights_only=True)
+        return kept["keep"], kept["held"]
+    except Exception:  # none yet, or unreadable (torch.load has many ways to fail): compute it again
+        pass
     keep, held = _stratified_indices(labels, cfg.val_fraction, f"data.val_fraction={cfg.val_fraction}")
     if cfg.train_subset is not None and cfg.train_subset < len(keep):
         kept, _ = _stratified_indices(labels[keep], 1 - cfg.train_subset / len(keep),
                                       f"data.train_subset={cfg.train_subset}")
         keep = keep[kept]
+    atomic_save({"keep": keep, "held": held}, cache)
     return keep, held
 
 
@@ -199,18 +210,21 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     """`root/train/<class>/*` and `root/test/<class>/*` (a .tar.gz of that tree is unpacked first).
 
     The decoded tensors are cached under a key made of the class folders and every file's path, size and
-    mtime (and the cache version and `bad_images`), so adding, removing or replacing an image decodes again."""
+    mtime (and the cache version and `bad_images`), so adding, removing or replacing an image decodes again;
+    for an archive, of the archive's path, size and mtime (listing 60,000 files costs seconds)."""
     root = imagefolder_root(cfg)
-    files = {name: _class_files(root / name) for name in ("train", "test")}
-    if list(files["train"]) != list(files["test"]):
-        raise DataError(f"{root}: train/ and test/ hold different class folders")
-    manifest = [CACHE_VERSION, cfg.bad_images, list(files["train"])] + [
-        (str(f.relative_to(root)), st.st_size, st.st_mtime_ns)
-        for split in files.values() for paths in split.values() for f in paths for st in [f.stat()]]
+    if Path(cfg.root).is_file():  # an unpacked archive changes only with the archive: no walk of its files
+        files, manifest = None, [CACHE_VERSION, cfg.bad_images, archive_identity(Path(cfg.root))]
+    else:
+        files = _split_files(root)
+        manifest = [CACHE_VERSION, cfg.bad_images, list(files["train"])] + [
+            (str(f.relative_to(root)), st.st_size, st.st_mtime_ns)
+            for split in files.values() for paths in split.values() for f in paths for st in [f.stat()]]
     cache = Path(cfg.cache_dir) / f"imagefolder-{digest(repr(manifest))}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
     else:
+        files = files or _split_files(root)
         blob = {name: _decode_folder(root / name, files[name], cfg.bad_images) for name in ("train", "test")}
         atomic_save(blob, cache)
     for name in ("train", "test"):
@@ -218,6 +232,14 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     num_classes = len(blob["train"]["classes"])
     return (Split(blob["train"]["images"], blob["train"]["labels"]),
             Split(blob["test"]["images"], blob["test"]["labels"]), num_classes)
+
+
+def _split_files(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """train/ and test/'s image files by class folder; both must hold the same classes."""
+    files = {name: _class_files(root / name) for name in ("train", "test")}
+    if list(files["train"]) != list(files["test"]):
+        raise DataError(f"{root}: train/ and test/ hold different class folders")
+    return files
 
 
 def imagefolder_root(cfg: DataConfig) -> Path:
@@ -307,8 +329,7 @@ def _decode_folder(folder: Path, files: dict[str, list[Path]], bad_images: str) 
 def _unpack(archive: Path, cache_dir: Path) -> Path:
     """Unpack once into the cache (keyed by the archive's path, size and mtime); the partial folder of a
     failed or interrupted unpack is removed on every exit path."""
-    st = archive.stat()
-    target = cache_dir / f"unpacked-{digest(repr((str(archive.resolve()), st.st_size, st.st_mtime_ns)))}"
+    target = cache_dir / f"unpacked-{digest(repr(archive_identity(archive)))}"
     if (target / ".complete").exists():
         return target
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -326,6 +347,12 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def archive_identity(archive: Path) -> tuple[str, int, int]:
+    """What an archive's unpacked copy and its decoded cache are keyed by: its path, size and mtime."""
+    st = archive.stat()
+    return str(archive.resolve()), st.st_size, st.st_mtime_ns
 
 
 def digest(text: str) -> str:

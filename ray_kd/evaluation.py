@@ -1,17 +1,23 @@
-"""Which epochs score which splits, and a frozen role scored once.
+"""Which epochs score which splits, and a frozen role scored once, in the time it would wait.
 
 Scoring every role on val and test after every epoch can cost more than the
 epoch's training; the `eval` section thins it out (the last epoch always
 scores val and test), and a role whose outputs can never change (a frozen
-teacher) is scored once and its top-1 reused.
+teacher) is scored once and its top-1 reused. On a Ray worker that holds only
+frozen roles, that scoring runs a few images at a time while the worker waits
+for slower roles at the exchange, so by the end of training it is usually done.
 """
 
 from __future__ import annotations
 
+import time
+from collections import deque
+from typing import Iterator
+
 from torch import nn
 
 from ray_kd.config import ConfigError, RunConfig
-from ray_kd.data import Dataset
+from ray_kd.data import Dataset, eval_batches
 
 SPLITS = ("val", "test")
 
@@ -44,20 +50,88 @@ def is_frozen(runner) -> bool:
     return not any(m.training for m in leaves)
 
 
+FROZEN_CHUNK = 32
+"""Images per forward when a frozen role is scored, ahead of need or not (so both give the same numbers):
+few enough to fit in one step's wait for a slower role."""
+
+
+class FrozenScore:
+    """A frozen role's top-1 on every split, computed a chunk at a time in the order the run asks for them."""
+
+    def __init__(self, runner, dataset: Dataset, order: tuple[str, ...]):
+        self.runner = runner
+        self.done: dict[str, dict[str, float]] = {}  # split -> the role's scores on it
+        self.chunk_s = 0.0  # running estimate of one chunk's seconds
+        self._chunks = self._score(dataset, order)
+
+    def _score(self, dataset: Dataset, order: tuple[str, ...]) -> Iterator[int]:
+        """Yields each chunk's size once it is counted; a split's scores land in `done` after its last chunk."""
+        for split_name in order:
+            split, correct = getattr(dataset, split_name), {}
+            for x, y in eval_batches(split, dataset):
+                for start in range(0, len(y), FROZEN_CHUNK):
+                    labels = y[start:start + FROZEN_CHUNK]
+                    for head, n in self.runner.correct(x[start:start + FROZEN_CHUNK], labels).items():
+                        correct[head] = correct.get(head, 0) + n
+                    yield len(labels)
+            self.done[split_name] = {f"{head}/{split_name}_acc": 100.0 * n / len(split.labels)
+                                     for head, n in correct.items()}
+
+    def advance(self, budget_s: float) -> int:
+        """Score chunks for at most about `budget_s` seconds; returns how many images were scored."""
+        images, spent = 0, 0.0
+        while spent + self.chunk_s < budget_s:
+            start = time.perf_counter()
+            scored = next(self._chunks, 0)
+            if not scored:  # every split is done
+                break
+            took = time.perf_counter() - start
+            self.chunk_s = took if not self.chunk_s else 0.8 * self.chunk_s + 0.2 * took
+            spent += took
+            images += scored
+        return images
+
+    def scores(self, split: str) -> dict[str, float]:
+        while split not in self.done:
+            next(self._chunks, 0)  # the resume after a split's last chunk records it
+        return self.done[split]
+
+
 class Evaluator:
     """Scores the local roles at the epochs `splits_at` names; a frozen role once per split per process."""
 
-    def __init__(self, cfg: RunConfig, runners: list):
+    def __init__(self, cfg: RunConfig, runners: list, dataset: Dataset):
         self.cfg = cfg
-        self.frozen = {r.role.name for r in runners if is_frozen(r)}
-        self._kept: dict[str, dict[str, dict[str, float]]] = {}  # frozen role -> split -> its scores
+        order = tuple(sorted(SPLITS, key=lambda s: s not in cfg.eval.splits))  # the first one needed first
+        self.frozen = {r.role.name: FrozenScore(r, dataset, order) for r in runners if is_frozen(r)}
+        self.only_frozen = len(self.frozen) == len(runners)
+        self.wait_s = 0.0  # running estimate of one step's wait for the other ranks, before any scoring in it
+        self._spent = deque([0.0, 0.0], maxlen=2)  # scoring seconds in the last two steps' waits
+        self.images_while_waiting = 0
 
     def scores(self, runner, dataset: Dataset, epoch: int) -> dict[str, float]:
         splits = splits_at(self.cfg, epoch)
         if runner.role.name not in self.frozen:
             return runner.evaluate(dataset, splits) if splits else {}
-        kept = self._kept.setdefault(runner.role.name, {})
-        for split in splits:
-            if split not in kept:
-                kept[split] = runner.evaluate(dataset, (split,))
-        return {k: v for split in splits for k, v in kept[split].items()}
+        frozen = self.frozen[runner.role.name]
+        return {k: v for split in splits for k, v in frozen.scores(split).items()}
+
+    def use_wait(self, slack_s: float) -> None:
+        """Just before a step's exchange, score frozen roles for about the time this process will wait there
+        for the others. `slack_s` is what the exchange measured two steps ago (`CollectiveExchange.slack_s`), the
+        wait left after what was scored then; 80% of the running estimate is used, so that the others do not
+        wait for this one."""
+        if not self.only_frozen:
+            return
+        self.wait_s = 0.7 * self.wait_s + 0.3 * (self._spent[0] + slack_s)
+        self._spent.append(self.fill(0.8 * self.wait_s))
+
+    def fill(self, budget_s: float) -> float:
+        """Score frozen roles for at most about `budget_s` seconds of a wait for the others; returns the seconds
+        spent. Only where every local role is frozen: a process with a role that trains (every role of the
+        single-process executor) does not wait for nothing."""
+        start = time.perf_counter()
+        if self.only_frozen:
+            for frozen in self.frozen.values():
+                self.images_while_waiting += frozen.advance(budget_s - (time.perf_counter() - start))
+        return time.perf_counter() - start

@@ -20,6 +20,7 @@ class LocalExchange:
 
     def __init__(self):
         self.seconds = 0.0
+        self.slack_s = 0.0  # nobody to wait for
 
     def all_gather(self, mine: dict[str, Outputs]) -> dict[str, Outputs]:
         return mine
@@ -33,10 +34,16 @@ class CollectiveExchange:
 
     Roles publish different keys and shapes, so each rank's layout (names and
     shapes) is exchanged once per batch size and cached; after that a step costs
-    one collective of max(length) floats per rank. The send and receive buffers
+    one collective of max(length) + 1 floats per rank. The send and receive buffers
     are allocated once per layout too and reused every step: what a step returns
     are views into them, valid until the next all_gather (methods use them
     within the step).
+
+    The extra float is how long the rank's previous all_gather took. The last
+    rank to arrive took only the transfer, so a rank's time minus the smallest
+    is how long it waited for the others (`slack_s`, one step late), time a
+    worker holding only a frozen role fills with its scoring
+    (evaluation.Evaluator.use_wait).
     """
 
     def __init__(self, role_names: list[str], rank: int):
@@ -44,6 +51,8 @@ class CollectiveExchange:
         self._layouts: dict[int, list[list[tuple[str, tuple[int, ...]]]]] = {}
         self._buffers: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # (key, device) -> send, receive
         self.seconds = 0.0
+        self.slack_s = 0.0  # how long the previous step's all_gather waited for slower ranks
+        self._took = 0.0
 
     def all_gather(self, mine: dict[str, Outputs]) -> dict[str, Outputs]:
         start = time.perf_counter()
@@ -61,14 +70,18 @@ class CollectiveExchange:
             numel = outputs[n].numel()
             send[offset:offset + numel].copy_(outputs[n].reshape(-1))
             offset += numel
+        send[-1] = self._took
         dist.all_gather(received, send)
+        took = torch.stack([buf[-1] for buf in received]).tolist()
+        self.slack_s = took[self.rank] - min(took)
         result = {name: _unflatten(buf, lay) for name, buf, lay in zip(self.role_names, received, layouts)}
-        self.seconds += time.perf_counter() - start
+        self._took = time.perf_counter() - start
+        self.seconds += self._took
         return result
 
     def _buffers_for(self, key: int, layouts, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if (key, device) not in self._buffers:
-            length = max(sum(_numel(s) for _, s in lay) for lay in layouts)
+            length = max(sum(_numel(s) for _, s in lay) for lay in layouts) + 1  # + the last all_gather's time
             self._buffers[(key, device)] = (torch.zeros(length, device=device),  # the tail past mine stays 0
                                             [torch.empty(length, device=device) for _ in layouts])
         return self._buffers[(key, device)]

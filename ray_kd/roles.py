@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from ray_kd.config import OptimConfig
 from ray_kd.data import Dataset, eval_batches
@@ -27,12 +28,16 @@ class RoleRunner:
     """Builds a role (its backbone, then the method's module around it, the optimiser over what trains) and steps it."""
 
     def __init__(self, role: Role, index: int, method: Method, dataset: Dataset, optim: OptimConfig,
-                 seed: int, device: torch.device, steps_per_epoch: int):
+                 seed: int, device: torch.device, steps_per_epoch: int, channels_last: bool = False):
         self.role, self.device = role, device
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
         torch.manual_seed(seed * 1000 + index)  # same init in every executor
         channels = method.input_channels(role, dataset.in_channels)
         backbone = load_backbone(role, dataset.num_classes, channels)
         self.net = method.build_role(role, backbone, dataset.num_classes).to(device)
+        for p in self.net.parameters():  # conv weights; a lazy module's are left as they come (not built yet)
+            if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=self.layout)
         self.recipe = Recipe(self.net, self.net.trainable_parameters(), optim, steps_per_epoch, device)
         self.optimizer, self.scheduler = self.recipe.optimizer, self.recipe.scheduler
         self.step = 0
@@ -45,7 +50,7 @@ class RoleRunner:
         """This step's outputs, and the part of them the role publishes."""
         self.net.train()
         with torch.set_grad_enabled(self.trains), self.recipe.context():
-            outputs = self.net(x, y)
+            outputs = self.net(self.laid_out(x), y)
         return outputs, self.net.publish(outputs)
 
     def update(self, outputs: Outputs, published: dict[str, Outputs], y: torch.Tensor, epoch: int) -> dict[str, float]:
@@ -64,23 +69,31 @@ class RoleRunner:
         self.recipe.step(terms["total"])  # the schedule steps per iteration too
         return values
 
-    @torch.no_grad()
+    def laid_out(self, x: torch.Tensor) -> torch.Tensor:
+        """An image batch in the memory layout of the role's conv weights (`runtime.channels_last`)."""
+        return x.contiguous(memory_format=self.layout) if x.dim() == 4 else x
+
     def evaluate(self, dataset: Dataset, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
         """Top-1 of each of the role's heads on the splits, e.g. {'student_0/val_acc': 91.2}."""
-        self.net.eval()
         metrics = {}
         for split_name in splits:
             split = getattr(dataset, split_name)
             correct: dict[str, int] = {}
             for x, y in eval_batches(split, dataset):
-                x, y = x.to(self.device), y.to(self.device)
-                with self.recipe.context():
-                    outputs = self.net(x, y)
-                for head, logits in self.net.eval_heads(outputs).items():
-                    correct[head] = correct.get(head, 0) + int((logits.argmax(1) == y).sum())
+                for head, n in self.correct(x, y).items():
+                    correct[head] = correct.get(head, 0) + n
             for head, n in correct.items():
                 metrics[f"{head}/{split_name}_acc"] = 100.0 * n / len(split.labels)
         return metrics
+
+    @torch.no_grad()
+    def correct(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+        """How many of the batch each head gets right, in eval mode."""
+        self.net.eval()
+        x, y = x.to(self.device), y.to(self.device)
+        with self.recipe.context():
+            outputs = self.net(self.laid_out(x), y)
+        return {head: int((logits.argmax(1) == y).sum()) for head, logits in self.net.eval_heads(outputs).items()}
 
     def state_dict(self) -> dict:
         return {"net": self.net.state_dict(), "step": self.step, **self.recipe.state_dict()}

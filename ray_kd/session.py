@@ -48,21 +48,26 @@ class Session:
         roles = all_roles(cfg)
         self.steps_per_epoch = epoch_steps(self.dataset, cfg.data.batch_size, cfg.optim.steps_per_epoch)
         self.runners = [RoleRunner(roles[i], i, self.method, self.dataset, cfg.optim, cfg.seed, device,
-                                   self.steps_per_epoch)
+                                   self.steps_per_epoch, cfg.runtime.channels_last)
                         for i in role_indices]
         self.best: dict[str, dict] = {}  # student role -> {'val_acc', 'epoch', 'state_dict'}
-        self.evaluator = Evaluator(cfg, self.runners)
+        self.evaluator = Evaluator(cfg, self.runners, self.dataset)
+        self.others_eval_s = 0.0  # the longest scoring of another process's role, last epoch
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch (0-based), evaluate the roles when `eval` says so; returns every role's metrics merged."""
+        scored_before = self.evaluator.images_while_waiting
         metrics = self._train_epoch(epoch)
-        for runner in self.runners:
-            scores = self.evaluator.scores(runner, self.dataset, epoch + 1)
-            metrics.update(scores)
-            self._keep_best(runner, scores, epoch + 1)
+        metrics.update(self._evaluate(epoch + 1))
+        if self.evaluator.only_frozen:
+            for runner in self.runners:
+                metrics[f"{runner.role.name}/images_scored_waiting"] = self.evaluator.images_while_waiting - scored_before
         merged = {"epoch": float(epoch + 1)}
         for part in self.exchange.gather_objects(metrics):
             merged.update(part)
+        mine = {r.role.name for r in self.runners}
+        self.others_eval_s = max((v for k, v in merged.items() if k.endswith("/eval_s") and k.split("/")[0] not in mine),
+                                 default=0.0)
         students = [k.split("/")[0] for k in merged if k.startswith("student_") and k.endswith("/val_acc")]
         if students:  # an epoch without val scores has no objective
             top = max(students, key=lambda s: merged[f"{s}/val_acc"])
@@ -70,6 +75,20 @@ class Session:
             if f"{top}/test_acc" in merged:  # reported beside it, never searched on
                 merged["best_student_test_acc"] = merged[f"{top}/test_acc"]
         return merged
+
+    def _evaluate(self, epoch: int) -> dict[str, float]:
+        """Score the local roles after `epoch` (1-based), and keep the best students. A process of frozen roles
+        only then waits at the gather for the others' scoring, about as long as it took them last epoch: it
+        scores ahead meanwhile."""
+        metrics, started = {}, time.perf_counter()
+        for runner in self.runners:
+            start = time.perf_counter()
+            scores = self.evaluator.scores(runner, self.dataset, epoch)
+            metrics.update(scores)
+            metrics[f"{runner.role.name}/eval_s"] = time.perf_counter() - start
+            self._keep_best(runner, scores, epoch)
+        self.evaluator.fill(0.8 * (self.others_eval_s - (time.perf_counter() - started)))
+        return metrics
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         sums: dict[str, dict[str, float]] = {r.role.name: {} for r in self.runners}
@@ -89,6 +108,7 @@ class Session:
                 t = time.perf_counter()
                 outputs[r.role.name], published[r.role.name] = r.forward(x, y)
                 compute[r.role.name] += time.perf_counter() - t
+            self.evaluator.use_wait(self.exchange.slack_s)
             everyone = self.exchange.all_gather(published)
             losses, lrs = {}, {}
             for r in self.runners:

@@ -1,5 +1,6 @@
 """Datasets: fixed splits, identical seeded batches on every worker, ImageFolder archives, the real CIFAR-10 copy."""
 
+import shutil
 import tarfile
 
 import numpy as np
@@ -55,10 +56,35 @@ def test_the_real_cifar10_copy(tmp_path):
     assert torch.bincount(data.test.labels).tolist() == [1000] * 10
 
 
-def _tiny_archive(tmp_path):
+def test_a_replaced_archive_is_decoded_again(tmp_path):
+    """An archive's decoded cache is keyed by the archive itself (path, size, mtime), not by a walk of its files."""
+    cfg = DataConfig(dataset="imagefolder", root=str(_tiny_archive(tmp_path)), cache_dir=str(tmp_path / "cache"))
+    before = load_dataset(cfg).test.images
+    assert torch.equal(load_dataset(cfg).test.images, before)
+    _tiny_archive(tmp_path, seed=1)  # other pixels, same path
+    assert not torch.equal(load_dataset(cfg).test.images, before)
+    assert len(list((tmp_path / "cache").glob("imagefolder-*.pt"))) == 2
+
+
+def test_a_split_is_kept_once_computed_and_a_damaged_copy_is_computed_again(tmp_path):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), train_subset=500)
+    first = load_dataset(cfg)
+    (kept,) = (tmp_path / "cache").glob("split-*.pt")
+    again = load_dataset(cfg)  # read back, not split again
+    assert torch.equal(first.train.images, again.train.images) and torch.equal(first.val.labels, again.val.labels)
+    kept.write_bytes(b"damaged")
+    third = load_dataset(cfg)
+    assert torch.equal(first.train.images, third.train.images)
+    assert torch.load(kept, weights_only=True)["keep"].numel() == len(first.train.labels) == 500  # written again
+    load_dataset(DataConfig(cache_dir=str(tmp_path / "cache"), train_subset=400))
+    assert len(list((tmp_path / "cache").glob("split-*.pt"))) == 2  # another setting, another split
+
+
+def _tiny_archive(tmp_path, seed: int = 0):
     """3 classes of 10 train and 3 test 12x12 images, as ImageFolder in a .tar.gz."""
     root = tmp_path / "tiny"
-    rng = np.random.default_rng(0)
+    shutil.rmtree(root, ignore_errors=True)
+    rng = np.random.default_rng(seed)
     for split, n in (("train", 10), ("test", 3)):
         for c in range(3):
             folder = root / split / f"class{c}"

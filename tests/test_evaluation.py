@@ -1,6 +1,7 @@
 """The `eval` section and the frozen role: fewer evaluations, the same numbers where one is made."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -75,19 +76,40 @@ def test_a_frozen_teacher_is_scored_once_with_the_numbers_a_fresh_evaluation_giv
                              "students=[{model: digits_cnn_s}]", "optim.epochs=3"])
     data, runners = _runners(cfg)
     teacher, student = runners
-    calls = []
-    original = RoleRunner.evaluate
+    images = {"teacher": 0, "student_0": 0}
+    original = RoleRunner.correct
 
-    def counted(self, *args):
-        calls.append(self.role.name)
-        return original(self, *args)
+    def counted(self, x, y):
+        images[self.role.name] += len(y)
+        return original(self, x, y)
 
-    RoleRunner.evaluate = counted
+    RoleRunner.correct = counted
     try:
-        evaluator = Evaluator(cfg, runners)
+        evaluator = Evaluator(cfg, runners, data)
         scores = [evaluator.scores(r, data, epoch) for epoch in (1, 2, 3) for r in runners]
     finally:
-        RoleRunner.evaluate = original
-    assert calls.count("teacher") == 2 and calls.count("student_0") == 3  # teacher: val once, test once
-    fresh = original(teacher, data)
+        RoleRunner.correct = original
+    both = len(data.val.labels) + len(data.test.labels)
+    assert images == {"teacher": both, "student_0": 3 * both}  # the teacher: val once, test once
+    fresh = teacher.evaluate(data)  # in eval_batches' 512s, not FROZEN_CHUNK's 32s
     assert scores[0] == scores[2] == scores[4] == fresh and set(fresh) == {"teacher/val_acc", "teacher/test_acc"}
+
+
+def test_a_frozen_role_alone_in_its_process_is_scored_in_its_waits_within_the_budget(digits_teacher):
+    cfg = load_config(None, ["method.name=kd", f"teacher={{model: digits_cnn_l, checkpoint: {digits_teacher}}}",
+                             "students=[{model: digits_cnn_s}]"])
+    data, (teacher, student) = _runners(cfg)
+    together = Evaluator(cfg, [teacher, student], data)  # the single-process executor: it never waits
+    together.use_wait(1.0)
+    assert together.images_while_waiting == 0
+    alone = Evaluator(cfg, [teacher], data)  # a Ray worker holding only the teacher
+    alone.use_wait(0.0)
+    assert alone.images_while_waiting == 0  # no wait measured yet
+    chunk = alone.frozen["teacher"]
+    chunk.advance(1e-9)  # one chunk, to know its cost
+    for _ in range(3):  # three steps, each measured (two steps late) to wait 40 chunks' time
+        start = time.perf_counter()
+        alone.use_wait(40 * chunk.chunk_s)
+        assert time.perf_counter() - start < 40 * chunk.chunk_s  # never past the wait it was given
+    assert 0 < alone.images_while_waiting < len(data.val.labels) + len(data.test.labels)
+    assert alone.scores(teacher, data, cfg.optim.epochs) == teacher.evaluate(data)  # finished on demand
