@@ -173,8 +173,8 @@ class RuntimeConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; None starts a local one")
     cpus_per_worker: float = Field(0.5, gt=0)
     threads_per_worker: int = Field(1, gt=0)
-    channels_last: bool = Field(True, description="image batches and conv weights in NHWC: 1.1-1.5x faster "
-                                "convolutions on CPUs (benchmarks/channels_last.py) and GPUs' tensor cores")
+    channels_last: bool = Field(True, description="image batches and conv weights in NHWC, the layout CPUs' "
+                                "oneDNN and GPUs' tensor cores are fastest in (benchmarks/channels_last.py)")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")

@@ -101,7 +101,7 @@ class Evaluator:
     """Scores the local roles at the epochs `splits_at` names; a frozen role once per split per process."""
 
     def __init__(self, cfg: RunConfig, runners: list, dataset: Dataset):
-        self.cfg = cfg
+        self.cfg, self.dataset = cfg, dataset
         order = tuple(sorted(SPLITS, key=lambda s: s not in cfg.eval.splits))  # the first one needed first
         self.frozen = {r.role.name: FrozenScore(r, dataset, order) for r in runners if is_frozen(r)}
         self.only_frozen = len(self.frozen) == len(runners)
@@ -109,10 +109,10 @@ class Evaluator:
         self._spent = deque([0.0, 0.0], maxlen=2)  # scoring seconds in the last two steps' waits
         self.images_while_waiting = 0
 
-    def scores(self, runner, dataset: Dataset, epoch: int) -> dict[str, float]:
+    def scores(self, runner, epoch: int) -> dict[str, float]:
         splits = splits_at(self.cfg, epoch)
         if runner.role.name not in self.frozen:
-            return runner.evaluate(dataset, splits) if splits else {}
+            return runner.evaluate(self.dataset, splits) if splits else {}
         frozen = self.frozen[runner.role.name]
         return {k: v for split in splits for k, v in frozen.scores(split).items()}
 

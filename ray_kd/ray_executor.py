@@ -1,8 +1,9 @@
 """The Ray executor: one Ray actor per role, all in lockstep, exchanging through a collective.
 
 Rank r runs role r. Every worker builds its own role (the driver's in-memory dataset
-reaches it through Ray's object store, one copy per node), draws the same batches, and calls the same `Session` code as the single-process executor; only
-the exchange (an all_gather in the group's torch.distributed process group) differs.
+reaches it through Ray's object store, one copy per node), draws the same batches,
+and calls the same `Session` code as the single-process executor; only the exchange
+(an all_gather in the group's torch.distributed process group) differs.
 Checkpoints: each rank writes its own `<role>.pt` into the epoch's folder of the
 run's `FolderStore`; re-running with the same run name resumes from the latest.
 

@@ -83,7 +83,7 @@ class Session:
         metrics, started = {}, time.perf_counter()
         for runner in self.runners:
             start = time.perf_counter()
-            scores = self.evaluator.scores(runner, self.dataset, epoch)
+            scores = self.evaluator.scores(runner, epoch)
             metrics.update(scores)
             metrics[f"{runner.role.name}/eval_s"] = time.perf_counter() - start
             self._keep_best(runner, scores, epoch)

@@ -86,7 +86,7 @@ def test_a_frozen_teacher_is_scored_once_with_the_numbers_a_fresh_evaluation_giv
     RoleRunner.correct = counted
     try:
         evaluator = Evaluator(cfg, runners, data)
-        scores = [evaluator.scores(r, data, epoch) for epoch in (1, 2, 3) for r in runners]
+        scores = [evaluator.scores(r, epoch) for epoch in (1, 2, 3) for r in runners]
     finally:
         RoleRunner.correct = original
     both = len(data.val.labels) + len(data.test.labels)
@@ -112,4 +112,4 @@ def test_a_frozen_role_alone_in_its_process_is_scored_in_its_waits_within_the_bu
         alone.use_wait(40 * chunk.chunk_s)
         assert time.perf_counter() - start < 40 * chunk.chunk_s  # never past the wait it was given
     assert 0 < alone.images_while_waiting < len(data.val.labels) + len(data.test.labels)
-    assert alone.scores(teacher, data, cfg.optim.epochs) == teacher.evaluate(data)  # finished on demand
+    assert alone.scores(teacher, cfg.optim.epochs) == teacher.evaluate(data)  # finished on demand
