@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--systems", nargs="+", default=["torchdistill", "ray-kd local", "ray-kd ray"])
     parser.add_argument("--ray-set", nargs="*", default=[], help="extra overrides for the Ray runs")
+    parser.add_argument("--out", default="peer_torchdistill", help="results/<out>.md (.csv, .json)")
     args = parser.parse_args()
     info = machine()
     teacher = random_teacher(CONFIG, absolute_paths(CONFIG), "resnet20")
@@ -228,7 +229,7 @@ def main() -> None:
     notes = (__doc__.split("\n\n", 2)[2].strip() + f"\n\n{args.epochs} epochs of {args.train_subset} images; best of "
              f"{args.repeats} alternating runs per system (interference only slows a run). Ray overrides: "
              f"{args.ray_set or 'none (defaults)'}. Every run: {json.dumps(runs)}")
-    save("peer_torchdistill", "Against the peer: torchdistill vs ray-kd, KD resnet20 -> resnet8 on a CIFAR-10 subset",
+    save(args.out, "Against the peer: torchdistill vs ray-kd, KD resnet20 -> resnet8 on a CIFAR-10 subset",
          summary, ["system", "best_wall_s", "best_train_img_s", "img_s_vs_torchdistill", "wall_vs_torchdistill",
                    "train_s", "eval_s", "other_s", "walls", "img_s"], info, notes, {"runs": runs})
 

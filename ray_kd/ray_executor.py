@@ -73,6 +73,10 @@ class RoleWorker:
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
+        # Imported as the worker starts, while the driver still checks and opens its MLflow run, not at the run's
+        # first optimizer: torch imports torch._dynamo there (1.9 s on 2 cores), and rank 0 logs through MLflow.
+        import torch._dynamo  # noqa: F401
+        import ray_kd.tracking  # noqa: F401
 
     def free_address(self) -> str:
         """host:port for the group's rendezvous, on this (rank 0's) node."""
@@ -157,11 +161,22 @@ class RoleGroup:
         return err
 
     def shutdown(self) -> None:
+        """Kill the workers and free their placement group; a second call does nothing."""
         from ray.util.placement_group import remove_placement_group
 
         for worker in self.workers:
             ray.kill(worker)
-        remove_placement_group(self.group)
+        if self.workers:
+            remove_placement_group(self.group)
+        self.workers = []
+
+
+def start_group(cfg: RunConfig) -> RoleGroup:
+    """The run's role workers, started now (they import what they run while the caller goes on), once the
+    cluster is known to hold them."""
+    gpu = use_gpu(cfg)
+    check_fits(cfg, gpu)
+    return RoleGroup(cfg, gpu)
 
 
 def use_gpu(cfg: RunConfig) -> bool:
@@ -230,14 +245,16 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
 
 
 def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking_uri: str | None = None,
-              run_id: str | None = None, poll: Callable[[], None] = lambda: None, dataset: Dataset | None = None) -> list:
+              run_id: str | None = None, poll: Callable[[], None] = lambda: None, dataset: Dataset | None = None,
+              group: RoleGroup | None = None) -> list:
     """Every rank's `fn(config, rank)` (default: train_worker) on one worker per role, all in one process group.
 
     A worker that dies (killed, out of memory, its node lost) takes the group down and a new one starts, up to
     runtime.max_failures times; train_worker then resumes from the last checkpoint. An error a worker raises
     ends the run with the worker's own message (a NaN loss, a bad checkpoint). Benchmarks pass their own `fn`.
     An in-memory `dataset` the driver loaded goes to the workers through the object store (`config["dataset"]`:
-    one copy per node, mapped by its workers) instead of each worker loading and holding its own."""
+    one copy per node, mapped by its workers) instead of each worker loading and holding its own. A `group`
+    started beforehand (`start_group`, while the driver checked) runs the first attempt."""
     fn = fn or train_worker
     gpu = use_gpu(cfg)
     check_fits(cfg, gpu)
@@ -246,7 +263,7 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
               "gpu": gpu, "dataset": [ray.put(as_arrays(dataset))] if isinstance(dataset, Dataset) else None}
     roles = all_roles(cfg)
     for attempt in range(cfg.runtime.max_failures + 1):
-        group = RoleGroup(cfg, gpu)
+        group = group if attempt == 0 and group is not None else RoleGroup(cfg, gpu)
         try:
             return group.run(fn, config, backend, poll)
         except WorkerDied as died:
@@ -265,11 +282,12 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
 
 def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None,
                on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True,
-               dataset: Dataset | None = None) -> Path:
+               dataset: Dataset | None = None, group: RoleGroup | None = None) -> Path:
     """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint.
 
     `on_epoch(record)` gets each epoch's metrics as its checkpoint lands (a Tune trial reports them);
-    `dataset`, the one the driver loaded, is shared with the workers (see run_roles)."""
+    `dataset`, the one the driver loaded, is shared with the workers, and `group`, workers started
+    beforehand, runs them (see run_roles)."""
     connect(cfg)
     stop = threading.Event()
     display = ProgressDisplay(cfg.runtime.progress_every_s)
@@ -279,7 +297,7 @@ def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | No
         watcher.start()
     try:
         run_roles(cfg, train_worker, tracking_uri, run_id, NewEpochs(cfg, on_epoch) if on_epoch else lambda: None,
-                  dataset)
+                  dataset, group)
     finally:
         stop.set()
         if watcher.is_alive():

@@ -6,7 +6,9 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +23,9 @@ from ray_kd.results import plot_curves, summarize, write_summary
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from ray_kd import run_folder, tracking
 
+if TYPE_CHECKING:  # imported where a Ray run needs it: it imports Ray
+    from ray_kd.ray_executor import RoleGroup
+
 
 def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = None, restart: bool = False) -> dict:
     """Run (or resume) `cfg` end to end; returns the summary written to `<run_dir>/summary.json`.
@@ -29,10 +34,10 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
     baseline for the student alone (`ce`), else distillation. `restart` discards the run folder's
     checkpoints first (a new MLflow run too)."""
     uri = tracking.tracking_uri(cfg)
-    data = checked_and_connected(cfg, uri)  # loaded once on the driver: the local executor and finish use it too
+    data, workers = checked_and_connected(cfg, uri)  # data loaded once on the driver: the finish uses it too
     if threading.current_thread() is threading.main_thread():
         install_handlers()
-    with run_folder.run_lock(cfg):
+    with _shut_down_after(workers), run_folder.run_lock(cfg):
         if restart:
             run_folder.clear(cfg)
         run_folder.check_store(cfg, uri)
@@ -53,7 +58,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
             else:
                 from ray_kd.ray_executor import run_on_ray
 
-                last = run_on_ray(cfg, uri, run_id, dataset=data)
+                last = run_on_ray(cfg, uri, run_id, dataset=data, group=workers)
         except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
             _mark_unfinished(uri, before, epochs_before, "KILLED")
             done = newest_good_checkpoint(cfg, quiet=True)
@@ -65,6 +70,16 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
         return finish(cfg, last, uri, run_id, time.perf_counter() - start, data)
 
 
+@contextmanager
+def _shut_down_after(workers):
+    """The role workers started during the checks end with the run, even when it fails before training."""
+    try:
+        yield
+    finally:
+        if workers is not None:
+            workers.shutdown()
+
+
 def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
     """KILLED or FAILED, except that a FINISHED run stays FINISHED when this start added no epoch to it."""
     mlflow = tracking.client(uri)
@@ -73,10 +88,12 @@ def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
     mlflow.set_terminated(before.info.run_id, status)
 
 
-def checked_and_connected(cfg: RunConfig, uri: str) -> Dataset:
-    """The preflight and the MLflow store's checks, and for the Ray executor the cluster joined or started at
-    the same time (a local cluster takes seconds to start: this process loads the data meanwhile). A bad
-    config or store is the error shown, even when the cluster failed too. Returns the dataset."""
+def checked_and_connected(cfg: RunConfig, uri: str) -> tuple[Dataset, RoleGroup | None]:
+    """The preflight and the MLflow store's checks, and for the Ray executor the cluster joined or started and
+    the role workers started at the same time (a local cluster takes seconds to start, a worker seconds to
+    import torch: this process loads the data meanwhile). A bad config or store is the error shown, even when
+    the cluster failed too. Returns the dataset and the started workers (None for the local executor); the
+    caller shuts them down."""
     def checks() -> Dataset:
         data = preflight(cfg)
         check_sqlite_store(uri)
@@ -84,16 +101,22 @@ def checked_and_connected(cfg: RunConfig, uri: str) -> Dataset:
         return data
 
     if cfg.runtime.executor != "ray":
-        return checks()
+        return checks(), None
     check_address(cluster_address(cfg))  # a dead address is one line before anything else starts
+    from ray_kd.ray_executor import start_group
+
+    group = None
     with ThreadPoolExecutor(1) as pool:
         checked = pool.submit(checks)
         try:
             connect_checked(cfg)
+            group = start_group(cfg)
+            return checked.result(), group
         except BaseException:
+            if group is not None:
+                group.shutdown()
             checked.result()
             raise
-        return checked.result()
 
 
 def preflight(cfg: RunConfig) -> Dataset:

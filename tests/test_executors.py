@@ -27,3 +27,21 @@ def test_kd_same_on_ray_and_local(ray_cluster, tmp_path, digits_teacher):
     teacher_end = safe_load(remote / "teacher.pt")["net"]
     for name, tensor in teacher_start.items():  # frozen: not a single weight or BN statistic moved
         torch.testing.assert_close(teacher_end[f"backbone.{name}"], tensor)
+
+
+def test_workers_started_during_the_checks_end_with_a_run_refused_after_them(ray_cluster, tmp_path, mlflow_uri):
+    """`train` starts the role workers while the driver checks (they import torch meanwhile); the run trains on
+    them, and a run refused after the checks (its folder holds another config) leaves none of them behind."""
+    import pytest
+    from ray.util import placement_group_table
+
+    from ray_kd.config import load_config
+    from ray_kd.run import train
+    from ray_kd.run_folder import RunFolderError
+
+    base = [f"output_dir={tmp_path}", "name=r", "optim.epochs=1", "optim.steps_per_epoch=2", "optim.milestones=[]"]
+    assert train(load_config("configs/digits_dml.yaml", base))["epochs"] == 1
+    with pytest.raises(RunFolderError, match="another config"):
+        train(load_config("configs/digits_dml.yaml", [*base, "optim.epochs=2", "optim.lr=0.1"]))
+    groups = placement_group_table().values()
+    assert groups and all(g["state"] == "REMOVED" for g in groups), [g["state"] for g in groups]
