@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from ray_kd.stopping import held
+
 _STEP = "progress/"
 
 
@@ -125,8 +127,9 @@ class StepMetricLogger:
             return
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, global_step) for k, v in status.metrics().items()]
-        for i in range(0, len(metrics), 200):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + 200])
+        with held():
+            for i in range(0, len(metrics), 200):
+                self.client.log_batch(self.run_id, metrics=metrics[i:i + 200])
         self.logged_up_to = global_step
 
 

@@ -20,6 +20,7 @@ from ray_kd.evaluation import Evaluator
 from ray_kd.methods import Role
 from ray_kd.progress import StepMonitor
 from ray_kd.roles import RoleRunner
+from ray_kd.stopping import held
 
 OBJECTIVE = "best_student_val_acc"
 """Per epoch: the val top-1 of the best student that epoch."""
@@ -188,9 +189,10 @@ def fit(session: Session, store, sync=None, progress: ProgressFn | None = None) 
         sync.sync(history)
     for epoch in range(len(history), session.cfg.optim.epochs):
         history.append(session.run_epoch(epoch))
-        store.save(session, history)
-        if sync is not None:
-            sync.sync(history)
+        with held():  # a stop signal waits for the checkpoint and its metrics (see ray_kd.stopping)
+            store.save(session, history)
+            if sync is not None:
+                sync.sync(history)
         if progress is not None:
             progress(history[-1])
     return history

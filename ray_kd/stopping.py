@@ -3,11 +3,18 @@
 SIGTERM is turned into `Terminated` (a KeyboardInterrupt) so both signals unwind the same way:
 the MLflow run is marked KILLED, and the CLI prints the stop line and exits 128 + the signal.
 Ray installs its own SIGTERM handler (a C++ stack dump) in `ray.init`, so ours goes in after.
+
+A signal that arrives inside `held()` (a checkpoint being written, an MLflow write) is raised when
+the block ends: cut halfway, SQLAlchemy's session is left half-flushed (its clean-up then prints
+tracebacks) and the epoch's metrics half-logged. A second signal inside the block raises at once,
+so a stuck write (an unreachable store retrying) can still be interrupted.
 """
 
 from __future__ import annotations
 
 import signal
+import threading
+from contextlib import contextmanager
 
 
 class Terminated(KeyboardInterrupt):
@@ -22,14 +29,47 @@ class RunStopped(Exception):
         self.exit_code = 128 + signum
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+_depth = 0  # how many `held()` blocks the main thread is inside
+_pending: int | None = None  # the signal that arrived inside one
+
+
+def _interrupt(signum: int) -> None:
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_signal(signum, frame):
+    global _pending
+    if _depth and _pending is None:
+        _pending = signum
+        return
+    _pending = None
+    _interrupt(signum)
 
 
 def install_handlers() -> None:
-    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt (Python's default, restored if Ray replaced it)."""
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt, both held inside `held()` (replacing Ray's)."""
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+
+
+@contextmanager
+def held():
+    """Finish this block before a stop signal is raised (main thread only: signals are handled there)."""
+    global _depth, _pending
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _depth += 1
+    try:
+        yield
+    except BaseException:
+        _pending = None  # the block's own error (or a forced stop) is what unwinds
+        raise
+    finally:
+        _depth -= 1
+    if not _depth and _pending is not None:
+        signum, _pending = _pending, None
+        _interrupt(signum)
 
 
 def signal_of(err: KeyboardInterrupt) -> int:

@@ -158,6 +158,38 @@ def test_corrupt_latest_checkpoint_falls_back_and_finished_stays_finished(tmp_pa
 
 # --- 7. Ctrl-C and SIGTERM ----------------------------------------------------------------------------------
 
+def test_a_stop_signal_waits_for_a_held_write_and_a_second_one_does_not():
+    from ray_kd.stopping import Terminated, held, install_handlers
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    install_handlers()
+    try:
+        finished = []
+        with pytest.raises(Terminated):
+            with held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # the handler runs between bytecodes: well before this returns
+                finished.append("checkpoint")
+                with held():  # nested: still held until the outer block ends
+                    finished.append("metrics")
+                finished.append("after")
+        assert finished == ["checkpoint", "metrics", "after"]
+
+        with pytest.raises(KeyboardInterrupt):
+            with held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGINT)  # pressed again: a stuck write is interrupted
+                time.sleep(0.05)
+                finished.append("unreached")
+        assert "unreached" not in finished
+        with held():  # nothing left pending from the forced stop
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_stop_signal_is_one_line_with_the_resume_command(tmp_path, mlflow_uri, signum):
     args = ["train", f"output_dir={tmp_path}", "name=stopped", "runtime.executor=local", "optim.epochs=200"]
