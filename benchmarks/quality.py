@@ -3,7 +3,9 @@ on the CIFAR-10 copy. Teachers are trained once per dataset (ray_kd.run.train_te
 training subset as the students (LW-KD's on its synthesized glyphs). Every method runs with its config's
 defaults; the protocol (PROTOCOL below) was fixed before any run and nothing is chosen on test.
 Runs use the single-process executor (equal to the Ray one: tests/test_executors.py) and are resumable:
-a run whose summary.json exists is skipped, a half-done one resumes from its last epoch.
+a run whose summary.json exists is skipped, a half-done one resumes from its last epoch. On a PINNED dataset the
+teachers are committed files and the table's committed runs count as done: a session on another machine adds
+seeds to the same table instead of starting it again.
 `<method>@tuned` rows run the method with the values its validation sweep chose (benchmarks/sweeps.py,
 results/tuned_<dataset>.json), on the same seeds and protocol.
 
@@ -18,9 +20,11 @@ student alone and against KD. The runs table lists every run with its equivalent
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
+import shutil
 import statistics
 from pathlib import Path
 
@@ -60,17 +64,26 @@ TEACHER_EPOCHS = {"digits": [], "cifar10": ["optim.epochs=12", "optim.milestones
 # Issue 17's controlled runs: each changes one thing from its method's row (paired against ce and kd on the
 # same seeds). `teacher` names the teacher kind ('teacher15': the protocol's teacher trained 15 epochs instead of 30,
 # the issue's ~68% one), `best` takes that run's best-validation epoch instead of its last.
+# SKD's anti-collapse term off: its default was 0 until the validation evidence of both datasets (the
+# `kd+skd@simplifier_ce` rows of quality_digits and quality_cifar10_15_v1) made it 0.6.
+NO_SIMPLIFIER_CE = {"overrides": ["method.simplifier_ce_weight=0"],
+                    "note": "SKD's simplifier_ce_weight 0 (its default before issue 17) instead of 0.6"}
 CONTROLS = {"cifar10_15": {
-    "kd@teacher15": {"teacher": "teacher15"},
-    "kd@teacher15_best": {"teacher": "teacher15", "best": True},
-    "kd@even_weights": {"overrides": ["method.ce_weight=0.5", "method.kd_weight=0.5"]},
-    # and SKD's anti-collapse term on (its sweep on the 5-epoch protocol chose 0.6; the default is 0)
-    "kd+skd@simplifier_ce": {"overrides": ["method.simplifier_ce_weight=0.6"]},
-}}
+    "kd@teacher15": {"teacher": "teacher15", "note": "a teacher trained 15 epochs instead of 30, kept at its last epoch"},
+    "kd@teacher15_best": {"teacher": "teacher15", "best": True, "note": "that run's best-validation epoch instead"},
+    "kd@even_weights": {"overrides": ["method.ce_weight=0.5", "method.kd_weight=0.5"],
+                        "note": "CE 0.5 / KD 0.5 instead of 0.1 / 0.9"},
+    "kd+skd@no_simplifier_ce": NO_SIMPLIFIER_CE,
+}, "digits": {"kd+skd@no_simplifier_ce": NO_SIMPLIFIER_CE}}
 CONTROL_TEACHERS = {"teacher15": ["optim.epochs=15"]}  # kind -> its overrides on top of the protocol
 # The teacher's choice rule: the best validation epoch, or the last (a cosine schedule ends annealed, and a
 # 1,000-image validation split picks noise among the last epochs).
 TEACHER_KEEP = {"digits": "best", "cifar10": "best", "cifar10_15": "last"}
+# Datasets whose teachers are committed (results/teachers/<dataset>/: the weights, and their run's summary.json as
+# <kind>.json): training is not bit-identical across CPU types, so a teacher retrained on another machine is
+# another teacher. With the files pinned, runs made on any machine pair with the committed ones, and the table
+# grows across sessions: its runs are the committed ones made against the same teacher plus this machine's.
+PINNED = {"cifar10_15"}
 HEADLINE = {"digits": "best_val_epoch_test", "cifar10": "best_val_epoch_test", "cifar10_15": "last_test"}
 SEEDS = {"digits": list(range(10)), "cifar10": [0, 1, 2], "cifar10_15": [0, 1, 2]}  # the digits runs take seconds each
 # channels_last=false: every committed quality run was made before NHWC became the default (same numbers to
@@ -109,17 +122,49 @@ def teacher_args(dataset: str, kind: str) -> tuple[str, list[str], str]:
                                           f"output_dir={out_dir(dataset)}"], TEACHER_KEEP[dataset])
 
 
+def pinned_dir(dataset: str) -> Path:
+    return RESULTS / "teachers" / dataset
+
+
+def teacher_path(dataset: str, kind: str, best: bool = False) -> Path:
+    """Where a teacher kind's weights are: the committed file on a pinned dataset, else this machine's run folder
+    (`best`: that run's best-validation weights instead of the kept ones)."""
+    if dataset in PINNED:
+        return pinned_dir(dataset) / f"{kind}{'_best' if best else ''}.pt"
+    return out_dir(dataset) / kind / "best_student.pt" if best else out_dir(dataset) / f"{kind}.pt"
+
+
+def teacher_summary(dataset: str, kind: str) -> dict | None:
+    path = pinned_dir(dataset) / f"{kind}.json" if dataset in PINNED else out_dir(dataset) / kind / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def teacher(dataset: str, kind: str) -> str:
-    """The dataset's teacher file, trained once."""
+    """The dataset's teacher file, trained once (on a pinned dataset: once anywhere, then committed)."""
     from ray_kd.config import load_config
     from ray_kd.run import train_teacher
 
-    path = out_dir(dataset) / f"{kind}.pt"
+    path = teacher_path(dataset, kind)
     if not path.is_file():
-        config, overrides, keep = teacher_args(dataset, kind)
-        print(f"== training the {dataset} {kind}", flush=True)
-        train_teacher(load_config(config, overrides), path, keep=keep)
+        trained = out_dir(dataset) / f"{kind}.pt"
+        if not trained.is_file():
+            config, overrides, keep = teacher_args(dataset, kind)
+            print(f"== training the {dataset} {kind}", flush=True)
+            train_teacher(load_config(config, overrides), trained, keep=keep)
+        if dataset in PINNED:  # to be committed with the results
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out_dir(dataset) / kind / "summary.json", path.with_suffix(".json"))
+            if any(c.get("teacher") == kind and c.get("best") for c in CONTROLS.get(dataset, {}).values()):
+                shutil.copyfile(out_dir(dataset) / kind / "best_student.pt", teacher_path(dataset, kind, best=True))
+            shutil.copyfile(trained, path)
     return str(path)
+
+
+def table_teacher(dataset: str) -> str | None:
+    """The pinned dataset's table id: the first 12 hex digits of its teacher file's sha256 (None elsewhere)."""
+    if dataset not in PINNED:
+        return None
+    return hashlib.sha256(Path(teacher(dataset, "teacher")).read_bytes()).hexdigest()[:12]
 
 
 def run_args(dataset: str, method: str, seed: int) -> tuple[str, list[str]]:
@@ -148,10 +193,7 @@ def teacher_kind(dataset: str, method: str) -> str:
 
 def teacher_file(dataset: str, method: str) -> Path:
     """The teacher file a run of `method` loads: the kind's file, or the best-validation weights its run kept."""
-    kind = teacher_kind(dataset, method)
-    if control(dataset, method).get("best"):
-        return out_dir(dataset) / kind / "best_student.pt"
-    return out_dir(dataset) / f"{kind}.pt"
+    return teacher_path(dataset, teacher_kind(dataset, method), best=control(dataset, method).get("best", False))
 
 
 def command(verb: str, config: str, overrides: list[str], extra: tuple[str, ...] = ()) -> str:
@@ -159,19 +201,48 @@ def command(verb: str, config: str, overrides: list[str], extra: tuple[str, ...]
     return shlex.join(["ray-kd", verb, "-c", config, *extra, *overrides])
 
 
-def run(dataset: str, method: str, seed: int) -> dict:
-    """One run's summary (from its summary.json when it is already done)."""
+def run(dataset: str, method: str, seed: int, table: str | None) -> None:
+    """One run, unless its summary.json exists (or, on a pinned dataset, the committed table has it)."""
     from ray_kd.config import load_config
     from ray_kd.run import train
 
+    folder = out_dir(dataset) / f"{run_name(method)}-s{seed}"
+    if (folder / "summary.json").is_file() or (method, seed) in committed_runs(dataset, table):
+        return
     config, overrides = run_args(dataset, method, seed)
-    summary = out_dir(dataset) / f"{run_name(method)}-s{seed}" / "summary.json"
-    if not summary.is_file():
-        if any(o.startswith("teacher.checkpoint=") for o in overrides):
-            teacher(dataset, teacher_kind(dataset, method))
-        print(f"== {dataset} {method} seed {seed}", flush=True)
-        train(load_config(config, overrides))
-    return json.loads(summary.read_text())
+    if any(o.startswith("teacher.checkpoint=") for o in overrides):
+        teacher(dataset, teacher_kind(dataset, method))
+    print(f"== {dataset} {method} seed {seed}", flush=True)
+    if table is not None:  # the teacher its table is made against, for the runs that load none too
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "table_teacher.txt").write_text(table)
+    train(load_config(config, overrides))
+
+
+def committed_runs(dataset: str, table: str | None) -> dict[tuple[str, int], dict]:
+    """(method, seed) -> the committed record of each run made against this table's teacher (pinned datasets)."""
+    path = RESULTS / f"quality_{dataset}.json"
+    if table is None or not path.is_file():
+        return {}
+    return {(r["method"], r["seed"]): r for r in json.loads(path.read_text())["runs"]
+            if r.get("table_teacher") == table and r["method"] in variants(dataset)}
+
+
+def local_run(dataset: str, method: str, summary: Path, table: str | None, cpu: str) -> dict | None:
+    """A finished run folder's record (made on this machine, `cpu`); None when made against another table's teacher."""
+    marker = summary.parent / "table_teacher.txt"
+    if table is not None and (not marker.is_file() or marker.read_text().strip() != table):
+        print(f"left out {summary.parent}: made against another teacher than {table}", flush=True)
+        return None
+    seed = int(summary.parent.name.rpartition("-s")[2])
+    s = json.loads(summary.read_text())
+    student = s["roles"]["student_0"]
+    return {"method": method, "seed": seed, "table_teacher": table,
+            "best_val_epoch_test": student["test_acc_at_best_val"], "last_test": student["last_test_acc"],
+            "best_val": student.get("val_acc_at_best", student.get("best_val_acc")), "best_epoch": student["best_epoch"],
+            "dml_best_peer_test": s["roles"][s["best_student"]]["test_acc_at_best_val"],
+            "wall_seconds": s["wall_seconds"], "cpu_model": cpu,
+            "command": command("train", *run_args(dataset, method, seed))}
 
 
 def aggregate(dataset: str, runs: list[dict]) -> list[dict]:
@@ -255,28 +326,23 @@ def main() -> None:
     Path("/tmp/ray-kd-bench").mkdir(exist_ok=True)
     info = machine()
     order = variants(args.dataset)
+    table = table_teacher(args.dataset)
     for seed in args.seeds or SEEDS[args.dataset]:  # seed-major: a partial run still compares every method on the same seeds
         for method in args.methods or order:
-            run(args.dataset, method, seed)
-    runs = []
-    for method in order:  # every finished run of this dataset, not only this call's
+            run(args.dataset, method, seed, table)
+    runs = dict(committed_runs(args.dataset, table))  # every finished run of this table, not only this call's
+    for method in order:
         for summary in sorted(out_dir(args.dataset).glob(f"{run_name(method)}-s*/summary.json")):
-            name, _, seed = summary.parent.name.rpartition("-s")
-            if name != run_name(method):  # kd_skd-s* also matches kd_skd-simplifier_ce-s0
+            if summary.parent.name.rpartition("-s")[0] != run_name(method):  # kd_skd-s* also matches kd_skd-no_simplifier_ce-s0
                 continue
-            s = json.loads(summary.read_text())
-            student = s["roles"]["student_0"]
-            runs.append({"method": method, "seed": int(seed),
-                         "best_val_epoch_test": student["test_acc_at_best_val"], "last_test": student["last_test_acc"],
-                         "best_val": student.get("val_acc_at_best", student.get("best_val_acc")), "best_epoch": student["best_epoch"],
-                         "dml_best_peer_test": s["roles"][s["best_student"]]["test_acc_at_best_val"],
-                         "wall_seconds": s["wall_seconds"],
-                         "command": command("train", *run_args(args.dataset, method, int(seed)))})
+            record = local_run(args.dataset, method, summary, table, info["cpu_model"])
+            if record is not None:
+                runs[method, record["seed"]] = record
+    runs = sorted(runs.values(), key=lambda r: (order.index(r["method"]), r["seed"]))
     teachers, detail, total = {}, [], sum(r["wall_seconds"] for r in runs)
     for kind in ("teacher", "lwkd_teacher", *CONTROL_TEACHERS):
-        summary = out_dir(args.dataset) / kind / "summary.json"
-        if summary.is_file():
-            s = json.loads(summary.read_text())
+        s = teacher_summary(args.dataset, kind)
+        if s is not None:
             t = s["roles"].get("teacher") or s["roles"]["student_0"]  # summaries before/after issue 16
             keep = teacher_args(args.dataset, kind)[2]
             teachers[kind] = t["last_test_acc" if keep == "last" else "test_acc_at_best_val"]
@@ -301,9 +367,8 @@ def main() -> None:
              + "; seed methods above kd -> " + ("not run yet" if not any("vs_kd" in r for r in rows)
                                                 else "met" if not below_kd else "missed by " + ", ".join(below_kd))
              + (". Controlled rows (`<method>@<change>`, issue 17), one change each from the method's row: "
-                "teacher15 = a teacher trained 15 epochs instead of 30, kept at its last epoch; teacher15_best = "
-                "that run's best-validation epoch instead; even_weights = CE 0.5 / KD 0.5 instead of 0.1 / 0.9; "
-                "simplifier_ce = SKD's simplifier_ce_weight 0.6 instead of 0"
+                + "; ".join(f"{r['method'].partition('@')[2]} = {controls[r['method']]['note']}"
+                            for r in rows if r["method"] in controls)
                 if any(r["method"] in controls for r in rows) else "")
              + f". Teachers: {'; '.join(detail)}"
              + f". Per-run figures: quality_{args.dataset}_runs.md. Plot: quality_{args.dataset}.png. "
@@ -314,11 +379,14 @@ def main() -> None:
          {"runs": runs, "teachers": teachers, "protocol": PROTOCOL[args.dataset]})
     (RESULTS / f"quality_{args.dataset}_runs.md").write_text(
         f"# Every run behind quality_{args.dataset}.md\n\n" + markdown_table(
-            sorted(runs, key=lambda r: (order.index(r["method"]), r["seed"])),
-            ["method", "seed", "best_val", "best_epoch", "best_val_epoch_test", "last_test", "wall_seconds", "command"])
+            runs,
+            ["method", "seed", "best_val", "best_epoch", "best_val_epoch_test", "last_test", "wall_seconds", "cpu_model",
+             "command"])
         + "\n\nTeachers:\n\n" + "\n".join(
             f"- `{command('train-teacher', c, o, ('--out', str(out_dir(args.dataset) / f'{kind}.pt'), '--keep', keep))}`"
-            for kind in teachers for c, o, keep in [teacher_args(args.dataset, kind)]) + "\n")
+            for kind in teachers for c, o, keep in [teacher_args(args.dataset, kind)])
+        + (f"\n\nPinned (committed) teacher files: results/teachers/{args.dataset}/; this table's runs were made "
+           f"against teacher.pt with sha256 {table}...\n" if table else "\n"))
 
 
 if __name__ == "__main__":

@@ -142,13 +142,16 @@ def test_skd_loss_matches_formula():
 
 
 def test_skd_starts_as_its_base_method():
+    """The base's terms unchanged at the identity start; the default anti-collapse term comes on top."""
     method, base = skd("kd"), method_class("kd")(method_class("kd").Params())
     published = {"teacher": {"logits": Z_T}}
     got = build_role(method, STUDENT).losses({"logits": Z_S}, published, Y, STEP)
     want = build_role(base, STUDENT).losses({"logits": Z_S}, published, Y, STEP)
-    assert got.keys() == want.keys()
-    for name in want:
+    assert got.keys() == want.keys() | {"simplifier_ce"}
+    assert float(got["simplifier_ce"]) == pytest.approx(0.6 * direct_ce(Z_T / T, Y), abs=1e-6)
+    for name in want.keys() - {"total"}:
         assert float(got[name]) == pytest.approx(float(want[name]), abs=1e-6)
+    assert float(got["total"]) == pytest.approx(float(want["total"] + got["simplifier_ce"]), abs=1e-6)
 
 
 def test_skd_simplifier_learns_from_the_distillation_loss_alone():
