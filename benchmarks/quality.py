@@ -167,14 +167,17 @@ def table_teacher(dataset: str) -> str | None:
     return hashlib.sha256(Path(teacher(dataset, "teacher")).read_bytes()).hexdigest()[:12]
 
 
-def run_args(dataset: str, method: str, seed: int) -> tuple[str, list[str]]:
-    """(config, overrides) of one run; a teacher file it needs is named, not trained, here."""
+def run_args(dataset: str, method: str, seed: int, runtime: list[str] = LOCAL, name: str | None = None,
+             output_dir: Path | None = None) -> tuple[str, list[str]]:
+    """(config, overrides) of one run (by default the table's, in its run folder; a sweep names its own runtime
+    and folder); a teacher file it needs is named, not trained, here."""
     from ray_kd.config import load_config
 
     base, _, variant = method.partition("@")
     chosen = [f"{k}={v}" for k, v in tuned(dataset)[base].items()] if variant == "tuned" else []
-    overrides = [*PROTOCOL[dataset], *LOCAL, *chosen, *control(dataset, method).get("overrides", []), f"seed={seed}",
-                 f"name={run_name(method)}-s{seed}", f"output_dir={out_dir(dataset)}"]
+    overrides = [*PROTOCOL[dataset], *runtime, *chosen, *control(dataset, method).get("overrides", []),
+                 f"seed={seed}", f"name={name or f'{run_name(method)}-s{seed}'}",
+                 f"output_dir={output_dir or out_dir(dataset)}"]
     if load_config(CONFIGS[dataset][base], overrides).teacher is not None:
         overrides.append(f"teacher.checkpoint={teacher_file(dataset, method)}")
     return CONFIGS[dataset][base], overrides
