@@ -6,11 +6,12 @@ Then, from the repository root:
     .venv/bin/python benchmarks/peer_torchdistill.py [--td-python /tmp/td-venv/bin/python] [--epochs 3] [--repeats 2]
 
 The protocol: KD resnet20 -> resnet8 (ray-kd's own model classes on both sides: torchdistill gets them as
-`nn.Module`s), the same randomly initialised teacher file, the same CIFAR-10 subset (ray-kd's `load_dataset`
-of configs/bench_cifar10_kd.yaml with data.train_subset, exported once as uint8 tensors), the same train / val /
-test splits, normalisation and augmentation (random crop with 4 px zero padding, horizontal flip), batch 128,
-SGD lr 0.05 momentum 0.9 wd 5e-4, the same loss (0.1 CE + 0.9 T^2 KL, T=4), 2 threads in all. Each epoch scores
-the student on val; the end scores student and teacher on val and test (ray-kd: `eval.splits=[val]`; its frozen
+`nn.Module`s), the same trained teacher file (by default the quality protocol's pinned resnet20,
+results/teachers/cifar10_15/teacher.pt, 76.5% test, trained on these 10,000 images), the same CIFAR-10 subset
+(ray-kd's `load_dataset` of configs/bench_cifar10_kd.yaml with data.train_subset and data.val_fraction=0.02, the
+quality protocol's split, exported once as uint8 tensors), the same train / val / test splits, normalisation
+and augmentation (random crop with 4 px zero padding, horizontal flip), batch 128, SGD lr 0.05 momentum 0.9
+wd 5e-4, the same loss (0.1 CE + 0.9 T^2 KL, T=4), 2 threads in all. Each epoch scores the student on val; the end scores student and teacher on val and test (ray-kd: `eval.splits=[val]`; its frozen
 teacher is scored once). torchdistill saves the student when val improves (as its example script does); ray-kd
 writes its per-epoch checkpoints. Wall: from the command to its exit, start-up and evaluation included. Training
 img/s: images trained / seconds in the training loops (ray-kd: from its history's `student_0/samples_per_s`).
@@ -19,7 +20,8 @@ ray-kd runs at its defaults (`runtime.channels_last` on: NHWC convolutions); a s
 turns that off, to show what the layout buys. Where the wall goes, for each system's fastest run:
 train_s (the training loops), eval_s (scoring: per epoch, and at the end; ray-kd: from its history's
 `<role>/eval_s`, per epoch the slowest role on Ray, the roles' sum in one process), other_s (the rest:
-start-up, checkpoints, MLflow, exit).
+start-up, checkpoints, MLflow, exit). student_test_top1: the mean over a system's runs of its student's test
+top-1 at the end (the same teacher and recipe on every side: a time is only worth comparing at the same result).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIG = "configs/bench_cifar10_kd.yaml"
+VAL_FRACTION = 0.02  # the quality protocol's split, so the pinned teacher never saw val or test
 
 
 # --- the torchdistill side (runs under the other venv: torch, torchvision, torchdistill, ray_kd.models only) ---
@@ -157,22 +160,25 @@ def ray_kd_history(run_dir: Path) -> list[dict]:
 
 def main() -> None:
     sys.path.insert(0, str(HERE))
-    from common import RUNS, absolute_paths, machine, random_teacher, save
+    from common import RUNS, absolute_paths, machine, save
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--td-python", default="/tmp/td-venv/bin/python")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-subset", type=int, default=10000)
+    parser.add_argument("--teacher", default=str(HERE / "results" / "teachers" / "cifar10_15" / "teacher.pt"),
+                        help="a resnet20 teacher file for 10 classes (default: the quality protocol's pinned one)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--systems", nargs="+", default=["torchdistill", "ray-kd local", "ray-kd ray"])
     parser.add_argument("--ray-set", nargs="*", default=[], help="extra overrides for the Ray runs")
     parser.add_argument("--out", default="peer_torchdistill", help="results/<out>.md (.csv, .json)")
     args = parser.parse_args()
     info = machine()
-    teacher = random_teacher(CONFIG, absolute_paths(CONFIG), "resnet20")
+    teacher = str(Path(args.teacher).resolve())
     overrides = [*absolute_paths(CONFIG), f"teacher.checkpoint={teacher}", f"data.train_subset={args.train_subset}",
+                 f"data.val_fraction={VAL_FRACTION}",
                  f"optim.epochs={args.epochs}", f"optim.milestones=[{args.epochs}]", "eval.splits=[val]"]
-    data_file = RUNS / "peer" / f"cifar10_subset{args.train_subset}.pt"
+    data_file = RUNS / "peer" / f"cifar10_subset{args.train_subset}_val{VAL_FRACTION}.pt"
     if not data_file.is_file():
         export_data(overrides, data_file)
     mlflow = f"sqlite:///{tempfile.mkdtemp(prefix='ray-kd-peer-mlflow-')}/mlflow.db"
@@ -220,7 +226,8 @@ def main() -> None:
         summary.append({"system": system, "best_wall_s": fastest["wall_s"],
                         "best_train_img_s": max(r["train_img_s"] for r in mine),
                         **{k: fastest[k] for k in ("train_s", "eval_s", "other_s")},
-                        "walls": [r["wall_s"] for r in mine], "img_s": [r["train_img_s"] for r in mine]})
+                        "walls": [r["wall_s"] for r in mine], "img_s": [r["train_img_s"] for r in mine],
+                        "student_test_top1": round(sum(r["student_test_top1"] for r in mine) / len(mine), 2)})
     td = next((s for s in summary if s["system"] == "torchdistill"), None)
     for s in summary:
         if td:
@@ -231,7 +238,8 @@ def main() -> None:
              f"{args.ray_set or 'none (defaults)'}. Every run: {json.dumps(runs)}")
     save(args.out, "Against the peer: torchdistill vs ray-kd, KD resnet20 -> resnet8 on a CIFAR-10 subset",
          summary, ["system", "best_wall_s", "best_train_img_s", "img_s_vs_torchdistill", "wall_vs_torchdistill",
-                   "train_s", "eval_s", "other_s", "walls", "img_s"], info, notes, {"runs": runs})
+                   "train_s", "eval_s", "other_s", "student_test_top1", "walls", "img_s"], info, notes,
+         {"runs": runs, "teacher": teacher})
 
 
 if __name__ == "__main__":
