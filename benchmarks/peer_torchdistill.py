@@ -11,8 +11,9 @@ results/teachers/cifar10_15/teacher.pt, 76.5% test, trained on these 10,000 imag
 (ray-kd's `load_dataset` of configs/bench_cifar10_kd.yaml with data.train_subset and data.val_fraction=0.02, the
 quality protocol's split, exported once as uint8 tensors), the same train / val / test splits, normalisation
 and augmentation (random crop with 4 px zero padding, horizontal flip), batch 128, SGD lr 0.05 momentum 0.9
-wd 5e-4, the same loss (0.1 CE + 0.9 T^2 KL, T=4), 2 threads in all. Each epoch scores the student on val; the end scores student and teacher on val and test (ray-kd: `eval.splits=[val]`; its frozen
-teacher is scored once). torchdistill saves the student when val improves (as its example script does); ray-kd
+wd 5e-4, the same loss (0.1 CE + 0.9 T^2 KL, T=4), 2 threads in all. Each epoch scores the student on val;
+the end scores student and teacher on val and test (ray-kd: `eval.splits=[val]`; its frozen teacher is scored
+once). torchdistill saves the student when val improves (as its example script does); ray-kd
 writes its per-epoch checkpoints. Wall: from the command to its exit, start-up and evaluation included. Training
 img/s: images trained / seconds in the training loops (ray-kd: from its history's `student_0/samples_per_s`).
 The systems run in turn, the order rotated each repeat, the load average recorded with every run.
