@@ -15,6 +15,7 @@ total is the one shown (interference from other work only slows a start); every 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -183,24 +184,22 @@ def main() -> None:
     info = machine()
     RUNS.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tempfile.mkdtemp(prefix='ray-kd-startup-mlflow-')}/mlflow.db"}
-    columns, results, totals_seen = ["phase"], {}, {}
-    for case, column, repeat in [(case, column, r) for r in range(args.repeats) for case in args.cases
-                                 for column in ("ray", "ray joining", "local")]:
+    # each case's teacher file, made once from the warm cache: "cold" stays cold
+    teachers = {case: random_teacher(config, absolute_paths(config), model) if model else ""
+                for case, (config, _, model) in CASES.items() if case in args.cases}
+    results, totals_seen = {}, {}
+    for repeat, case, column in itertools.product(range(args.repeats), args.cases, ("ray", "ray joining", "local")):
         executor = column.split()[0]
         with tempfile.TemporaryDirectory(prefix="ray-kd-startup-") as tmp, \
                 running_cluster(Path(tmp)) if column == "ray joining" else nullcontext(None) as address:
             out = Path(tmp) / "timings.json"
-            config, _, model = CASES[case]  # the teacher file from the warm cache: "cold" stays cold
-            teacher_file = random_teacher(config, absolute_paths(config), model) if model else ""
-            subprocess.run([sys.executable, sys.argv[0], "--child", case, executor, str(out), teacher_file],
+            subprocess.run([sys.executable, sys.argv[0], "--child", case, executor, str(out), teachers[case]],
                            env={**env, **({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"} if address else {})}, check=True)
             measured = phases(json.loads(out.read_text()))
             name, total = f"{case} {column}", measured["total: command to first step"]
             totals_seen.setdefault(name, []).append(round(total, 2))
             if name not in results or total < results[name]["total: command to first step"]:
                 results[name] = measured
-            if repeat == 0:
-                columns.append(name)
             print(case, column, repeat, {k: round(v, 2) for k, v in measured.items()}, flush=True)
     names = list(dict.fromkeys(k for p in results.values() for k in p))
     names.append(names.pop(names.index("total: command to first step")))
@@ -214,7 +213,7 @@ def main() -> None:
     if args.repeats > 1:
         notes += (f" Fastest of {args.repeats} runs per column (alternating); every total: "
                   + "; ".join(f"{c}: {v}" for c, v in totals_seen.items()) + ".")
-    save("startup", "Start-up: seconds from the command to the first step", rows, columns, info, notes,
+    save("startup", "Start-up: seconds from the command to the first step", rows, ["phase", *results], info, notes,
          {"phases": results})
 
 
