@@ -175,6 +175,9 @@ class RuntimeConfig(Strict):
     threads_per_worker: int = Field(1, gt=0)
     channels_last: bool = Field(True, description="image batches and conv weights in NHWC, the layout CPUs' "
                                 "oneDNN and GPUs' tensor cores are fastest in (benchmarks/channels_last.py)")
+    fold_frozen_batchnorm: bool = Field(True, description="a frozen teacher's BatchNorm folded into the convs "
+                                        "before it: one pass fewer, the same outputs to float rounding "
+                                        "(benchmarks/fold_batchnorm.py)")
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")

@@ -7,6 +7,7 @@ weights, the optimiser over what trains, the step, evaluation, checkpoints.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -16,6 +17,7 @@ from ray_kd.config import OptimConfig
 from ray_kd.data import Dataset, eval_batches
 from ray_kd.errors import UserError
 from ray_kd.methods import Method, Outputs, Role, Step
+from ray_kd.models.folding import fold_batchnorm
 from ray_kd.recipe import Recipe
 from ray_kd.weights import load_backbone
 
@@ -28,19 +30,42 @@ class RoleRunner:
     """Builds a role (its backbone, then the method's module around it, the optimiser over what trains) and steps it."""
 
     def __init__(self, role: Role, index: int, method: Method, dataset: Dataset, optim: OptimConfig,
-                 seed: int, device: torch.device, steps_per_epoch: int, channels_last: bool = False):
+                 seed: int, device: torch.device, steps_per_epoch: int, channels_last: bool = False,
+                 fold_frozen_batchnorm: bool = False):
         self.role, self.device = role, device
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
         torch.manual_seed(seed * 1000 + index)  # same init in every executor
         channels = method.input_channels(role, dataset.in_channels)
         backbone = load_backbone(role, dataset.num_classes, channels)
         self.net = method.build_role(role, backbone, dataset.num_classes).to(device)
-        for p in self.net.parameters():  # conv weights; a lazy module's are left as they come (not built yet)
-            if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() == 4:
-                p.data = p.data.contiguous(memory_format=self.layout)
+        self._lay_out_convs(self.net)
+        # A frozen backbone that stays in eval mode runs with its BatchNorm folded into its convs
+        # (`runtime.fold_frozen_batchnorm`); checkpoints keep it as loaded, so they read the same either way.
+        self.loaded_backbone = copy.deepcopy(self.net.backbone).cpu() \
+            if fold_frozen_batchnorm and self._frozen_in_eval() else None
+        if self.loaded_backbone is not None:
+            self._fold_backbone()
         self.recipe = Recipe(self.net, self.net.trainable_parameters(), optim, steps_per_epoch, device)
         self.optimizer, self.scheduler = self.recipe.optimizer, self.recipe.scheduler
         self.step = 0
+
+    def _frozen_in_eval(self) -> bool:
+        """The backbone gets no gradient and stays in eval mode while the role trains."""
+        self.net.train()
+        backbone = self.net.backbone
+        return not any(p.requires_grad for p in backbone.parameters()) and not any(m.training for m in backbone.modules())
+
+    def _fold_backbone(self) -> None:
+        """The backbone that runs: the loaded one, copied, with its BatchNorm folded."""
+        backbone = copy.deepcopy(self.loaded_backbone).eval()
+        fold_batchnorm(backbone)
+        self.net.backbone = backbone.to(self.device)
+        self._lay_out_convs(self.net.backbone)
+
+    def _lay_out_convs(self, module: nn.Module) -> None:
+        for p in module.parameters():  # conv weights; a lazy module's are left as they come (not built yet)
+            if not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=self.layout)
 
     @property
     def trains(self) -> bool:
@@ -69,6 +94,14 @@ class RoleRunner:
         self.recipe.step(terms["total"])  # the schedule steps per iteration too
         return values
 
+    @staticmethod
+    def _with_backbone(net_state: dict, backbone: nn.Module | None) -> dict:
+        """`net_state` with its backbone's entries taken from `backbone` (None: left as they are)."""
+        if backbone is None:
+            return net_state
+        rest = {k: v for k, v in net_state.items() if not k.startswith("backbone.")}
+        return {**rest, **{f"backbone.{k}": v for k, v in backbone.state_dict().items()}}
+
     def laid_out(self, x: torch.Tensor) -> torch.Tensor:
         """An image batch in the memory layout of the role's conv weights (`runtime.channels_last`)."""
         return x.contiguous(memory_format=self.layout) if x.dim() == 4 else x
@@ -96,9 +129,16 @@ class RoleRunner:
         return {head: int((logits.argmax(1) == y).sum()) for head, logits in self.net.eval_heads(outputs).items()}
 
     def state_dict(self) -> dict:
-        return {"net": self.net.state_dict(), "step": self.step, **self.recipe.state_dict()}
+        return {"net": self._with_backbone(self.net.state_dict(), self.loaded_backbone), "step": self.step,
+                **self.recipe.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
+        net = state["net"]
+        if self.loaded_backbone is not None:  # the checkpoint's backbone, folded again
+            self.loaded_backbone.load_state_dict({k[len("backbone."):]: v for k, v in net.items()
+                                                  if k.startswith("backbone.")})
+            self._fold_backbone()
+            net = self._with_backbone(net, self.net.backbone)
+        self.net.load_state_dict(net)
         self.step = state["step"]
         self.recipe.load_state_dict(state)

@@ -49,7 +49,7 @@ class Session:
         roles = all_roles(cfg)
         self.steps_per_epoch = epoch_steps(self.dataset, cfg.data.batch_size, cfg.optim.steps_per_epoch)
         self.runners = [RoleRunner(roles[i], i, self.method, self.dataset, cfg.optim, cfg.seed, device,
-                                   self.steps_per_epoch, cfg.runtime.channels_last)
+                                   self.steps_per_epoch, cfg.runtime.channels_last, cfg.runtime.fold_frozen_batchnorm)
                         for i in role_indices]
         self.best: dict[str, dict] = {}  # student role -> {'val_acc', 'epoch', 'state_dict'}
         self.evaluator = Evaluator(cfg, self.runners, self.dataset)
