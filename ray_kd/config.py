@@ -305,6 +305,13 @@ def _parse_override(item: str) -> tuple[str, Any]:
 def load_config(source: str | Path | dict | RunConfig | None = None, overrides: Overrides | None = None) -> RunConfig:
     """A validated run spec from a YAML file, a dict or a RunConfig (None: the defaults), overrides applied,
     relative paths resolved against the caller's working directory (see `RunConfig.with_absolute_paths`)."""
+    if not isinstance(source, (str, Path, dict, RunConfig, type(None))):
+        raise ConfigError(f"config must be a YAML path, a dict or a RunConfig, not {type(source).__name__} "
+                          f"{source!r}")
+    if not (overrides is None or isinstance(overrides, dict)
+            or (isinstance(overrides, (list, tuple)) and all(isinstance(o, str) for o in overrides))):
+        raise ConfigError(f"overrides must be a list of 'key=value' strings or a {{key: value}} dict, not "
+                          f"{type(overrides).__name__} {overrides!r} (e.g. ['optim.epochs=2'])")
     if isinstance(source, RunConfig):
         tree = source.model_dump()
     elif isinstance(source, dict):

@@ -11,6 +11,7 @@ behind the same `load_dataset` / `seeded_batches` / `eval_batches`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -107,6 +108,25 @@ def load_dataset(cfg: DataConfig, seed: int = 0):
     plain = cfg.dataset in ("digits", "synthetic")  # flips and crops would change what a digit says
     augment = cfg.augment if cfg.augment != "auto" else ("none" if plain else "crop_flip")
     return Dataset(train, val, test, num_classes, mean, std, augment)
+
+
+def dataset_identity(cfg: DataConfig, data) -> tuple[str, str, dict[str, int], str]:
+    """(name, source, split sizes, digest) of the data a run reads: the digest covers the source, the split
+    settings and every split's labels, so images added to a class, or a class added, change it (a resume on
+    changed data is refused by the run's fingerprint; MLflow records it as the run's dataset input)."""
+    splits = {"train": data.train, "val": data.val, "test": data.test}
+    sizes = {k: len(s.labels) for k, s in splits.items()}
+    if cfg.dataset == "digits":
+        name, source = "digits", "sklearn digits"
+    elif cfg.dataset == "synthetic" or not cfg.root:
+        name, source = cfg.dataset, f"{cfg.dataset}:{cfg.root}"
+    else:
+        root = Path(cfg.root).resolve()
+        name, source = (cfg.dataset if cfg.dataset != "imagefolder" else root.name.removesuffix(".tar.gz")), str(root)
+    h = hashlib.sha256(json.dumps([name, source, cfg.val_fraction, cfg.train_subset, sizes]).encode())
+    for split in splits.values():
+        h.update(split.labels.numpy().tobytes())
+    return name, source, sizes, h.hexdigest()[:12]
 
 
 def train_val_indices(labels: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,14 @@
-"""Python entry points: how an installed package adds methods (`ray_kd.methods`) and models (`ray_kd.models`)."""
+"""Code a config names: entry points (how an installed package adds methods `ray_kd.methods` and models
+`ray_kd.models`), and `package.module:name` imports, limited by the optional RAY_KD_ALLOWED_MODULES allow-list.
+
+A config is code: `students.0.model=pkg.mod:factory` imports `pkg.mod` and calls `factory` (with the config's
+`model_kwargs`) when the run is built, as Hydra's `_target_` does. Run configs you trust, or set
+RAY_KD_ALLOWED_MODULES=pkg_a,pkg_b (comma-separated modules; their submodules are allowed too) on every node to
+refuse any other module a config names."""
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import entry_points
 from typing import Iterator
 
@@ -22,3 +29,14 @@ def load_entry_points(group: str, kind: str) -> Iterator[tuple[str, object, str]
             raise PluginError(f"{kind} plugin {entry.name!r} ({entry.value}, from {origin}) failed to import: "
                               f"{type(err).__name__}: {err}") from None
         yield entry.name, loaded, origin
+
+
+ALLOWED_MODULES_ENV = "RAY_KD_ALLOWED_MODULES"
+
+
+def check_allowed(module: str, what: str) -> None:
+    """Refuse `module` (named by `what` in a config) unless RAY_KD_ALLOWED_MODULES is unset or allows it."""
+    allowed = [m.strip() for m in os.environ.get(ALLOWED_MODULES_ENV, "").split(",") if m.strip()]
+    if allowed and not any(module == m or module.startswith(m + ".") for m in allowed):
+        raise PluginError(f"{what}: module {module!r} is not in {ALLOWED_MODULES_ENV}={','.join(allowed)}; "
+                          "add it there if you trust it")

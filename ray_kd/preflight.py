@@ -58,8 +58,7 @@ def check_writable(folder: str | Path, field: str) -> None:
 
 def check_folders(cfg: RunConfig) -> None:
     check_writable(cfg.output_dir, "output_dir")
-    if cfg.data.dataset == "imagefolder":
-        check_writable(cfg.data.cache_dir, "data.cache_dir")
+    check_writable(cfg.data.cache_dir, "data.cache_dir")  # every dataset caches its val split there
 
 
 def check_sqlite_store(uri: str) -> None:

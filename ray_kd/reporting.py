@@ -166,9 +166,6 @@ def _log(mlflow, experiment_id: str, files: dict[str, Path], markdown: str, tabl
 
     tags = {**resolve_tags(), **tracking.git_state(), "ray_kd.run_kind": "report", "mlflow.note.content": markdown,
             "ray_kd.report_runs": str(n_runs)}
-    run_id = mlflow.create_run(experiment_id, run_name="report", tags=tags).info.run_id
-    for path in files.values():
-        mlflow.log_artifact(run_id, str(path))
     now, metrics = int(time.time() * 1000), []
     for r in table.to_dict("records"):
         pair = f"{r['teacher']}-to-{r['student']}" if r["teacher"] != "none" else r["student"]
@@ -176,8 +173,15 @@ def _log(mlflow, experiment_id: str, files: dict[str, Path], markdown: str, tabl
         for figure in ("test_acc_at_best_val_mean", "test_acc_at_best_val_std", "last_test_acc_mean",
                        "gain_vs_alone_mean", "gain_vs_alone_std"):
             if not math.isnan(r[figure]):
-                metrics.append(Metric(f"{prefix}/{figure}", float(r[figure]), now, 0))
-    for i in range(0, len(metrics), 200):
-        mlflow.log_batch(run_id, metrics=metrics[i:i + 200])
+                metrics.append(Metric(tracking.metric_key(f"{prefix}/{figure}"), float(r[figure]), now, 0))
+    run_id = mlflow.create_run(experiment_id, run_name="report", tags=tags).info.run_id
+    try:
+        for path in files.values():
+            mlflow.log_artifact(run_id, str(path))
+        for i in range(0, len(metrics), 200):
+            mlflow.log_batch(run_id, metrics=metrics[i:i + 200])
+    except BaseException:  # never left RUNNING
+        mlflow.set_terminated(run_id, "FAILED")
+        raise
     mlflow.set_terminated(run_id, "FINISHED")
     return run_id

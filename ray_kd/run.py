@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -41,33 +42,55 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
         if restart:
             run_folder.clear(cfg)
         run_folder.check_store(cfg, uri)
-        run_folder.check_fingerprint(cfg)
+        run_folder.check_fingerprint(cfg, data)
         resumed = newest_good_checkpoint(cfg)
         run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind)
-        before = tracking.client(uri).get_run(run_id)
-        epochs_before = tracking.latest_epoch(tracking.client(uri), run_id)[0]
+        mlflow = tracking.client(uri)
+        before = mlflow.get_run(run_id)
+        done = _already_finished(cfg, before, resumed)
+        if done is not None:
+            return done
+        if before.info.status != "RUNNING":  # a resumed run shows as running while it runs
+            mlflow.update_run(run_id, "RUNNING")
+        epochs_before = tracking.latest_epoch(mlflow, run_id)[0]
         print(f"run {cfg.name}: folder {cfg.run_dir}, MLflow run {run_id} in {uri}"
               + (f", resuming after epoch {len(resumed[1])}" if resumed else ""), flush=True)
-        start = time.perf_counter()
+        earlier, start = run_folder.wall_before(cfg), time.perf_counter()
         try:
-            if cfg.runtime.executor == "local":
-                from ray_kd.local_executor import run_local
+            try:
+                if cfg.runtime.executor == "local":
+                    from ray_kd.local_executor import run_local
 
-                with tracking.system_metrics(uri, run_id, "local", cfg.tracking.system_metrics_interval):
-                    last = run_local(cfg, tracking.MetricSync(uri, run_id), dataset=data)
-            else:
-                from ray_kd.ray_executor import run_on_ray
+                    with tracking.system_metrics(uri, run_id, "local", cfg.tracking.system_metrics_interval):
+                        last = run_local(cfg, tracking.MetricSync(uri, run_id), dataset=data)
+                else:
+                    from ray_kd.ray_executor import run_on_ray
 
-                last = run_on_ray(cfg, uri, run_id, dataset=data, group=workers)
-        except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
-            _mark_unfinished(uri, before, epochs_before, "KILLED")
-            done = newest_good_checkpoint(cfg, quiet=True)
-            raise RunStopped(f"run {cfg.name} stopped at epoch {len(done[1]) if done else 0}",
-                             signal_of(err)) from None
-        except BaseException:  # the run shows as failed until a resume finishes it
-            _mark_unfinished(uri, before, epochs_before, "FAILED")
-            raise
-        return finish(cfg, last, uri, run_id, time.perf_counter() - start, data)
+                    last = run_on_ray(cfg, uri, run_id, dataset=data, group=workers)
+            except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
+                _mark_unfinished(uri, before, epochs_before, "KILLED")
+                stopped = newest_good_checkpoint(cfg, quiet=True)
+                raise RunStopped(f"run {cfg.name} stopped at epoch {len(stopped[1]) if stopped else 0}",
+                                 signal_of(err)) from None
+            except BaseException:  # the run shows as failed until a resume finishes it
+                _mark_unfinished(uri, before, epochs_before, "FAILED")
+                raise
+            return finish(cfg, last, uri, run_id, earlier + time.perf_counter() - start, data)
+        finally:  # every start's time counts, a stopped or failed one's too
+            run_folder.record_wall(cfg, earlier + time.perf_counter() - start)
+
+
+def _already_finished(cfg: RunConfig, run, resumed) -> dict | None:
+    """The summary of a FINISHED run whose checkpoints hold every epoch asked for: a rerun of it changes nothing
+    (no second model, no final metrics logged again); None when there is training or finishing to do."""
+    summary_file = cfg.run_dir / "summary.json"
+    if (run.info.status != "FINISHED" or not resumed or len(resumed[1]) < cfg.optim.epochs
+            or not summary_file.is_file()):
+        return None
+    summary = json.loads(summary_file.read_text())
+    print(f"run {cfg.name}: already finished all {cfg.optim.epochs} epochs, nothing to do (raise optim.epochs to "
+          f"extend it, or add --restart to run it again); summary: {summary_file}", flush=True)
+    return summary
 
 
 @contextmanager
@@ -84,7 +107,7 @@ def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
     """KILLED or FAILED, except that a FINISHED run stays FINISHED when this start added no epoch to it."""
     mlflow = tracking.client(uri)
     if before.info.status == "FINISHED" and tracking.latest_epoch(mlflow, before.info.run_id)[0] == epochs_before:
-        return
+        status = "FINISHED"
     mlflow.set_terminated(before.info.run_id, status)
 
 
@@ -125,6 +148,10 @@ def preflight(cfg: RunConfig) -> Dataset:
     check_folders(cfg)
     data = load_dataset(cfg.data)
     check_roles(cfg, data)
+    n = len(data.train.labels)
+    if cfg.data.batch_size > n:
+        print(f"note: data.batch_size={cfg.data.batch_size} is larger than the {n:,} training images: every epoch "
+              f"is one step of {n:,} images", flush=True)
     return data
 
 

@@ -6,8 +6,12 @@ same name resumes. Three things stop two computations from mixing there:
   stale lock from a dead process never blocks) by the one process running the name;
   it names the holder's host, pid and start time.
 - `fingerprint.json`: every field that changes what the run computes (the teacher and
-  other weight files by content); a resume that differs is refused, naming the fields.
-- `mlflow_run.json`: the run's MLflow store; a resume against another store is refused.
+  other weight files by content, the data by its split sizes and labels); a resume that
+  differs is refused, naming the fields. A start with another config before the first
+  checkpoint is a new run: it gets a new MLflow run, so nothing of the earlier config
+  (params, description, method) is reported as this one's.
+- `mlflow_run.json`: the run's MLflow store and run id; a resume against another store is refused.
+- `wall.json`: the seconds every start of the run has spent, so a resumed run reports its whole time.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from ray_kd.session import all_roles
 
 LOCK = "run.lock"
 FINGERPRINT = "fingerprint.json"
+MLFLOW_RUN = "mlflow_run.json"
+WALL = "wall.json"
 MAY_CHANGE_ON_RESUME = ("name", "output_dir", "optim.epochs", "data.cache_dir", "data.download", "runtime.*",
                         "tracking.*")
 """Fields a resume may change: where things go, how long to train, and how it runs; not what it computes."""
@@ -71,9 +77,15 @@ def _read_holder(path: Path) -> str:
         return "holder unknown"
 
 
-def fingerprint(cfg: RunConfig) -> dict[str, Any]:
-    """The fields that change what the run computes, flat; weight files by the sha256 of their content."""
+def fingerprint(cfg: RunConfig, data=None) -> dict[str, Any]:
+    """The fields that change what the run computes, flat; weight files by the sha256 of their content; the
+    loaded dataset `data` (when given) by its split sizes and a digest of its labels."""
     flat = flatten(cfg.model_dump())
+    if data is not None:
+        from ray_kd.data import dataset_identity
+
+        _, _, sizes, digest = dataset_identity(cfg.data, data)
+        flat.update({"data.split_sizes": sizes, "data.labels_digest": digest})
     free = tuple(f.removesuffix("*") for f in MAY_CHANGE_ON_RESUME)
     out = {}
     for key, value in flat.items():
@@ -105,31 +117,55 @@ def saved_checkpoints(cfg: RunConfig) -> list[Path]:
     return checkpoint_store(cfg).folders()
 
 
-def check_fingerprint(cfg: RunConfig) -> None:
-    """Record the fingerprint of a run with no checkpoint yet; refuse a resume whose fingerprint differs."""
+def check_fingerprint(cfg: RunConfig, data=None) -> None:
+    """Refuse a resume whose fingerprint differs; record the fingerprint of a run with no checkpoint yet. A run
+    with no checkpoint whose config changed starts over as a new MLflow run (its earlier run is left as it
+    ended), so params and description always belong to what runs."""
     path = cfg.run_dir / FINGERPRINT
-    now = fingerprint(cfg)
-    if path.is_file() and saved_checkpoints(cfg):
-        try:
-            before = json.loads(path.read_text())
-        except ValueError:
-            raise RunFolderError(f"{path} is corrupt; add --restart to start run {cfg.name} over, "
-                                 "or pick another name=") from None
-        differ = sorted((k for k in before.keys() | now.keys() if before.get(k) != now.get(k)),
-                        key=lambda k: (k not in before or k not in now, k))  # changed values before added ones
+    now = fingerprint(cfg, data)
+    before = _read_fingerprint(path, cfg) if path.is_file() else None
+    differ = [] if before is None else sorted(
+        (k for k in before.keys() | now.keys() if before.get(k) != now.get(k)),
+        key=lambda k: (k not in before or k not in now, k))  # changed values before added ones
+    if before is not None and saved_checkpoints(cfg):
         if differ:
             shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
             more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
-            raise RunFolderError(f"run {cfg.name} in {cfg.run_dir} was made with another config: {shown}{more}; "
-                                 "to keep it, start this one under another name=; to discard its checkpoints and "
-                                 "start over, add --restart")
+            raise RunFolderError(f"run {cfg.name} in {cfg.run_dir} was made with another config or data: {shown}"
+                                 f"{more}; to keep it, start this one under another name=; to discard its "
+                                 "checkpoints and start over, add --restart")
         return
+    marker = cfg.run_dir / MLFLOW_RUN
+    if marker.is_file() and (before is None or differ):
+        marker.unlink()
+        print(f"run {cfg.name}: no checkpoint of the earlier start, made with another config "
+              f"({', '.join(differ[:4]) or 'unknown'}): starting over as a new MLflow run", flush=True)
     atomic_write_json(now, path)
+
+
+def _read_fingerprint(path: Path, cfg: RunConfig) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise RunFolderError(f"{path} is corrupt; add --restart to start run {cfg.name} over, "
+                             "or pick another name=") from None
+
+
+def wall_before(cfg: RunConfig) -> float:
+    """Seconds spent by the run's earlier starts (0 for a new run)."""
+    try:
+        return float(json.loads((cfg.run_dir / WALL).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def record_wall(cfg: RunConfig, seconds: float) -> None:
+    atomic_write_json({"seconds": round(seconds, 3)}, cfg.run_dir / WALL)
 
 
 def check_store(cfg: RunConfig, uri: str) -> None:
     """A resumed run continues its MLflow run, which lives in the store it was started in."""
-    marker = cfg.run_dir / "mlflow_run.json"
+    marker = cfg.run_dir / MLFLOW_RUN
     if not marker.is_file():
         return
     try:

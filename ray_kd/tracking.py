@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -263,7 +264,7 @@ def log_final(mlflow, run_id: str, summary: dict, model_id: str | None, dataset:
 
     now, step = int(time.time() * 1000), summary["epochs"]
     name, digest = dataset or (None, None)
-    metrics = [Metric(f"{role}/{k}".replace("@", "_"), float(scores[k]), now, step)
+    metrics = [Metric(metric_key(f"{role}/{k}"), float(scores[k]), now, step)
                for role, scores in summary["roles"].items() for k in FINAL_METRICS
                if scores[k] is not None]  # None: test not scored at the best epoch (eval.splits)
     if summary.get("headline"):
@@ -273,26 +274,19 @@ def log_final(mlflow, run_id: str, summary: dict, model_id: str | None, dataset:
         mlflow.log_batch(run_id, metrics=metrics[i:i + 200])
 
 
+def metric_key(text: str) -> str:
+    """`text` with every character an MLflow metric name may not hold (`+`, `@`, `:`, ...) replaced by `_`."""
+    return re.sub(r"[^\w\-. /]", "_", text)
+
+
 def log_dataset(mlflow, run_id: str, data_cfg, data) -> tuple[str, str]:
     """The dataset as an MLflow input of the run: name, source, a digest of what was read, split sizes."""
     from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag
 
+    from ray_kd.data import dataset_identity
     from ray_kd.streaming import DEFAULT_IMAGE_SIZE
 
-    splits = {"train": data.train, "val": data.val, "test": data.test}
-    sizes = {k: len(s.labels) for k, s in splits.items()}
-    if data_cfg.dataset == "digits":
-        name, source = "digits", "sklearn digits"
-    elif data_cfg.dataset == "synthetic" or not data_cfg.root:
-        name, source = data_cfg.dataset, f"{data_cfg.dataset}:{data_cfg.root}"
-    else:
-        root = Path(data_cfg.root).resolve()
-        name, source = (data_cfg.dataset if data_cfg.dataset != "imagefolder"
-                        else root.name.removesuffix(".tar.gz")), str(root)
-    h = hashlib.sha256(json.dumps([name, source, data_cfg.val_fraction, data_cfg.train_subset, sizes]).encode())
-    for split in splits.values():
-        h.update(split.labels.numpy().tobytes())
-    digest = h.hexdigest()[:12]
+    name, source, sizes, digest = dataset_identity(data_cfg, data)
     image = (list(data.train.images.shape[1:]) if hasattr(data.train, "images")  # in memory
              else [data.in_channels, *[data_cfg.image_size or DEFAULT_IMAGE_SIZE] * 2])  # streamed: as cropped
     profile = {"splits": sizes, "num_classes": data.num_classes, "image": image,

@@ -33,6 +33,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml_file(path: str | Path, what: str):
     """The document in `path` (a `what`, e.g. "config file"); any problem is one line with its line number."""
     path = Path(path)
+    if path.is_dir():
+        raise YamlError(f"{what} {path} is a folder; name a YAML file in it (e.g. {path / 'run.yaml'})")
     if not path.is_file():
         raise YamlError(f"{what} {path} does not exist")
     try:

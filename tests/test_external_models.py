@@ -136,12 +136,20 @@ def test_key_mismatch_is_one_line_with_counts(resnet18_file, tmp_path):
     ("torchvision:resnet9000", "config error at students.0.model: unknown model 'torchvision:resnet9000': "
                                "torchvision has no classification model"),
     ("timm:nope_net", "unknown model 'timm:nope_net': timm has no model"),
-    ("no_such_pkg.mod:make", "cannot import 'make' from 'no_such_pkg.mod'"),
 ])
 def test_unknown_external_model_is_refused_at_config_time(model, expected):
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"students.0.model={model}"])
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_factory_that_cannot_be_imported_is_refused_at_preflight():
+    """A factory is code: it is imported when the run is built (the preflight), never while validating."""
+    cfg = load_config(None, ["students.0.model=no_such_pkg.mod:make"])
+    with pytest.raises(ConfigError) as err:
+        preflight(cfg)
+    assert "config error at students.0: unknown model 'no_such_pkg.mod:make': cannot import 'make' from " \
+           "'no_such_pkg.mod'" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_model_options_are_checked_at_config_time():

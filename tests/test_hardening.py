@@ -99,7 +99,7 @@ def test_resume_with_another_config_is_refused_until_restart(tmp_path, mlflow_ur
     assert _train(tmp_path, "optim.epochs=2", "method.name=ce", "optim.lr=0.1") == 2
     err = _one_line(capsys)
     assert "run r in" in err, err
-    assert "was made with another config: method.name 'dml' -> 'ce', optim.lr 0.05 -> 0.1, method.ce_weight" in err, err
+    assert "was made with another config or data: method.name 'dml' -> 'ce', optim.lr 0.05 -> 0.1, method.ce_weight" in err, err
     assert "another name=" in err and "--restart" in err, err
     assert _epochs(run_dir) == ["epoch_0001"]
     assert (run_dir / "checkpoints" / "epoch_0001" / "student_0.pt").read_bytes() == saved

@@ -16,7 +16,7 @@ import importlib
 from typing import Callable
 
 from ray_kd.methods.base import Method
-from ray_kd.plugins import PluginError, load_entry_points
+from ray_kd.plugins import PluginError, check_allowed, load_entry_points
 
 ENTRY_POINT_GROUP = "ray_kd.methods"
 METHODS: dict[str, type[Method]] = {}
@@ -62,6 +62,7 @@ def load_plugins() -> None:
 def import_method(path: str) -> type[Method]:
     """`package.module:Class` -> that Method subclass (registered on the way)."""
     module_name, _, attr = path.partition(":")
+    check_allowed(module_name, f"method {path!r}")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except Exception as err:

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
+
+from ray_kd.plugins import check_allowed
 
 PROBE_SIZES = (64, 224, 32, 8)
 """Square probe inputs tried in turn to read stage shapes: cheap for ImageNet models, their native
@@ -42,9 +45,19 @@ def is_external(name: str) -> bool:
     return ":" in name
 
 
+FACTORY_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
 def check_name(name: str) -> None:
-    """Raise ValueError (one line) unless `name` is a torchvision/timm model or an importable factory."""
-    _builder(name)
+    """Raise ValueError (one line) unless `name` is a torchvision/timm model or a well-formed, allowed
+    `package.module:factory`. A factory is not imported here: configs are code, run only when the run is built."""
+    kind = name.partition(":")[0]
+    if kind in ("torchvision", "timm"):
+        _builder(name)
+    elif not FACTORY_NAME.fullmatch(name):
+        raise ValueError(f"unknown model {name!r}: name torchvision:<name>, timm:<name> or package.module:factory")
+    else:
+        check_allowed(kind, f"model {name!r}")
 
 
 def _builder(name: str) -> Callable[..., nn.Module]:
@@ -62,6 +75,7 @@ def _builder(name: str) -> Callable[..., nn.Module]:
         if not timm.is_model(target):
             raise ValueError(f"unknown model {name!r}: timm has no model {target!r} (timm.list_models() lists them)")
         return lambda **kwargs: timm.create_model(target, pretrained=False, **kwargs)
+    check_allowed(kind, f"model {name!r}")
     try:
         factory = getattr(importlib.import_module(kind), target)
     except (ImportError, AttributeError, ValueError) as err:
@@ -113,7 +127,11 @@ def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int
     for arg in ("in_channels", "in_chans"):
         if arg in params:
             kwargs[arg] = in_channels
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as err:  # the factory is the user's code: its failure is theirs to see, in one line
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
+        raise ValueError(f"model {name!r}: its factory raised {type(err).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
         raise ValueError(f"model {name!r} returned {type(model).__name__}, not an nn.Module")
     if "num_classes" not in kwargs:
