@@ -249,17 +249,6 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float,
     return summary
 
 
-class LogitsOnly(torch.nn.Module):
-    """The served form of a student: images in, logits out (the stage features stay internal)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[0]
-
-
 def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_dict: dict, step: int,
                        register_as: str | None, options: dict | None = None) -> str:
     """The best student as an MLflow model named `<role>-<arch>`, an output of the run, so the UI shows it
@@ -275,7 +264,7 @@ def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_
 
     model = create_model(arch, data.num_classes, data.in_channels, **(options or {}))
     model.load_state_dict(state_dict)
-    model = LogitsOnly(model)
+    model.logits_only = True
     mlflow.set_tracking_uri(uri)
     client = tracking.client(uri)
     run = client.get_run(run_id)
@@ -285,7 +274,10 @@ def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_
     example = next(eval_batches(data.val, data))[0][:2]
     with torch.no_grad():
         signature = mlflow.models.infer_signature(example.numpy(), model.eval()(example).numpy())
+    # Pickled (not torch.export's pt2): `mlflow.pytorch.load_model` gives back this nn.Module, `.eval()` and
+    # `best_student.pt`'s keys included; its classes travel with it as code (`code_paths`).
     mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, input_example=example, signature=signature,
+                             serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
                              pip_requirements=["torch", "torchvision"] + (["timm"] if arch.startswith("timm:") else []),
                              registered_model_name=register_as)
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])

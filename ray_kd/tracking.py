@@ -137,6 +137,20 @@ def describe(cfg: RunConfig, kind: str, summary: dict | None = None) -> str:
             f"{summary['epochs']} ({aside}; last epoch test {h['last_test_acc']:.2f})")
 
 
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+"""The tag that makes MLflow 3's UI open an experiment on its training runs rather than its GenAI view."""
+
+
+def training_experiment(mlflow, name: str, uri: str) -> str:
+    """The id of experiment `name`, created if needed, tagged as model training unless it says otherwise."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        return mlflow.create_experiment(name, artifact_location=_artifact_root(uri), tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in experiment.tags:
+        mlflow.set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
 def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, kind: str | None = None) -> str:
     """The run id kept in the run folder (a resumed run continues it), or a new run with the config as
     params, its tags and description, and its teacher's lineage."""
@@ -144,9 +158,7 @@ def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, 
     if marker.is_file():
         return json.loads(marker.read_text())["run_id"]
     mlflow = client(uri)
-    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = (experiment.experiment_id if experiment
-              else mlflow.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri)))
+    exp_id = training_experiment(mlflow, cfg.tracking.experiment, uri)
     tags = run_tags(cfg, kind or default_kind(cfg))
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id

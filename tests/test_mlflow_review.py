@@ -67,6 +67,22 @@ def test_final_metrics_match_the_saved_model_and_summary(store):
     on_model = {m.key: m.value for m in model.metrics}
     assert on_model == pytest.approx({k: headline[k] for k in FINAL_METRICS})  # its metrics, nothing else
     assert model.params["architecture"] == "digits_cnn_s"
+    assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    # What a user loads is the student as an nn.Module: eval() works, logits out, best_student.pt's keys.
+    import mlflow as mlflow_module
+    from mlflow import pytorch as mlflow_pytorch
+
+    from ray_kd.models import create_model
+
+    mlflow_module.set_tracking_uri(store["uri"])
+    loaded = mlflow_pytorch.load_model(f"models:/{model.model_id}").eval()
+    assert isinstance(loaded, torch.nn.Module) and set(loaded.state_dict()) == set(saved["state_dict"])
+    reference = create_model("digits_cnn_s", 10, 1)
+    reference.load_state_dict(saved["state_dict"])
+    images = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), reference.eval()(images)[0])
 
     # Curves: clear names, no epoch metric, the frozen teacher's accuracy once (final), throughput apart.
     assert "epoch" not in metrics and "best_student_test_acc" not in metrics

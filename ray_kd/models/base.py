@@ -23,14 +23,16 @@ class StagedNet(nn.Module):
     stages: nn.ModuleList
     head: nn.Module
     stage_channels: list[int]
+    logits_only = False
+    """The served form (the logged MLflow model): images in, logits out, with the training form's state dict."""
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | torch.Tensor:
         x = self.stem(x)
         features = []
         for stage in self.stages:
             x = stage(x)
             features.append(x)
-        return self.head(x), features
+        return self.head(x) if self.logits_only else (self.head(x), features)
 
 
 class ClassifierHead(nn.Module):

@@ -181,12 +181,15 @@ class ExternalNet(nn.Module):
         """The stage modules (not registered a second time, so the state dict keeps the library's keys)."""
         return [self.model.get_submodule(n) for n in self.stage_names]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        with _capturing(self.stages) as captured:
+    logits_only = False
+    """The served form (the logged MLflow model): images in, logits out, with the training form's state dict."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]] | torch.Tensor:
+        with _capturing([] if self.logits_only else self.stages) as captured:
             logits = self.model(x)
         if not isinstance(logits, torch.Tensor):  # e.g. torchvision GoogLeNet's (logits, aux...) in train mode
             logits = logits[0]
-        return logits, [captured[i] for i in range(len(self.stage_names))]
+        return logits if self.logits_only else (logits, [captured[i] for i in range(len(self.stage_names))])
 
 
 @contextmanager
