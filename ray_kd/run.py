@@ -256,9 +256,13 @@ def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_
 
     The model is created first and logged outside any active run: logged inside one, MLflow would copy
     every run metric at the model's step (system metrics, the last epoch's curves) onto the model."""
+    import logging
+
     import mlflow
     import mlflow.pytorch
     from mlflow.entities import LoggedModelOutput
+
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its warning on pickle: said in the README
 
     from ray_kd.models import create_model
 

@@ -63,7 +63,10 @@ class _Plan:
 
 
 class StreamDataset(torch.utils.data.Dataset):
-    """What `seeded_batches` and `eval_batches` read in stream mode; one pass at a time."""
+    """What `seeded_batches` and `eval_batches` read in stream mode: one training pass and one scoring pass at a
+    time, each through its own loader, since they interleave: on the Ray executor a frozen teacher scores ahead
+    between its training steps, and a persistent DataLoader serves one pass only (a second one restarts it, so the
+    suspended training pass would be handed scoring batches)."""
 
     in_channels = 3  # every image is read as RGB
 
@@ -81,8 +84,8 @@ class StreamDataset(torch.utils.data.Dataset):
                                       v2.CenterCrop(image_size)])
         if not augment:
             self.augmenting = self.evaluating
-        self._plan = _Plan()
-        self._loader: DataLoader | None = None
+        self._plans = {"train": _Plan(), "eval": _Plan()}
+        self._loaders: dict[str, DataLoader] = {}
 
     # --- inside a DataLoader process ----------------------------------------
     def __len__(self) -> int:
@@ -119,29 +122,29 @@ class StreamDataset(torch.utils.data.Dataset):
         """The epoch's batches in the in-memory path's order for (seed, epoch), augmented per sample."""
         _, order = epoch_order(len(self.train.labels), seed, epoch)
         steps = epoch_steps(self, batch_size, max_steps)
-        return self._run([[("train", int(i), seed, epoch, True) for i in order[s * batch_size:(s + 1) * batch_size]]
-                          for s in range(steps)])
+        return self._run("train", [[("train", int(i), seed, epoch, True)
+                                    for i in order[s * batch_size:(s + 1) * batch_size]] for s in range(steps)])
 
     def eval_batches(self, split: StreamSplit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, b = len(split.labels), self.batch_size
-        return self._run([[(split.name, i, 0, 0, False) for i in range(start, min(start + b, n))]
-                          for start in range(0, n, b)])
+        return self._run("eval", [[(split.name, i, 0, 0, False) for i in range(start, min(start + b, n))]
+                                  for start in range(0, n, b)])
 
-    def _run(self, batches: list[list[Key]], loader: DataLoader | None = None):
-        self._plan.batches = batches
-        for batch in loader if loader is not None else self._persistent_loader():
+    def _run(self, kind: str, batches: list[list[Key]], loader: DataLoader | None = None):
+        self._plans[kind].batches = batches
+        for batch in loader if loader is not None else self._persistent_loader(kind):
             if isinstance(batch, Unreadable):
                 raise DataError(f"{batch.path}: unreadable image ({batch.reason}); remove or replace the file")
             yield batch
 
-    def _persistent_loader(self) -> DataLoader:
+    def _persistent_loader(self, kind: str) -> DataLoader:
         """Made on first use, after the mean/std are set: its processes keep the dataset as it was then."""
-        if self._loader is None:
-            self._loader = self._make_loader(persistent=self.workers > 0)
-        return self._loader
+        if kind not in self._loaders:
+            self._loaders[kind] = self._make_loader(kind, persistent=self.workers > 0)
+        return self._loaders[kind]
 
-    def _make_loader(self, persistent: bool) -> DataLoader:
-        return DataLoader(self, batch_sampler=self._plan, num_workers=self.workers, collate_fn=self._collate,
+    def _make_loader(self, kind: str, persistent: bool) -> DataLoader:
+        return DataLoader(self, batch_sampler=self._plans[kind], num_workers=self.workers, collate_fn=self._collate,
                           persistent_workers=persistent, pin_memory=torch.cuda.is_available())
 
     def stats_sample(self) -> torch.Tensor:
@@ -150,7 +153,7 @@ class StreamDataset(torch.utils.data.Dataset):
         sample = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE].sort().values
         batches = [[("train", int(i), 0, 0, False) for i in sample[s:s + self.batch_size]]
                    for s in range(0, len(sample), self.batch_size)]
-        return torch.cat([x for x, _ in self._run(batches, self._make_loader(persistent=False))])
+        return torch.cat([x for x, _ in self._run("eval", batches, self._make_loader("eval", persistent=False))])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -10,7 +10,7 @@ from equivalence import assert_same_run, run_both
 from PIL import Image
 
 from ray_kd.config import ConfigError, DataConfig, load_config
-from ray_kd.data import DataError, epoch_order, load_dataset, seeded_batches
+from ray_kd.data import DataError, epoch_order, eval_batches, load_dataset, seeded_batches
 from ray_kd.streaming import StreamDataset
 
 
@@ -58,7 +58,23 @@ def _planned(stream, seed, epoch):
     """The batches of keys the sampler hands the DataLoader for one epoch."""
     batches = stream.train_batches(8, seed, epoch)
     next(batches)  # sets the plan
-    return list(stream._plan)
+    return list(stream._plans["train"])
+
+
+def test_a_scoring_pass_between_training_steps_leaves_the_training_pass_whole(tmp_path):
+    """On Ray a frozen teacher scores ahead between its training steps: both passes run at once, each on its own
+    loader (one shared persistent loader handed the suspended training pass scoring batches: issue 35)."""
+    root = make_tree(tmp_path / "tree")
+    stream = load_dataset(stream_cfg(tmp_path, root, workers=1))
+    alone = [y for _, y in seeded_batches(stream, 8, 3, 0)]
+    interleaved, scored = [], []
+    scoring = eval_batches(stream.val, stream)
+    for _, y in seeded_batches(stream, 8, 3, 0):
+        interleaved.append(y)
+        scored += [y for _, y in [next(scoring, (None, None))] if y is not None]
+    assert [len(y) for y in interleaved] == [len(y) for y in alone]
+    assert all(torch.equal(a, b) for a, b in zip(interleaved, alone))
+    assert torch.equal(torch.cat(scored), stream.val.labels[:sum(len(y) for y in scored)])
 
 
 def test_stream_batches_are_deterministic_whoever_decodes_them(tmp_path):
