@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="search hyper-parameters with Ray Tune (each trial a full distillation run)")
     run_args(tune)
     tune.add_argument("--space", "-s", required=True, help="YAML search space (see tuning/spaces/)")
+    tune.add_argument("--restart", action="store_true",
+                      help="discard the sweep with this name (its trials, results and Tune state) and start it over")
     report = sub.add_parser("report", help="mean ± std over seeds per method, and the paired gain over the "
                                            "student alone, from the finished runs of an experiment")
     report.add_argument("--experiment", "-e", default="ray-kd", help="MLflow experiment (default: ray-kd)")
@@ -89,7 +91,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         api.train(args.config, args.overrides, restart=args.restart)
     elif args.command == "tune":
-        api.tune(args.config, args.space, args.overrides)
+        api.tune(args.config, args.space, args.overrides, restart=args.restart)
     elif args.command == "train-teacher":
         api.train_teacher(args.config, args.out, args.overrides, restart=args.restart, keep=args.keep)
     return 0

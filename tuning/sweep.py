@@ -4,33 +4,57 @@ Each trial runs `ray_kd`'s own role group (one worker per role, its resources
 placed as one group) inside a Tune function trainable, reporting each epoch's
 metrics to Tune as its checkpoint lands; the searcher (Optuna TPE, random or
 grid) and the ASHA scheduler read `best_student_val_acc`. MLflow gets a parent
-run for the sweep and a nested child run per trial. Re-running the same command
-resumes an interrupted sweep.
+run for the sweep and a nested child run per trial.
+
+A sweep is a run like any other (see `ray_kd.run_folder`): its folder
+`<output_dir>/<name>-sweep/` is locked while it runs, and holds a fingerprint (the
+run spec's, the space, the epochs) that a resume must match. Ctrl-C or SIGTERM stops
+it cleanly (Tune saves its state and stops the trials); the same command resumes the
+trials that did not finish.
 """
 
 from __future__ import annotations
 
 import copy
 import csv
+import json
 import math
+import os
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
-from ray_kd import tracking
-from ray_kd.checkpoint import read_history
-from ray_kd.config import RunConfig, apply_overrides, validate_config
+from ray_kd import run_folder, tracking
+from ray_kd.checkpoint import atomic_write_json, read_history
+from ray_kd.config import RunConfig, apply_overrides, flatten, validate_config
+from ray_kd.errors import UserError
 from ray_kd.evaluation import require_val_every_epoch
 from ray_kd.results import summarize, write_summary
 from ray_kd.session import OBJECTIVE, all_roles
+from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from tuning.space import SweepSpace, check_space, tune_domain
 
 TEST_METRIC = "best_student_test_acc"
 TRIAL_DRIVER_CPU = 0.01
+STOPPED_TAG = "ray_kd.stopped"
+"""On a trial's run that did not finish: why (stopped early by the scheduler, failed, the sweep stopped)."""
+SCORED = ("ok", "stopped early")
+"""Trial statuses that are final: what the best config is chosen from. The others: error, unfinished."""
+
+
+class SweepError(UserError, RuntimeError):
+    """Every trial of the sweep failed."""
 
 
 def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id: str) -> None:
-    """One trial: the base run spec with this trial's values, trained on the cluster, logged as a child run."""
+    """One trial: the base run spec with this trial's values, trained on the cluster, logged as a child run.
+
+    Its last epoch goes to Tune only once the run is closed (summary, final metrics, FINISHED): the
+    scheduler stops a trial as soon as it reports its last epoch, which would cut the closing short."""
     import time
 
     from ray import tune
@@ -42,35 +66,138 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
     tree.update(name=f"{base['name']}-{trial_id}", output_dir=str(Path(sweep_dir) / "trials"))
     cfg = validate_config(tree)
     run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind="sweep_trial")
+    mlflow = tracking.client(uri)
+    if mlflow.get_run(run_id).info.status != "RUNNING":  # resumed after the sweep was stopped
+        mlflow.delete_tag(run_id, STOPPED_TAG)
+        mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, "sweep_trial"))
+        mlflow.update_run(run_id, "RUNNING")
+
+    def report_but_last(record: dict) -> None:
+        if record["epoch"] < cfg.optim.epochs:
+            tune.report(record)
+
     start = time.perf_counter()
-    last = run_on_ray(cfg, uri, run_id, on_epoch=tune.report, show_progress=False)
+    last = run_on_ray(cfg, uri, run_id, on_epoch=report_but_last, show_progress=False)
     history = read_history(last)
     summary = summarize(history, time.perf_counter() - start, run_id)
     write_summary(summary, cfg.run_dir)
-    mlflow = tracking.client(uri)
     tracking.log_final(mlflow, run_id, summary, None, None)
     mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, "sweep_trial", summary))
     mlflow.set_terminated(run_id, "FINISHED")
+    tune.report(history[-1])
 
 
-def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
-    """Run (or resume) the sweep named `<cfg.name>-sweep`; returns the best trial's row."""
-    from ray import tune
-
+def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
+    """Run (or resume) the sweep named `<cfg.name>-sweep`; returns the best trial's row. `restart` discards
+    an earlier sweep of that name (its trials, Tune state and results) first."""
     from ray_kd.ray_executor import check_fits, connect, use_gpu
 
     require_val_every_epoch(cfg)
     check_space(space, cfg.model_dump())
-    name = f"{cfg.name}-sweep"
-    parent_cfg = cfg.model_copy(update={"name": name})
-    sweep_dir = parent_cfg.run_dir
+    parent_cfg = cfg.model_copy(update={"name": f"{cfg.name}-sweep"})
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
-    connect(cfg)
-    check_fits(cfg, use_gpu(cfg))
-    parent_id = tracking.start_or_resume(parent_cfg, uri, kind="sweep")
-    tracking.client(uri).log_text(parent_id, yaml.safe_dump(space.model_dump(), sort_keys=False), "space.yaml")
-    print(f"sweep {name}: folder {sweep_dir}, MLflow parent run {parent_id} in {uri}", flush=True)
+    with run_folder.run_lock(parent_cfg):
+        if restart:
+            run_folder.clear(parent_cfg)
+        run_folder.check_store(parent_cfg, uri)
+        check_fingerprint(parent_cfg, sweep_fingerprint(cfg, space))
+        connect(cfg)
+        if threading.current_thread() is threading.main_thread():
+            install_handlers()  # after ray.init, which installs its own SIGTERM handler
+        check_fits(cfg, use_gpu(cfg))
+        parent_id = tracking.start_or_resume(parent_cfg, uri, kind="sweep")
+        mlflow = tracking.client(uri)
+        if mlflow.get_run(parent_id).info.status != "RUNNING":  # a resumed sweep shows as running while it runs
+            mlflow.set_tag(parent_id, "mlflow.note.content", tracking.describe(parent_cfg, "sweep"))
+            mlflow.update_run(parent_id, "RUNNING")
+        return _search(cfg, space, parent_cfg, uri, parent_id)
+
+
+def sweep_fingerprint(cfg: RunConfig, space: SweepSpace) -> dict:
+    """What a sweep computes: the run spec's fingerprint (seed included), the epochs (ASHA's horizon) and the
+    whole space (searcher, samples, scheduler, params)."""
+    return {**run_folder.fingerprint(cfg), "optim.epochs": cfg.optim.epochs,
+            **json.loads(json.dumps(flatten({"space": space.model_dump()})))}
+
+
+def check_fingerprint(parent_cfg: RunConfig, now: dict) -> None:
+    """Refuse to resume a started sweep (one with Tune state) made with another fingerprint: its trials and
+    results belong to that one. A sweep not started yet takes the new one, as a new MLflow parent run."""
+    from ray import tune
+
+    name, folder = parent_cfg.name, parent_cfg.run_dir
+    path = folder / run_folder.FINGERPRINT
+    before = _read_fingerprint(path, name)
+    if before == now:
+        return
+    if tune.Tuner.can_restore(str(folder / "tune")):
+        raise run_folder.RunFolderError(f"sweep {name} in {folder} was made with another config, space or epochs: "
+                                        f"{_changes(before, now)}; to keep it, start this one under another "
+                                        "name=; to discard it and start over, add --restart")
+    marker = folder / run_folder.MLFLOW_RUN
+    if marker.is_file():
+        marker.unlink()
+        print(f"sweep {name}: no trial of the earlier start, made with another config or space: starting over "
+              "as a new MLflow run", flush=True)
+    atomic_write_json(now, path)
+
+
+def _read_fingerprint(path: Path, name: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise run_folder.RunFolderError(f"{path} is corrupt; add --restart to start sweep {name} over, "
+                                        "or pick another name=") from None
+
+
+def _changes(before: dict | None, now: dict) -> str:
+    """The fields that differ, `field old -> new`, the first four."""
+    if before is None:
+        return "it has no fingerprint (made by an earlier ray-kd)"
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
+    return shown + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else "")
+
+
+def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, parent_id: str) -> dict:
+    """Log the space, fit the sweep, then report it; stopped by a signal, record what finished and raise
+    RunStopped. The parent run never stays RUNNING after the sweep is gone."""
+    mlflow = tracking.client(uri)
+    sweep_dir = parent_cfg.run_dir
+    try:
+        mlflow.log_text(parent_id, yaml.safe_dump(space.model_dump(), sort_keys=False), "space.yaml")
+        print(f"sweep {parent_cfg.name}: folder {sweep_dir}, MLflow parent run {parent_id} in {uri}", flush=True)
+        with _stop_on_signal() as caught:
+            _tuner(cfg, space, sweep_dir, uri, parent_id).fit()
+        rows = _rows(cfg, space, sweep_dir)
+        _close_children(mlflow, parent_id, {f"{cfg.name}-{r['trial_id']}": r for r in rows})
+        if not caught:
+            return _report(cfg, space, rows, sweep_dir, mlflow, parent_id)
+        mlflow.log_artifact(parent_id, str(_write_table(rows, space, sweep_dir)))
+        done = f"{sum(r['status'] in SCORED for r in rows)} of {len(rows)} trials done"
+        _end_note(mlflow, mlflow.get_run(parent_id), f"stopped with {done}; the same command resumes it")
+        mlflow.set_terminated(parent_id, "KILLED")
+        raise RunStopped(f"sweep {parent_cfg.name} stopped with {done} (table {sweep_dir / 'results.csv'})",
+                         caught[0])
+    except KeyboardInterrupt as err:  # a second signal, or one outside Tune's loop: no saved state to report
+        _close_children(mlflow, parent_id, {})
+        _end_note(mlflow, mlflow.get_run(parent_id), "stopped; the same command resumes it")
+        mlflow.set_terminated(parent_id, "KILLED")
+        raise RunStopped(f"sweep {parent_cfg.name} stopped", signal_of(err)) from None
+    except RunStopped:
+        raise
+    except BaseException as err:
+        _end_note(mlflow, mlflow.get_run(parent_id), f"failed: {_reason(err)}")
+        mlflow.set_terminated(parent_id, "FAILED")
+        raise
+
+
+def _tuner(cfg: RunConfig, space: SweepSpace, sweep_dir: Path, uri: str, parent_id: str):
+    """A new Tuner, or the one saved in the sweep folder (resuming the trials that did not finish)."""
+    from ray import tune
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.with_absolute_paths().model_dump(), sweep_dir=str(sweep_dir), uri=uri,
@@ -80,21 +207,16 @@ def sweep(cfg: RunConfig, space: SweepSpace) -> dict:
     path = sweep_dir / "tune"
     if tune.Tuner.can_restore(str(path)):
         print(f"resuming the sweep in {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable, resume_errored=False)
-    else:
-        tuner = tune.Tuner(trainable, param_space={k: tune_domain(p) for k, p in space.params.items()},
-                           tune_config=_tune_config(cfg, space),
-                           run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
-                                                     failure_config=tune.FailureConfig(max_failures=0)))
-    try:
-        results = tuner.fit()
-        return _report(cfg, space, results, sweep_dir, uri, parent_id)
-    except BaseException as err:  # the parent run never stays RUNNING after the sweep is gone
-        tracking.client(uri).set_terminated(parent_id, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
+        return tune.Tuner.restore(str(path), trainable, resume_errored=False)
+    return tune.Tuner(trainable, param_space={k: tune_domain(p) for k, p in space.params.items()},
+                      tune_config=_tune_config(cfg, space),
+                      run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                                failure_config=tune.FailureConfig(max_failures=0)))
 
 
 def _tune_config(cfg: RunConfig, space: SweepSpace):
+    """The searcher carries the concurrency limit: Tune applies `TuneConfig.max_concurrent_trials` to a Searcher
+    (Optuna) but ignores it for a search algorithm such as the random and grid searchers' generator."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -102,51 +224,141 @@ def _tune_config(cfg: RunConfig, space: SweepSpace):
     per_trial = len(all_roles(cfg)) * cfg.runtime.cpus_per_worker + TRIAL_DRIVER_CPU
     concurrent = space.max_concurrent_trials or max(1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial))
     if space.searcher == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(seed=cfg.seed)
+        searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.seed), max_concurrent=concurrent)
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        searcher = BasicVariantGenerator(random_state=cfg.seed)
+        searcher = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=concurrent)
     scheduler = (ASHAScheduler(time_attr="training_iteration", max_t=cfg.optim.epochs,
                                grace_period=space.scheduler.grace_period,
                                reduction_factor=space.scheduler.reduction_factor)
                  if space.scheduler.type == "asha" else FIFOScheduler())
     return tune.TuneConfig(metric=OBJECTIVE, mode="max", search_alg=searcher, scheduler=scheduler,
-                           num_samples=space.num_samples, max_concurrent_trials=concurrent)
+                           num_samples=space.num_samples)
 
 
-def _report(cfg: RunConfig, space: SweepSpace, results, sweep_dir: Path, uri: str, parent_id: str) -> dict:
-    """results.csv, objective-vs-parameter plots, best_config.yaml; all on the parent run."""
+@contextmanager
+def _stop_on_signal() -> Iterator[list[int]]:
+    """While `tuner.fit()` runs, Ctrl-C or SIGTERM ends it the way Tune ends it on Ctrl-C (the sweep's state
+    saved, the trials stopped, fit() returning as if done), and the signal is kept, so the sweep says it was
+    stopped. Tune's own SIGINT handler keeps nothing, so it is off, and both signals go to the stop handler
+    Tune installs for SIGUSR1 while its loop runs; a second signal, or one outside that loop, goes to ray_kd's
+    handlers (`ray_kd.stopping`, installed by `sweep`): it stops at once."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+
+    def on_signal(signum, frame):
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if caught or not callable(tune_stop):
+            saved[signum](signum, frame)
+            return
+        caught.append(signum)
+        tune_stop(signum, frame)
+
+    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        yield caught
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        if env is None:
+            del os.environ["TUNE_DISABLE_SIGINT_HANDLER"]
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
+
+
+def _rows(cfg: RunConfig, space: SweepSpace, sweep_dir: Path) -> list[dict]:
+    """One row per trial, from the state Tune saved as its loop ended: fit() returns the trials as its
+    clean-up left them, which marks the ones a stop cut short TERMINATED like those the scheduler stopped.
+    Status: ok (every epoch), stopped early (by the scheduler), error, unfinished (the sweep was stopped)."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+    from ray.tune.experiment import Trial
+
+    analysis = ExperimentAnalysis(str(sweep_dir / "tune"))
     rows = []
-    for result in results:
+    for trial, result in zip(analysis.trials, ResultGrid(analysis)):
+        row = {"trial_id": trial.trial_id, **{k: trial.config.get(k) for k in space.params}}
         frame = result.metrics_dataframe
-        row = {"trial_id": result.metrics.get("trial_id") if result.metrics else None,
-               **{k: result.config.get(k) for k in space.params}, "status": "error" if result.error else "ok"}
         if frame is not None and OBJECTIVE in frame:
+            frame = frame.drop_duplicates("epoch", keep="last")  # a resumed trial reports its epochs again
             best = frame.loc[frame[OBJECTIVE].idxmax()]
-            row.update(epochs=len(frame), best_val_acc=float(best[OBJECTIVE]), test_acc_at_best_val=float(best[TEST_METRIC]))
-            if not result.error and len(frame) < cfg.optim.epochs:
-                row["status"] = "stopped early"
+            row.update(epochs=len(frame), best_val_acc=float(best[OBJECTIVE]),
+                       test_acc_at_best_val=float(best[TEST_METRIC]))
+        if trial.status == Trial.ERROR:
+            row.update(status="error", reason=_reason(result.error))
+        elif trial.status != Trial.TERMINATED:
+            row["status"] = "unfinished"
+        else:
+            row["status"] = "ok" if row.get("epochs", 0) >= cfg.optim.epochs else "stopped early"
         rows.append(row)
-    scored = [r for r in rows if "best_val_acc" in r]
-    if not scored:
-        raise RuntimeError(f"every trial of the sweep failed; see {sweep_dir / 'tune'} for their errors")
-    best = max(scored, key=lambda r: r["best_val_acc"])
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _reason(error: BaseException | None) -> str:
+    """A failed trial's error in one line: the trial's own exception, not Ray's wrapping and traceback."""
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
+
+
+def _close_children(mlflow, parent_id: str, rows: dict[str, dict]) -> None:
+    """Every trial's run ends with what happened to it (a finished trial closed its own): stopped early by the
+    scheduler, failed, or cut short by a stop (`rows` by run name; a run without a row was cut short)."""
+    parent = mlflow.get_run(parent_id)
+    children = mlflow.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    for child in children:
+        if child.info.status != "RUNNING":
+            continue
+        row = rows.get(child.data.tags.get("mlflow.runName"), {"status": "unfinished"})
+        status, why = {
+            "stopped early": ("KILLED", f"stopped early by the scheduler after epoch {row.get('epochs')}"),
+            "error": ("FAILED", f"failed: {row.get('reason')}"),
+        }.get(row["status"], ("KILLED", "the sweep was stopped before this trial finished; the same command "
+                                        "resumes it"))
+        mlflow.set_tag(child.info.run_id, STOPPED_TAG, why)
+        _end_note(mlflow, child, why)
+        mlflow.set_terminated(child.info.run_id, status)
+
+
+def _end_note(mlflow, run, outcome: str) -> None:
+    """The run's description with how it ended in place of "running"."""
+    note = run.data.tags.get("mlflow.note.content", "").removesuffix("; running")
+    mlflow.set_tag(run.info.run_id, "mlflow.note.content", f"{note}; {outcome}")
+
+
+def _write_table(rows: list[dict], space: SweepSpace, sweep_dir: Path) -> Path:
     columns = ["trial_id", *space.params, "status", "epochs", "best_val_acc", "test_acc_at_best_val"]
     table = sweep_dir / "results.csv"
     with table.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
+        writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    return table
+
+
+def _report(cfg: RunConfig, space: SweepSpace, rows: list[dict], sweep_dir: Path, mlflow, parent_id: str) -> dict:
+    """results.csv, objective-vs-parameter plots, best_config.yaml (from the trials that ended: ok or stopped
+    early); all on the parent run, which ends FINISHED."""
+    table = _write_table(rows, space, sweep_dir)
+    scored = [r for r in rows if r["status"] in SCORED and "best_val_acc" in r]
+    if not scored:
+        raise SweepError(f"no trial of the sweep finished; see {table} and {sweep_dir / 'tune'} for their errors")
+    best = max(scored, key=lambda r: r["best_val_acc"])
     best_tree = apply_overrides(cfg.model_dump(), {k: best[k] for k in space.params})
     best_tree["name"] = f"{cfg.name}-best"
     best_file = sweep_dir / "best_config.yaml"
     best_file.write_text(yaml.safe_dump(best_tree, sort_keys=False))
     plot = _plot(scored, list(space.params), sweep_dir / "objective.png")
 
-    mlflow = tracking.client(uri)
     for path in (table, best_file, plot):
         mlflow.log_artifact(parent_id, str(path))
     mlflow.log_metric(parent_id, "best_val_acc", best["best_val_acc"])
@@ -154,21 +366,11 @@ def _report(cfg: RunConfig, space: SweepSpace, results, sweep_dir: Path, uri: st
     mlflow.set_tag(parent_id, "best_trial", str(best["trial_id"]))
     for k in space.params:
         mlflow.set_tag(parent_id, f"best.{k}", str(best[k]))
-    _close_children(mlflow, parent_id)
+    figures = f"val {best['best_val_acc']:.2f} (test {best['test_acc_at_best_val']:.2f})"
+    _end_note(mlflow, mlflow.get_run(parent_id), f"best of {len(scored)} trials: {best['trial_id']}, {figures}")
     mlflow.set_terminated(parent_id, "FINISHED")
-    print(f"best trial {best['trial_id']}: val {best['best_val_acc']:.2f} (test {best['test_acc_at_best_val']:.2f}); "
-          f"config {best_file}; table {table}", flush=True)
+    print(f"best trial {best['trial_id']}: {figures}; config {best_file}; table {table}", flush=True)
     return best
-
-
-def _close_children(mlflow, parent_id: str) -> None:
-    """Trials the scheduler stopped never finished their run: mark them KILLED, not RUNNING forever."""
-    parent = mlflow.get_run(parent_id)
-    children = mlflow.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    for child in children:
-        if child.info.status == "RUNNING":
-            mlflow.set_tag(child.info.run_id, "ray_kd.stopped", "early (scheduler) or failed")
-            mlflow.set_terminated(child.info.run_id, "KILLED")
 
 
 def _plot(rows: list[dict], params: list[str], path: Path) -> Path:
