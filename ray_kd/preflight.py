@@ -84,14 +84,32 @@ def check_out_file(out: Path) -> None:
 
 
 def cluster_address(cfg) -> str | None:
-    """The cluster a Ray run joins: runtime.address, else RAY_ADDRESS (set under `ray job submit`); None: start one."""
-    return cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    """The cluster a Ray run joins: runtime.address, else RAY_ADDRESS (set under `ray job submit`); None: start one
+    (as Ray's own `local` asks)."""
+    address = cfg.runtime.address or os.environ.get("RAY_ADDRESS")
+    return None if address == "local" else address
+
+
+def running_cluster() -> str | None:
+    """The address of the cluster a plain `ray.init()` would join, the last `ray start` on this machine (Ray's
+    address file), if it answers; None when there is none or it is gone (its head killed, the file left)."""
+    from ray._private.services import find_bootstrap_address
+
+    address = find_bootstrap_address(None)
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return address
+    except OSError:
+        return None
 
 
 def check_address(address: str | None) -> None:
     """A `host:port` (or `ray://host:port`) cluster address must accept a connection within seconds;
     `auto` must find a cluster started on this machine (then its GCS is probed the same way)."""
-    if not address or address == "local":
+    if not address:
         return
     if address == "auto":
         from ray._private.services import canonicalize_bootstrap_address_or_die

@@ -17,7 +17,9 @@ death) is a few lines.
 from __future__ import annotations
 
 import os
+import signal
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -28,9 +30,10 @@ from ray_kd.checkpoint import CheckpointError, read_history
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, as_arrays, from_arrays
 from ray_kd.errors import UserError
-from ray_kd.exchange import CollectiveExchange
-from ray_kd.preflight import cluster_address
+from ray_kd.exchange import CollectiveExchange, LocalExchange
+from ray_kd.preflight import cluster_address, running_cluster
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, StepStatus
+from ray_kd.replicas import Mesh, build_mesh, processes_per_replica, world_size
 from ray_kd.run_folder import checkpoint_store, saved_checkpoints
 from ray_kd.session import Session, all_roles, fit, progress_line
 
@@ -46,7 +49,9 @@ def train_worker(config: dict, rank: int) -> None:
     cfg = RunConfig.model_validate(config["run"])
     torch.set_num_threads(cfg.runtime.threads_per_worker)
     roles = all_roles(cfg)
-    exchange = CollectiveExchange([r.name for r in roles], rank)
+    mesh = build_mesh(cfg, rank, len(roles))
+    exchange = (CollectiveExchange([r.name for r in roles], rank % mesh.processes, mesh.exchange_group)
+                if mesh.processes > 1 else LocalExchange(distributed=True))
     lead = rank == 0
     sync = MetricSync(config["tracking_uri"], config["run_id"]) if lead and config.get("run_id") else None
     log_every = cfg.tracking.log_every_steps if config.get("run_id") else 0  # the same on every rank
@@ -54,11 +59,24 @@ def train_worker(config: dict, rank: int) -> None:
                           StepMetricLogger(sync.client, sync.run_id) if sync and log_every else None)
     shared = config.get("dataset")  # the driver's in-memory dataset, held once per node by Ray's object store
     data = from_arrays(ray.get(shared[0])) if shared else None
-    session = Session(cfg, [rank], exchange, worker_device(config), data, monitor=monitor)
+    session = Session(cfg, mesh.roles, exchange, worker_device(config), data, monitor=monitor, mesh=mesh)
     store = checkpoint_store(cfg, rank, barrier=lambda: exchange.gather_objects(None))
-    node = sync.names.get(roles[rank].name, roles[rank].name) if sync else roles[rank].name
+    node = worker_name(cfg, roles, mesh, sync.names if sync else {})
     with system_metrics(config["tracking_uri"], config.get("run_id"), node, cfg.tracking.system_metrics_interval):
         fit(session, store, sync)
+
+
+def worker_name(cfg: RunConfig, roles: list, mesh: Mesh, names: dict[str, str]) -> str:
+    """How a worker's system metrics are named: its role (as the run shows it), and its replica when several."""
+    role = names.get(roles[mesh.roles[0]].name, roles[mesh.roles[0]].name) if mesh.processes > 1 else "roles"
+    return role if mesh.replicas == 1 else f"{role}-replica{mesh.replica}"
+
+
+def rank_name(cfg: RunConfig, roles: list, rank: int) -> str:
+    """`role teacher (rank 0)`, with its replica when there are several."""
+    replica, process = divmod(rank, processes_per_replica(cfg, len(roles)))
+    what = f"role {roles[process].name}" if cfg.runtime.placement == "apart" or len(roles) == 1 else "the roles"
+    return f"{what} (rank {rank}{f', replica {replica}' if cfg.runtime.replicas > 1 else ''})"
 
 
 def worker_device(config: dict) -> torch.device:
@@ -79,22 +97,48 @@ class RoleWorker:
         import ray_kd.tracking  # noqa: F401
 
     def free_address(self) -> str:
-        """host:port for the group's rendezvous, on this (rank 0's) node."""
+        """host:port for the group's rendezvous: a socket bound to this (rank 0's) node's address, 127.0.0.1
+        on a local cluster, held open for rank 0's TCPStore (which, given a host and port instead, listens on
+        every interface)."""
         import socket
 
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return f"{host}:{s.getsockname()[1]}"
+        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.listener.bind((host, 0))
+        self.listener.listen(self.world_size)
+        return f"{host}:{self.listener.getsockname()[1]}"
 
     def run(self, fn: Callable[[dict, int], object], config: dict, address: str, backend: str):
         import torch.distributed as dist
+        from torch.distributed.constants import default_pg_timeout
 
-        dist.init_process_group(backend, init_method=f"tcp://{address}", rank=self.rank, world_size=self.world_size)
+        host, _, port = address.rpartition(":")
+        bind_collectives_to(host)
+        listen_fd = self.listener.detach() if self.rank == 0 else None  # the store owns it from here
+        store = dist.TCPStore(host, int(port), self.world_size, self.rank == 0, default_pg_timeout,
+                              master_listen_fd=listen_fd)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         try:
             return fn(config, self.rank)
         finally:
             dist.destroy_process_group()
+
+
+def bind_collectives_to(host: str) -> None:
+    """On a local cluster (its node's address `host` is 127.0.0.1) make gloo's connections and NCCL's bootstrap
+    listen on the loopback interface too: gloo binds where the hostname resolves, NCCL any other interface
+    first. A GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME the worker has is kept."""
+    import ipaddress
+
+    import psutil
+
+    if not ipaddress.ip_address(host).is_loopback:
+        return
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == host for a in addresses):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
+            return
 
 
 class WorkerDied(Exception):
@@ -115,7 +159,7 @@ class RoleGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        n = len(all_roles(cfg))
+        n = world_size(cfg, len(all_roles(cfg)))
         bundle = {"CPU": cfg.runtime.cpus_per_worker, **({"GPU": 1} if gpu else {})}
         self.group = placement_group([bundle] * n, strategy="PACK")
         if not self.group.wait(timeout_seconds=10):
@@ -188,21 +232,43 @@ def use_gpu(cfg: RunConfig) -> bool:
 def connect(cfg: RunConfig) -> None:
     """Join the cluster in runtime.address / RAY_ADDRESS (as under `ray job submit`), or start a local one.
 
-    A local cluster starts no dashboard and no metrics collection, and binds every port it opens to
-    127.0.0.1 (see README, What listens where)."""
+    A local cluster is this run's own, even while a `ray start` cluster runs on the machine (a plain
+    `ray.init()` would join that one, and refuse the CPU count a local cluster is given); one line says how
+    to run on that cluster instead. It starts no dashboard and no metrics collection, and binds every port it
+    opens to 127.0.0.1 (see README, What listens where). The caller's SIGTERM/SIGINT handlers (a clean stop,
+    `ray_kd.stopping`) outlive `ray.init`, which installs Ray's own."""
     if ray.is_initialized():
         return
     address = cluster_address(cfg)
     # Worker logs stay in Ray's log files unless asked for: the driver prints progress itself.
     kwargs = dict(log_to_driver=cfg.runtime.worker_logs, logging_level="ERROR")
-    if address:
-        if on_loopback(address):  # a cluster started loopback-only (the README's `ray start`) is joined the same way
+    with signal_handlers_kept():
+        if address:
+            if on_loopback(address):  # a loopback-only cluster (the README's `ray start`) is joined the same way
+                loopback_only()
+            ray.init(address=address, **kwargs)
+        else:
+            running = running_cluster()
+            if running:
+                print(f"note: a Ray cluster is running at {running}; this run starts a local cluster of its own "
+                      f"(set runtime.address={running} or RAY_ADDRESS to run on that one)", flush=True)
             loopback_only()
-        ray.init(address=address, **kwargs)
-    else:
-        loopback_only()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False,
-                 _system_config={"enable_metrics_collection": False}, **kwargs)
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     _system_config={"enable_metrics_collection": False}, **kwargs)
+
+
+@contextmanager
+def signal_handlers_kept():
+    """Put back the SIGTERM and SIGINT handlers the block replaced (main thread only: only it has them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in kept.items():
+            signal.signal(signum, handler)
 
 
 def on_loopback(address: str) -> bool:
@@ -231,17 +297,20 @@ def loopback_only() -> None:
 
 
 def check_fits(cfg: RunConfig, gpu: bool) -> None:
-    """Fail now, not hang forever, when the cluster can never place one worker per role."""
-    n = len(all_roles(cfg))
+    """Fail now, not hang forever, when the cluster can never place the run's workers (one per role per replica
+    apart, one per replica together)."""
+    roles, replicas = len(all_roles(cfg)), cfg.runtime.replicas
+    n = world_size(cfg, roles)
+    layout = (f"{roles} roles x {replicas} replicas, placed {cfg.runtime.placement}: " if replicas > 1 else "")
     have = ray.cluster_resources()
     need_cpu = n * cfg.runtime.cpus_per_worker
     if need_cpu > have.get("CPU", 0):
-        raise ClusterError(f"{n} role workers x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker} need "
+        raise ClusterError(f"{layout}{n} role workers x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker} need "
                            f"{need_cpu:g} CPUs but the cluster has {have.get('CPU', 0):g}; lower "
-                           "runtime.cpus_per_worker or add nodes")
+                           "runtime.cpus_per_worker or runtime.replicas, or add nodes")
     if gpu and n > have.get("GPU", 0):
-        raise ClusterError(f"{n} role workers need {n} GPUs but the cluster has {have.get('GPU', 0):g}; "
-                           "set runtime.use_gpu=no or add GPUs")
+        raise ClusterError(f"{layout}{n} role workers need {n} GPUs but the cluster has {have.get('GPU', 0):g}; "
+                           "set runtime.use_gpu=no, lower runtime.replicas, or add GPUs")
 
 
 def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking_uri: str | None = None,
@@ -267,7 +336,7 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
         try:
             return group.run(fn, config, backend, poll)
         except WorkerDied as died:
-            role = f"role {roles[died.rank].name} (rank {died.rank})"
+            role = rank_name(cfg, roles, died.rank)
             if attempt == cfg.runtime.max_failures:
                 raise WorkerFailedError(f"{role} died after runtime.max_failures={cfg.runtime.max_failures} "
                                         f"restarts: {died}; checkpoints are kept in {checkpoint_store(cfg).root}: "

@@ -2,7 +2,10 @@
 
 SIGTERM is turned into `Terminated` (a KeyboardInterrupt) so both signals unwind the same way:
 the MLflow run is marked KILLED, and the CLI prints the stop line and exits 128 + the signal.
-Ray installs its own SIGTERM handler (a C++ stack dump) in `ray.init`, so ours goes in after.
+Ray installs its own SIGTERM handler in `ray.init` (`ray_executor.connect` puts ours back). Ray also
+turns an exception a handler raises inside its blocking calls (`ray.get`, `ray.wait`, where a Ray run's
+driver spends its time) into a plain KeyboardInterrupt, so `signal_of` goes by the signal the handler
+last raised, not by the exception's type alone.
 
 A signal that arrives inside `held()` (a checkpoint being written, an MLflow write) is raised when
 the block ends: cut halfway, SQLAlchemy's session is left half-flushed (its clean-up then prints
@@ -31,9 +34,12 @@ class RunStopped(Exception):
 
 _depth = 0  # how many `held()` blocks the main thread is inside
 _pending: int | None = None  # the signal that arrived inside one
+_raised: int | None = None  # the stop signal the handler last raised
 
 
 def _interrupt(signum: int) -> None:
+    global _raised
+    _raised = signum
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
@@ -48,6 +54,8 @@ def _on_signal(signum, frame):
 
 def install_handlers() -> None:
     """SIGTERM -> Terminated, SIGINT -> KeyboardInterrupt, both held inside `held()` (replacing Ray's)."""
+    global _raised
+    _raised = None
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
 
@@ -73,4 +81,6 @@ def held():
 
 
 def signal_of(err: KeyboardInterrupt) -> int:
-    return signal.SIGTERM if isinstance(err, Terminated) else signal.SIGINT
+    """The signal that stopped the run: a Terminated's SIGTERM, else the one the handler last raised (Ray
+    re-raises a Terminated caught in its calls as a plain KeyboardInterrupt), else Ctrl-C's SIGINT."""
+    return signal.SIGTERM if isinstance(err, Terminated) else _raised or signal.SIGINT

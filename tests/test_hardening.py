@@ -299,39 +299,55 @@ def test_duplicate_key_in_a_search_space(tmp_path, capsys):
 
 # --- 8. what a local cluster listens on ---------------------------------------------------------------------
 
-LIST_LISTENERS = """
-import json, os, time
-import psutil
-from ray_kd.config import RunConfig
-from ray_kd.ray_executor import connect
-connect(RunConfig())
-time.sleep(10)  # the dashboard head and the agents open their ports a while after ray.init returns
-me = psutil.Process()
-found = set()
-for proc in [me, *me.children(recursive=True)]:
-    try:
-        command = " ".join(proc.cmdline())
-        kind = ("driver" if proc.pid == os.getpid() else "monitor" if "monitor.py" in command
-                else "dashboard" if "dashboard.py" in command else proc.name())
-        found |= {(kind, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
-                  if c.status == psutil.CONN_LISTEN}
-    except psutil.Error:
-        pass
-print(json.dumps(sorted(found)))
-"""
 def is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
 
 
-def test_a_local_cluster_listens_on_loopback_only(tmp_path):
+def _listeners(pid: int) -> set[tuple[str, str, int]]:
+    """(kind, ip, port) of every listening TCP socket of process `pid` and its descendants, `kind` naming the
+    process: driver, monitor, dashboard, a Ray worker's title (`ray::RoleWorker.run`), else its name."""
+    import psutil
+
+    top, found = psutil.Process(pid), set()
+    for proc in [top, *top.children(recursive=True)]:
+        try:
+            command = " ".join(proc.cmdline())
+            kind = ("driver" if proc.pid == pid else "monitor" if "monitor.py" in command
+                    else "dashboard" if "dashboard.py" in command
+                    else command.split()[0] if command.startswith("ray::") else proc.name())
+            found |= {(kind, c.laddr.ip, c.laddr.port) for c in proc.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            pass
+    return found
+
+
+def test_a_local_cluster_listens_on_loopback_only(tmp_path, mlflow_uri):
     """Every listening socket of the processes of the local Ray cluster `ray-kd train` starts (GCS, raylet,
-    workers, agents, the driver) is on 127.0.0.1 (or its IPv4-mapped form), and there is no dashboard."""
-    proc = subprocess.run([sys.executable, "-c", LIST_LISTENERS], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    listening = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"gcs_server", "raylet"} <= {kind for kind, _, _ in listening}, listening
+    workers, agents, the driver), the role workers' included while they train (rank 0's torch.distributed store,
+    gloo's connections), is on 127.0.0.1 (or its IPv4-mapped form), and there is no dashboard."""
+    args = ["train", f"output_dir={tmp_path}", "name=listening", "optim.epochs=200"]
+    driver = subprocess.Popen([sys.executable, "-m", "ray_kd.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    started, listening = time.time(), set()
+    try:
+        while time.time() < started + 300 and not _epochs(tmp_path / "listening") and driver.poll() is None:
+            time.sleep(0.2)
+        assert _epochs(tmp_path / "listening"), "no epoch finished in time"
+        # Sampled while the workers train, and for 10 s at least since the start: the dashboard head and the
+        # agents open their ports a while after ray.init returns.
+        while time.time() < started + 10 or not listening:
+            listening |= _listeners(driver.pid)
+            time.sleep(1)
+        assert driver.poll() is None, "the run ended while its listeners were sampled"
+    finally:
+        driver.send_signal(signal.SIGTERM)
+        err = driver.communicate(timeout=60)[1]
+    assert driver.returncode == 128 + signal.SIGTERM, err
+    kinds = {kind for kind, _, _ in listening}
+    assert {"gcs_server", "raylet", "driver", "ray::RoleWorker.run"} <= kinds, listening
     assert 8265 not in {port for _, _, port in listening}  # no dashboard for a single run
     exposed = [(kind, ip, port) for kind, ip, port in listening if not is_loopback(ip)]
     assert exposed == [], exposed
