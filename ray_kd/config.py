@@ -185,6 +185,20 @@ class RuntimeConfig(Strict):
     progress_every_s: float = Field(30.0, gt=0, description="within an epoch: a progress line this often "
                                     "when the console is not a terminal (a terminal gets a bar)")
     keep_checkpoints: int = Field(2, ge=1, description="checkpoint folders kept per run (the newest ones)")
+    replicas: int = Field(1, ge=1, description="data-parallel replicas of every role: each step's batch is split "
+                          "into this many shards and each role's gradients are averaged across its replicas")
+    placement: Literal["apart", "together"] = Field("apart", description="apart: one worker per role per replica "
+                                                    "(a device each); together: one worker per replica runs all its "
+                                                    "roles (a device per replica)")
+    sync_bn: bool = Field(False, description="with replicas: BatchNorm over the global batch (as one process), "
+                          "not each shard's; costs collectives per BatchNorm layer")
+
+    @model_validator(mode="after")
+    def _replicas_need_ray(self) -> "RuntimeConfig":
+        if self.replicas > 1 and self.executor != "ray":
+            raise ValueError(f"runtime.replicas={self.replicas} needs runtime.executor=ray (the single-process "
+                             "executor runs one replica)")
+        return self
 
 
 class TrackingConfig(Strict):
@@ -232,6 +246,9 @@ class RunConfig(Strict):
             raise ValueError(f"method {cls.name!r} takes no teacher: remove the teacher section")
         if len(self.students) < cls.min_students:
             raise ValueError(f"method {cls.name!r} needs at least {cls.min_students} students, got {len(self.students)}")
+        if self.data.batch_size < self.runtime.replicas:
+            raise ValueError(f"data.batch_size={self.data.batch_size} cannot be split into runtime.replicas="
+                             f"{self.runtime.replicas} shards; raise the batch size or lower the replicas")
         return self
 
     @property

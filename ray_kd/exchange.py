@@ -1,7 +1,7 @@
 """How roles see each other's published outputs every step.
 
-`LocalExchange` is for one process running every role; `CollectiveExchange`
-runs an all_gather in the worker group's torch.distributed process group
+`LocalExchange` is for one process running every role (of one replica); `CollectiveExchange`
+runs an all_gather among one replica's processes in the worker group's torch.distributed process group
 (gloo on CPU, NCCL on GPU). Methods never see which one carried the tensors.
 """
 
@@ -16,17 +16,19 @@ from ray_kd.methods import Outputs
 
 
 class LocalExchange:
-    """All roles live here already: the published dicts pass through untouched."""
+    """All roles live here already: the published dicts pass through untouched. `distributed`: this process is
+    one replica of several (`runtime.placement=together`), so metrics and barriers still gather across them."""
 
-    def __init__(self):
+    def __init__(self, distributed: bool = False):
         self.seconds = 0.0
         self.slack_s = 0.0  # nobody to wait for
+        self.distributed = distributed
 
     def all_gather(self, mine: dict[str, Outputs]) -> dict[str, Outputs]:
         return mine
 
     def gather_objects(self, obj) -> list:
-        return [obj]
+        return gather_objects(obj) if self.distributed else [obj]
 
 
 class CollectiveExchange:
@@ -46,8 +48,9 @@ class CollectiveExchange:
     (evaluation.Evaluator.use_wait).
     """
 
-    def __init__(self, role_names: list[str], rank: int):
-        self.role_names, self.rank = role_names, rank
+    def __init__(self, role_names: list[str], rank: int, group=None):
+        """`rank` within `group`: the processes of one replica (None: the world, with one replica)."""
+        self.role_names, self.rank, self.group = role_names, rank, group
         self._layouts: dict[int, list[list[tuple[str, tuple[int, ...]]]]] = {}
         self._buffers: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # (key, device) -> send, receive
         self.seconds = 0.0
@@ -62,7 +65,7 @@ class CollectiveExchange:
         key = first.shape[0]  # the batch size: the same on every rank this step
         if key not in self._layouts:
             layout = [(n, tuple(outputs[n].shape)) for n in names]
-            self._layouts[key] = self.gather_objects(layout)
+            self._layouts[key] = gather_objects(layout, self.group)
         layouts = self._layouts[key]
         send, received = self._buffers_for(key, layouts, first.device)
         offset = 0
@@ -71,7 +74,7 @@ class CollectiveExchange:
             send[offset:offset + numel].copy_(outputs[n].reshape(-1))
             offset += numel
         send[-1] = self._took
-        dist.all_gather(received, send)
+        dist.all_gather(received, send, group=self.group)
         took = torch.stack([buf[-1] for buf in received]).tolist()
         self.slack_s = took[self.rank] - min(took)
         result = {name: _unflatten(buf, lay) for name, buf, lay in zip(self.role_names, received, layouts)}
@@ -87,9 +90,14 @@ class CollectiveExchange:
         return self._buffers[(key, device)]
 
     def gather_objects(self, obj) -> list:
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
+        """Every process's `obj`, from all replicas (epoch metrics, step metrics, the checkpoint barrier)."""
+        return gather_objects(obj)
+
+
+def gather_objects(obj, group=None) -> list:
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -12,6 +12,7 @@ m * S <= t < (e + 1) * S holds exactly when m <= e).
 from __future__ import annotations
 
 import contextlib
+from typing import Callable
 
 import torch
 from torch import nn
@@ -84,6 +85,7 @@ class Recipe:
         self.scheduler = build_scheduler(self.optimizer, optim, steps_per_epoch) if self.optimizer else None
         self.scaler = torch.amp.GradScaler(device.type) if optim.amp == "fp16" and self.optimizer else None
         self._steps_per_epoch = steps_per_epoch
+        self.sync_gradients: Callable[[list[torch.Tensor]], None] | None = None  # set by a replicated session
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -102,6 +104,8 @@ class Recipe:
         """One update; returns the gradient norm before clipping when clipping is on."""
         self.optimizer.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler else loss).backward()
+        if self.sync_gradients is not None:  # data-parallel replicas: the global batch's gradient
+            self.sync_gradients(self.params)
         norm = None
         if self.optim.clip_grad_norm is not None:
             if self.scaler:

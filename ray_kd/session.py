@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from functools import partial
 from typing import Callable
 
 import torch
@@ -19,6 +20,7 @@ from ray_kd.data import BatchChecksum, Dataset, epoch_steps, load_dataset, seede
 from ray_kd.evaluation import Evaluator
 from ray_kd.methods import Role
 from ray_kd.progress import StepMonitor
+from ray_kd.replicas import Mesh, synchronise_batchnorm
 from ray_kd.roles import RoleRunner
 from ray_kd.stopping import held
 
@@ -41,8 +43,10 @@ def all_roles(cfg: RunConfig) -> list[Role]:
 
 class Session:
     def __init__(self, cfg: RunConfig, role_indices: list[int], exchange, device: torch.device,
-                 dataset: Dataset | None = None, monitor: StepMonitor | None = None):
+                 dataset: Dataset | None = None, monitor: StepMonitor | None = None, mesh: Mesh | None = None):
+        """`mesh`: this process's place among data-parallel replicas (`runtime.replicas`; None: one replica)."""
         self.cfg, self.exchange, self.device = cfg, exchange, device
+        self.mesh = mesh or Mesh(1, 0, 1, role_indices)
         self.monitor = monitor or StepMonitor(cfg.optim.epochs, exchange)
         self.dataset = dataset or load_dataset(cfg.data)
         self.method = cfg.method.build()
@@ -51,6 +55,11 @@ class Session:
         self.runners = [RoleRunner(roles[i], i, self.method, self.dataset, cfg.optim, cfg.seed, device,
                                    self.steps_per_epoch, cfg.runtime.channels_last, cfg.runtime.fold_frozen_batchnorm)
                         for i in role_indices]
+        for index, runner in zip(role_indices, self.runners):
+            if self.mesh.replicas > 1:
+                runner.recipe.sync_gradients = partial(self.mesh.reduce_gradients, index)
+                if cfg.runtime.sync_bn:
+                    synchronise_batchnorm(runner.net, self.mesh.role_groups[index])
         self.best: dict[str, dict] = {}  # student role -> {'val_acc', 'epoch', 'state_dict'}
         self.evaluator = Evaluator(cfg, self.runners, self.dataset)
         self.others_eval_s = 0.0  # the longest scoring of another process's role, last epoch
@@ -59,13 +68,22 @@ class Session:
         """Train one epoch (0-based), evaluate the roles when `eval` says so; returns every role's metrics merged."""
         scored_before = self.evaluator.images_while_waiting
         metrics = self._train_epoch(epoch)
+        for index, runner in zip(self.mesh.roles, self.runners):  # every replica ends the epoch the same
+            self.mesh.average_buffers(index, runner.net)
+        if not self.mesh.lead:  # replica 0 scores and reports for every replica; the others add their losses
+            self.exchange.gather_objects({k: v for k, v in metrics.items() if "/loss_" in k})
+            return {}
         metrics.update(self._evaluate(epoch + 1))
         if self.evaluator.only_frozen:
             for runner in self.runners:
                 metrics[f"{runner.role.name}/images_scored_waiting"] = self.evaluator.images_while_waiting - scored_before
         merged = {"epoch": float(epoch + 1)}
-        for part in self.exchange.gather_objects(metrics):
-            merged.update(part)
+        for rank, part in enumerate(self.exchange.gather_objects(metrics)):
+            if rank < self.mesh.processes:
+                merged.update(part)
+            else:  # another replica's share of the losses
+                for key, value in part.items():
+                    merged[key] += value
         mine = {r.role.name for r in self.runners}
         self.others_eval_s = max((v for k, v in merged.items() if k.endswith("/eval_s") and k.split("/")[0] not in mine),
                                  default=0.0)
@@ -103,13 +121,17 @@ class Session:
                                    self.cfg.optim.steps_per_epoch):
             if checksum:
                 checksum.add(x, y)
+            batch = len(y)  # the global batch: what every replica together trains on this step
+            samples += batch
+            x, y = self.mesh.shard(x, y)
             x, y = x.to(self.device), y.to(self.device)
             outputs, published = {}, {}
             for r in self.runners:
                 t = time.perf_counter()
                 outputs[r.role.name], published[r.role.name] = r.forward(x, y)
                 compute[r.role.name] += time.perf_counter() - t
-            self.evaluator.use_wait(self.exchange.slack_s)
+            if self.mesh.lead:
+                self.evaluator.use_wait(self.exchange.slack_s)
             everyone = self.exchange.all_gather(published)
             losses, lrs = {}, {}
             for r in self.runners:
@@ -117,12 +139,11 @@ class Session:
                 if r.optimizer:
                     lrs[r.role.name] = r.optimizer.param_groups[0]["lr"]  # this step's, before the update
                 losses[r.role.name] = r.update(outputs[r.role.name], everyone, y, epoch)
-                for term, value in losses[r.role.name].items():
-                    sums[r.role.name][term] = sums[r.role.name].get(term, 0.0) + value
+                for term, value in losses[r.role.name].items():  # a shard's loss, weighted to the global batch
+                    sums[r.role.name][term] = sums[r.role.name].get(term, 0.0) + value * self.mesh.share
                 compute[r.role.name] += time.perf_counter() - t
             steps += 1
-            samples += len(y)
-            self.monitor.after_step(steps, len(y), {k: v for k, v in losses.items() if v}, lrs)
+            self.monitor.after_step(steps, batch, {k: v for k, v in losses.items() if v}, lrs)
         self.monitor.end_epoch()
         wall = time.perf_counter() - start
         metrics: dict[str, float] = {}
@@ -149,7 +170,10 @@ class Session:
 
     # --- checkpoints -------------------------------------------------------
     def role_states(self) -> dict[str, dict]:
-        """What each local role saves: its training state, plus a student's best weights so far."""
+        """What each local role saves: its training state, plus a student's best weights so far (replica 0's:
+        every replica holds the same)."""
+        if not self.mesh.lead:
+            return {}
         return {r.role.name: {**r.state_dict(), "best": self.best.get(r.role.name)} for r in self.runners}
 
     def load_role_states(self, states: dict[str, dict]) -> None:

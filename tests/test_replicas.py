@@ -1,0 +1,36 @@
+"""Data-parallel replicas (`runtime.replicas`): two replicas of every role, placed together or apart, compute the
+single-process run on the global batch (BatchNorm synchronised), for KD, DML and SOKD."""
+
+import pytest
+from equivalence import assert_same_run
+
+from ray_kd.config import ConfigError, load_config
+from ray_kd.local_executor import run_local
+from ray_kd.ray_executor import run_on_ray
+
+COMMON = ["optim.epochs=2", "optim.steps_per_epoch=4", "optim.milestones=[1]", "data.batch_size=32"]
+CASES = {
+    "dml": ["students=[{{model: digits_cnn_s}}, {{model: digits_cnn_s}}]"],
+    "kd": ["method.name=kd", "teacher={{model: digits_cnn_l, checkpoint: {teacher}}}", "students=[{{model: digits_cnn_s}}]"],
+    "sokd": ["method.name=sokd", "teacher={{model: digits_cnn_l, checkpoint: {teacher}}}",
+             "students=[{{model: digits_cnn_s}}]"],
+}
+ROLES = {"dml": ["student_0", "student_1"], "kd": ["teacher", "student_0"], "sokd": ["teacher", "student_0"]}
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_two_replicas_equal_one_process_on_the_global_batch(ray_cluster, tmp_path, digits_teacher, method):
+    overrides = [o.format(teacher=digits_teacher) for o in CASES[method]] + COMMON + [f"output_dir={tmp_path}"]
+    local = run_local(load_config(None, overrides + ["name=local", "runtime.executor=local"]), show_progress=False)
+    for placement in ("together", "apart"):
+        remote = run_on_ray(load_config(None, overrides + [f"name={placement}", "runtime.replicas=2",
+                                                           f"runtime.placement={placement}", "runtime.sync_bn=true",
+                                                           "runtime.cpus_per_worker=0.25"]))
+        assert_same_run(local, remote, ROLES[method])
+
+
+def test_replicas_need_the_ray_executor_and_a_batch_to_split():
+    with pytest.raises(ConfigError, match="runtime.replicas=2 needs runtime.executor=ray"):
+        load_config(None, ["runtime.replicas=2", "runtime.executor=local"])
+    with pytest.raises(ConfigError, match="data.batch_size=3 cannot be split into runtime.replicas=4 shards"):
+        load_config(None, ["runtime.replicas=4", "data.batch_size=3"])
