@@ -36,6 +36,7 @@ from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, Step
 from ray_kd.replicas import Mesh, build_mesh, processes_per_replica, world_size
 from ray_kd.run_folder import checkpoint_store, saved_checkpoints
 from ray_kd.session import Session, all_roles, fit, progress_line
+from ray_kd.worker_deaths import death_cause
 
 
 class ClusterError(UserError, RuntimeError):
@@ -201,7 +202,7 @@ class RoleGroup:
                 errors[refs.index(ref)] = other
         for r, e in sorted(errors.items()):
             if isinstance(e, ray.exceptions.RayActorError):
-                return WorkerDied(r, str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__)
+                return WorkerDied(r, death_cause(str(e), session_logs()))
         return err
 
     def shutdown(self) -> None:
@@ -331,22 +332,43 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
     config = {"run": cfg.with_absolute_paths().model_dump(), "tracking_uri": tracking_uri, "run_id": run_id,
               "gpu": gpu, "dataset": [ray.put(as_arrays(dataset))] if isinstance(dataset, Dataset) else None}
     roles = all_roles(cfg)
+    deaths = []  # the newest checkpoint at each death: no progress between deaths means a resume dies too
     for attempt in range(cfg.runtime.max_failures + 1):
         group = group if attempt == 0 and group is not None else RoleGroup(cfg, gpu)
         try:
             return group.run(fn, config, backend, poll)
         except WorkerDied as died:
             role = rank_name(cfg, roles, died.rank)
+            newest = saved_checkpoints(cfg)
+            deaths.append(newest[-1].name if newest else None)
             if attempt == cfg.runtime.max_failures:
-                raise WorkerFailedError(f"{role} died after runtime.max_failures={cfg.runtime.max_failures} "
-                                        f"restarts: {died}; checkpoints are kept in {checkpoint_store(cfg).root}: "
-                                        "run the same command to resume") from None
+                raise WorkerFailedError(_gave_up(cfg, role, died, deaths)) from None
             print(f"{role} died ({died}); restarting the workers from the last checkpoint "
                   f"({attempt + 1} of runtime.max_failures={cfg.runtime.max_failures})", flush=True)
         except ray.exceptions.RayTaskError as err:
             raise explain_failure(err, cfg) from None
         finally:
             group.shutdown()
+
+
+def _gave_up(cfg: RunConfig, role: str, died: WorkerDied, deaths: list[str | None]) -> str:
+    """The last line of a run whose workers kept dying: why, and whether resuming can help."""
+    kept = f"checkpoints are kept in {checkpoint_store(cfg).root}"
+    if len(deaths) > 1 and len(set(deaths)) == 1:
+        where = f"after {deaths[0]}" if deaths[0] else "before the first checkpoint"
+        return (f"{role} died {len(deaths)} times at the same point ({where}): {died}; resuming would die the "
+                f"same way: fix that cause first (out of memory: lower data.batch_size or data.workers, or give "
+                f"each worker more memory); {kept}")
+    return (f"{role} died after runtime.max_failures={cfg.runtime.max_failures} restarts: {died}; {kept}: "
+            "run the same command to resume")
+
+
+def session_logs() -> Path | None:
+    """This node's Ray session log folder (a worker's stderr is there when it ran on this node)."""
+    try:
+        return Path(ray._private.worker._global_node.get_logs_dir_path())
+    except AttributeError:  # not connected, or a client connection without a local node
+        return None
 
 
 def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None,

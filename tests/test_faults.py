@@ -87,3 +87,57 @@ def test_interrupted_driver_resumes_without_losing_epochs(ray_cluster, mlflow_ur
                {k: v for k, v in new.items() if "acc" in k or "loss" in k}
     assert _epoch_steps(mlflow_uri, run_id) == list(range(1, EPOCHS + 1))
     assert client(mlflow_uri).get_run(run_id).info.status == "FINISHED"
+
+
+BOMB = '''import os
+from torch import nn
+
+
+class Bomb(nn.Module):
+    """Aborts its process at its first training forward (as a native crash would)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        if self.training:
+            os.abort()
+        return self.fc(x.flatten(1))
+
+
+def make(num_classes):
+    return Bomb(num_classes)
+'''
+
+
+def test_a_worker_that_dies_the_same_way_each_time_is_explained(tmp_path):
+    """The worker's own last words (from its log) in one line, and no advice to resume into the same death."""
+    (tmp_path / "bomb_factory.py").write_text(BOMB)
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-m", "ray_kd.cli", "train", "-c", "configs/digits_dml.yaml",
+                           f"output_dir={tmp_path}", "name=bomb", "optim.epochs=1", "runtime.max_failures=1",
+                           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                           "students=[{model: 'bomb_factory:make'}, {model: digits_cnn_s}]"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ray-kd: error: role student_0 (rank 0) died 2 times at the same point (before the "
+                           "first checkpoint): Fatal Python error: Aborted (worker pid "), last
+    assert "resuming would die the same way" in last and "run the same command" not in last, last
+
+
+def test_the_most_telling_line_of_a_worker_log(tmp_path):
+    from ray_kd.worker_deaths import death_cause
+
+    log = tmp_path / "worker-abc-01000000-4242.err"
+    log.write_text("warming up\n[2026 E 4242] logging.cc:118: Unhandled exception: N4gloo13EnforceNotMetE. what(): "
+                   "[enforce fail at pair.cc:464] Received data size doesn't match expected size.\n"
+                   "*** SIGABRT received at time=1 on cpu 1 ***\nFatal Python error: Aborted\n\nExtension modules: x\n")
+    said = death_cause("The actor died unexpectedly.\n\tpid: 4242\n\tip: 127.0.0.1", tmp_path)
+    assert said.startswith("[enforce fail at pair.cc:464] Received data size doesn't match expected size. "
+                           "(worker pid 4242; its log: "), said
+    (tmp_path / "worker-abc-01000000-4343.err").write_text(":job_id:01000000\n:actor_name:RoleWorker\n")
+    assert "ended without a word (killed by a signal" in death_cause("pid: 4343", tmp_path)
+    assert "memory monitor" in death_cause("Task was killed due to the node running low on memory. pid: 1", None)
