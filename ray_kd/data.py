@@ -393,11 +393,15 @@ def epoch_steps(dataset, batch_size: int, max_steps: int | None = None) -> int:
     return steps if max_steps is None else min(steps, max_steps)
 
 
-def seeded_batches(dataset, batch_size: int, seed: int, epoch: int,
-                   max_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The epoch's batches, normalised and augmented, identical on every worker with the same (seed, epoch)."""
+def seeded_batches(dataset, batch_size: int, seed: int, epoch: int, max_steps: int | None = None,
+                   part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The epoch's batches, normalised and augmented, identical on every worker with the same (seed, epoch).
+
+    `part` = (r, R): a stream dataset reads only shard r of R of each batch (`torch.tensor_split`'s, with the
+    same pixels: each sample's augmentation is seeded by its index); in memory the whole batch is drawn (its
+    augmentation is one draw per batch) and the caller takes its shard."""
     if not isinstance(dataset, Dataset):  # a StreamDataset reads them from disk
-        yield from dataset.train_batches(batch_size, seed, epoch, max_steps)
+        yield from dataset.train_batches(batch_size, seed, epoch, max_steps, part)
         return
     gen, order = epoch_order(len(dataset.train.labels), seed, epoch)
     for step in range(epoch_steps(dataset, batch_size, max_steps)):

@@ -41,13 +41,13 @@ class Mesh:
         """Replica 0 scores, keeps the best students and writes checkpoints for its roles."""
         return self.replica == 0
 
-    def shard(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's part of the global batch (as even as the batch allows), its share noted."""
-        if self.replicas == 1:
-            return x, y
-        x_r, y_r = torch.tensor_split(x, self.replicas)[self.replica], torch.tensor_split(y, self.replicas)[self.replica]
-        self.share = len(y_r) / len(y)
-        return x_r, y_r
+    def shard(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's part of a global batch of `batch` samples (as even as it allows; `torch.tensor_split`'s
+        shards), its share noted. A batch already read as this replica's shard (stream mode) is kept."""
+        if self.replicas > 1 and len(y) == batch:
+            x, y = torch.tensor_split(x, self.replicas)[self.replica], torch.tensor_split(y, self.replicas)[self.replica]
+        self.share = len(y) / batch
+        return x, y
 
     def reduce_gradients(self, role: int, params: list[torch.Tensor]) -> None:
         """Sum the replicas' gradients, each weighted by its shard's share: the global batch's gradient."""

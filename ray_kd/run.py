@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ray_kd.checkpoint import atomic_save, newest_good, read_history, safe_load, save_model_file
-from ray_kd.config import RunConfig
-from ray_kd.data import Dataset, eval_batches, load_dataset
+from ray_kd.config import ConfigError, RunConfig
+from ray_kd.data import Dataset, epoch_steps, eval_batches, load_dataset
 from ray_kd.errors import UserError
 from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
                               check_sqlite_store, cluster_address)
@@ -149,6 +149,13 @@ def preflight(cfg: RunConfig) -> Dataset:
     data = load_dataset(cfg.data)
     check_roles(cfg, data)
     n = len(data.train.labels)
+    steps, size, replicas = epoch_steps(data, cfg.data.batch_size, cfg.optim.steps_per_epoch), cfg.data.batch_size, \
+        cfg.runtime.replicas
+    last = min(size, n - (steps - 1) * size)
+    if last < replicas:
+        raise ConfigError(f"config error: the epoch's last batch holds {last} of the {n:,} training images, too few "
+                          f"to split into runtime.replicas={replicas} shards; pick a data.batch_size that leaves "
+                          f"at least {replicas} (or set optim.steps_per_epoch)")
     if cfg.data.batch_size > n:
         print(f"note: data.batch_size={cfg.data.batch_size} is larger than the {n:,} training images: every epoch "
               f"is one step of {n:,} images", flush=True)

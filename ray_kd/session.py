@@ -117,13 +117,15 @@ class Session:
         start = time.perf_counter()
         self.monitor.start_epoch(epoch, self.steps_per_epoch)
         checksum = BatchChecksum() if self.cfg.data.checksum else None
-        for x, y in seeded_batches(self.dataset, self.cfg.data.batch_size, self.cfg.seed, epoch,
-                                   self.cfg.optim.steps_per_epoch):
+        size, n = self.cfg.data.batch_size, len(self.dataset.train.labels)
+        for step, (x, y) in enumerate(seeded_batches(self.dataset, size, self.cfg.seed, epoch,
+                                                     self.cfg.optim.steps_per_epoch,
+                                                     (self.mesh.replica, self.mesh.replicas))):
             if checksum:
                 checksum.add(x, y)
-            batch = len(y)  # the global batch: what every replica together trains on this step
+            batch = min(size, n - step * size)  # the global batch: what every replica together trains on
             samples += batch
-            x, y = self.mesh.shard(x, y)
+            x, y = self.mesh.shard(x, y, batch)
             x, y = x.to(self.device), y.to(self.device)
             outputs, published = {}, {}
             for r in self.runners:

@@ -117,13 +117,15 @@ class StreamDataset(torch.utils.data.Dataset):
         return (images if self.mean is None else normalize(images, self.mean, self.std)), labels
 
     # --- in the role's process ----------------------------------------------
-    def train_batches(self, batch_size: int, seed: int, epoch: int,
-                      max_steps: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches in the in-memory path's order for (seed, epoch), augmented per sample."""
+    def train_batches(self, batch_size: int, seed: int, epoch: int, max_steps: int | None = None,
+                      part: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches in the in-memory path's order for (seed, epoch), augmented per sample; of each,
+        only shard `part` = (r, R) (a data-parallel replica reads its own)."""
         _, order = epoch_order(len(self.train.labels), seed, epoch)
         steps = epoch_steps(self, batch_size, max_steps)
-        return self._run("train", [[("train", int(i), seed, epoch, True)
-                                    for i in order[s * batch_size:(s + 1) * batch_size]] for s in range(steps)])
+        shards = [torch.tensor_split(order[s * batch_size:(s + 1) * batch_size], part[1])[part[0]]
+                  for s in range(steps)]
+        return self._run("train", [[("train", int(i), seed, epoch, True) for i in shard] for shard in shards])
 
     def eval_batches(self, split: StreamSplit) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         n, b = len(split.labels), self.batch_size

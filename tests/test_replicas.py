@@ -30,7 +30,12 @@ def test_two_replicas_equal_one_process_on_the_global_batch(ray_cluster, tmp_pat
 
 
 def test_replicas_need_the_ray_executor_and_a_batch_to_split():
+    from ray_kd.run import preflight
+
     with pytest.raises(ConfigError, match="runtime.replicas=2 needs runtime.executor=ray"):
         load_config(None, ["runtime.replicas=2", "runtime.executor=local"])
     with pytest.raises(ConfigError, match="data.batch_size=3 cannot be split into runtime.replicas=4 shards"):
         load_config(None, ["runtime.replicas=4", "data.batch_size=3"])
+    with pytest.raises(ConfigError, match="the epoch's last batch holds 1 of the 1,293 training images, too few to "
+                                          "split into runtime.replicas=2 shards"):
+        preflight(load_config(None, ["runtime.replicas=2", "data.batch_size=1292"]))

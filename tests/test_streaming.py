@@ -138,3 +138,16 @@ def test_both_roles_draw_identical_batches_on_ray(ray_cluster, tmp_path):
     local_sums = [h["student_0/data_checksum"] for h in json.loads((local / "history.json").read_text())]
     remote_sums = [h["student_0/data_checksum"] for h in json.loads((remote / "history.json").read_text())]
     assert local_sums == remote_sums
+
+
+def test_a_replica_reads_only_its_shard_with_the_same_pixels(tmp_path):
+    """`runtime.replicas`: in stream mode replica r decodes only its `tensor_split` shard of each batch, the
+    pixels the whole batch would hold there (each sample's augmentation is seeded by its index)."""
+    root = make_tree(tmp_path / "tree")
+    stream = load_dataset(stream_cfg(tmp_path, root, workers=0))
+    whole = list(seeded_batches(stream, 8, 3, 0))
+    for r in range(3):
+        shards = list(seeded_batches(stream, 8, 3, 0, part=(r, 3)))
+        assert len(shards) == len(whole)
+        for (x, y), (xs, ys) in zip(whole, shards):
+            assert torch.equal(torch.tensor_split(y, 3)[r], ys) and torch.equal(torch.tensor_split(x, 3)[r], xs)
