@@ -18,7 +18,10 @@ writes its per-epoch checkpoints. Wall: from the command to its exit, start-up a
 img/s: images trained / seconds in the training loops (ray-kd: from its history's `student_0/samples_per_s`).
 The systems run in turn, the order rotated each repeat, the load average recorded with every run.
 ray-kd runs at its defaults (`runtime.channels_last` on: NHWC convolutions); a system named `... nchw`
-turns that off, to show what the layout buys. Where the wall goes, for each system's fastest run:
+turns that off, to show what the layout buys. `ray-kd ray together x2` runs two data-parallel replicas of the
+pair, each worker running teacher and student on half of every batch (`runtime.replicas=2
+runtime.placement=together`, a core and one thread each, BatchNorm per shard); `ray-kd ray apart x2` the same
+with a worker per role per replica (four workers on two cores). Where the wall goes, for each system's fastest run:
 train_s (the training loops), eval_s (scoring: per epoch, and at the end; ray-kd: from its history's
 `<role>/eval_s`, per epoch the slowest role on Ray, the roles' sum in one process), other_s (the rest:
 start-up, checkpoints, MLflow, exit). student_test_top1: the mean over a system's runs of its student's test
@@ -40,6 +43,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIG = "configs/bench_cifar10_kd.yaml"
 VAL_FRACTION = 0.02  # the quality protocol's split, so the pinned teacher never saw val or test
+REPLICAS = {  # `ray-kd ray <layout>` systems: data-parallel replicas, a core (one thread) per worker
+    "together x2": ["runtime.replicas=2", "runtime.placement=together", "runtime.cpus_per_worker=1"],
+    "apart x2": ["runtime.replicas=2", "runtime.placement=apart", "runtime.cpus_per_worker=0.5"],
+}
 
 
 # --- the torchdistill side (runs under the other venv: torch, torchvision, torchdistill, ray_kd.models only) ---
@@ -199,6 +206,7 @@ def main() -> None:
                     cmd += (["runtime.executor=local", "runtime.threads_per_worker=2"] if executor == "local"
                             else args.ray_set)
                     cmd += ["runtime.channels_last=false"] if system.endswith(" nchw") else []
+                    cmd += REPLICAS.get(system.split(" ", 2)[-1], []) if executor == "ray" else []
                 load = os.getloadavg()[0]
                 start = time.time()
                 subprocess.run(cmd, env=env, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
@@ -211,7 +219,8 @@ def main() -> None:
                 else:
                     history = ray_kd_history(Path(tmp) / f"peer-{executor}-{repeat}")
                     train_s = sum(args.train_subset / h["student_0/samples_per_s"] for h in history)
-                    roles_at_once = max if executor == "ray" else sum  # a worker each, or one after another
+                    in_turn = executor != "ray" or "together" in system  # one process runs the roles one by one
+                    roles_at_once = sum if in_turn else max
                     eval_s = sum(roles_at_once(v for k, v in h.items() if k.endswith("/eval_s")) for h in history)
                     img_s = len(history) * args.train_subset / train_s
                     student_test = history[-1]["student_0/test_acc"]

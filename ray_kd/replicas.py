@@ -15,6 +15,7 @@ holds the same weights and buffers and replica 0's checkpoint is the run's.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +36,7 @@ class Mesh:
     exchange_group: object = None  # the processes of this replica (None: the world, when R = 1)
     role_groups: dict[int, object] = field(default_factory=dict)  # role index -> its replicas' processes
     share: float = 1.0  # this step's shard's share of the global batch
+    reduce_s: dict[int, float] = field(default_factory=dict)  # role -> seconds in its gradient all-reduce
 
     @property
     def lead(self) -> bool:
@@ -56,12 +58,14 @@ class Mesh:
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
+        start = time.perf_counter()
         flat = torch.cat([g.reshape(-1) for g in grads]).mul_(self.share)  # one collective per step
         dist.all_reduce(flat, group=self.role_groups[role])
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
+        self.reduce_s[role] = self.reduce_s.get(role, 0.0) + time.perf_counter() - start
 
     def average_buffers(self, role: int, module: nn.Module) -> None:
         """BatchNorm running statistics averaged across the role's replicas (float buffers only)."""

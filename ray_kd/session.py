@@ -102,10 +102,11 @@ class Session:
         metrics, started = {}, time.perf_counter()
         for runner in self.runners:
             start = time.perf_counter()
-            scores = self.evaluator.scores(runner, epoch)
+            scores = self.evaluator.scores(runner, epoch, partial(self.monitor.scoring, runner.role.name))
             metrics.update(scores)
             metrics[f"{runner.role.name}/eval_s"] = time.perf_counter() - start
             self._keep_best(runner, scores, epoch)
+        self.monitor.idle()
         self.evaluator.fill(0.8 * (self.others_eval_s - (time.perf_counter() - started)))
         return metrics
 
@@ -114,6 +115,7 @@ class Session:
         compute = {r.role.name: 0.0 for r in self.runners}
         steps, samples = 0, 0
         self.exchange.seconds = 0.0
+        self.mesh.reduce_s.clear()
         start = time.perf_counter()
         self.monitor.start_epoch(epoch, self.steps_per_epoch)
         checksum = BatchChecksum() if self.cfg.data.checksum else None
@@ -146,15 +148,17 @@ class Session:
                 compute[r.role.name] += time.perf_counter() - t
             steps += 1
             self.monitor.after_step(steps, batch, {k: v for k, v in losses.items() if v}, lrs)
-        self.monitor.end_epoch()
+        self.monitor.idle()
         wall = time.perf_counter() - start
         metrics: dict[str, float] = {}
-        for r in self.runners:
+        for index, r in zip(self.mesh.roles, self.runners):
             name = r.role.name
             metrics.update({f"{name}/loss_{term}": total / steps for term, total in sums[name].items()})
             metrics[f"{name}/samples_per_s"] = samples / wall
             metrics[f"{name}/compute_ms"] = 1000 * compute[name] / steps
             metrics[f"{name}/exchange_ms"] = 1000 * self.exchange.seconds / steps
+            if self.mesh.replicas > 1 and r.trains:  # the gradient all-reduce across the replicas
+                metrics[f"{name}/allreduce_ms"] = 1000 * self.mesh.reduce_s.get(index, 0.0) / steps
             if r.scheduler:
                 metrics[f"{name}/lr"] = r.optimizer.param_groups[0]["lr"]
             if checksum:
@@ -190,15 +194,16 @@ ProgressFn = Callable[[dict[str, float]], None]
 
 
 def progress_line(total_epochs: int) -> ProgressFn:
-    """One line per epoch: every head's val/test top-1, the students' losses, throughput."""
+    """One line per epoch, from its history record: every head's val/test top-1 (`-` for a split `eval` left
+    unscored), the epoch's training throughput (the slowest role's: what the run trains at)."""
 
     def show(m: dict[str, float]) -> None:
         heads = sorted({k.split("/")[0] for k in m if k.endswith(("/val_acc", "/test_acc"))})
-        acc = lambda key: f"{m[key]:.1f}" if key in m else "-"  # noqa: E731  (an epoch eval.every skipped)
+        acc = lambda key: f"{m[key]:.1f}" if key in m else "-"  # noqa: E731
         accs = "  ".join(f"{h} {acc(f'{h}/val_acc')}/{acc(f'{h}/test_acc')}" for h in heads)
-        speed = max((v for k, v in m.items() if k.endswith("/samples_per_s")), default=0.0)
-        print(f"epoch {int(m['epoch'])}/{total_epochs}  val/test top-1: {accs}  ({speed:.0f} samples/s)",
-              flush=True)
+        speed = min(v for k, v in m.items() if k.endswith("/samples_per_s"))
+        scored = f"val/test top-1: {accs}" if heads else "not scored (eval.every)"
+        print(f"epoch {int(m['epoch'])}/{total_epochs}  {scored}  ({speed:.0f} samples/s)", flush=True)
 
     return show
 
