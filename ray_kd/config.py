@@ -7,6 +7,7 @@ fails with one line naming it (see `ConfigError`).
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,10 +211,37 @@ class TrackingConfig(Strict):
                                            "each worker, logged to the run; 0 turns them off")
 
 
+URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(//)?")
+
+
+def local_storage_path(output_dir: str) -> str:
+    """`output_dir` as the local path every process of a run uses: a file:// URI resolved by pyarrow.fs (the
+    filesystem layer Ray's own storage_path goes through), a plain path kept as it is. Checkpoints, the run lock
+    and the summary are plain file operations, so any other scheme (s3://, gs://, hdfs://) is refused: a remote
+    store is not a checkpoint store yet, and on a cluster a folder every node mounts serves instead."""
+    match = URI_SCHEME.match(output_dir)
+    if match is None or not (match.group(2) or match.group(1).lower() == "file"):
+        return output_dir  # a path (a relative one is resolved by with_absolute_paths)
+    scheme = match.group(1).lower()
+    if scheme != "file":
+        raise ValueError(f"{scheme}:// is not supported ({output_dir}): output_dir is a local path or a file:// "
+                         "URI, on a cluster a folder every node mounts (NFS, a shared disk); a remote filesystem is "
+                         "not a checkpoint store yet")
+    from pyarrow import ArrowInvalid
+    from pyarrow.fs import FileSystem
+
+    try:
+        _, path = FileSystem.from_uri(output_dir)
+    except ArrowInvalid as err:
+        raise ValueError(f"{output_dir!r} is not a local file URI ({err}); write file:///absolute/path") from None
+    return path
+
+
 class RunConfig(Strict):
     name: str = Field("digits-dml", pattern=r"^[A-Za-z0-9_.-]+$", description="one folder name under output_dir")
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    output_dir: str = "runs"
+    output_dir: str = Field("runs", description="where run folders go: a local path or a file:// URI; on a "
+                            "cluster, storage every node sees (an NFS mount, a shared disk)")
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     teacher: RoleConfig | None = None
@@ -229,6 +257,11 @@ class RunConfig(Strict):
         if name in (".", ".."):
             raise ValueError(f"name {name!r} is not a folder of its own; use letters, digits, '_', '-', '.'")
         return name
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local_storage(cls, output_dir: str) -> str:
+        return local_storage_path(output_dir)
 
     @model_validator(mode="after")
     def _method_fits_roles(self) -> "RunConfig":
