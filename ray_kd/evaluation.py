@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Iterator
+from typing import Callable, Iterator
 
 from torch import nn
 
@@ -20,6 +20,9 @@ from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import Dataset, eval_batches
 
 SPLITS = ("val", "test")
+
+Progress = Callable[[str, int, int], None]
+"""Told after each batch scored: the split, its images done, its images."""
 
 
 def splits_at(cfg: RunConfig, epoch: int) -> tuple[str, ...]:
@@ -62,17 +65,20 @@ class FrozenScore:
         self.runner = runner
         self.done: dict[str, dict[str, float]] = {}  # split -> the role's scores on it
         self.chunk_s = 0.0  # running estimate of one chunk's seconds
+        self.position = ("", 0, 0)  # the split being scored, its images done, its images
         self._chunks = self._score(dataset, order)
 
     def _score(self, dataset: Dataset, order: tuple[str, ...]) -> Iterator[int]:
         """Yields each chunk's size once it is counted; a split's scores land in `done` after its last chunk."""
         for split_name in order:
-            split, correct = getattr(dataset, split_name), {}
+            split, correct, scored = getattr(dataset, split_name), {}, 0
             for x, y in eval_batches(split, dataset):
                 for start in range(0, len(y), FROZEN_CHUNK):
                     labels = y[start:start + FROZEN_CHUNK]
                     for head, n in self.runner.correct(x[start:start + FROZEN_CHUNK], labels).items():
                         correct[head] = correct.get(head, 0) + n
+                    scored += len(labels)
+                    self.position = (split_name, scored, len(split.labels))
                     yield len(labels)
             self.done[split_name] = {f"{head}/{split_name}_acc": 100.0 * n / len(split.labels)
                                      for head, n in correct.items()}
@@ -91,9 +97,11 @@ class FrozenScore:
             images += scored
         return images
 
-    def scores(self, split: str) -> dict[str, float]:
+    def scores(self, split: str, progress: Progress | None = None) -> dict[str, float]:
+        """The split's scores, once whatever was not scored ahead is (`progress` told after each chunk)."""
         while split not in self.done:
-            next(self._chunks, 0)  # the resume after a split's last chunk records it
+            if next(self._chunks, 0) and progress is not None:  # the resume after a split's last chunk records it
+                progress(*self.position)
         return self.done[split]
 
 
@@ -109,12 +117,12 @@ class Evaluator:
         self._spent = deque([0.0, 0.0], maxlen=2)  # scoring seconds in the last two steps' waits
         self.images_while_waiting = 0
 
-    def scores(self, runner, epoch: int) -> dict[str, float]:
+    def scores(self, runner, epoch: int, progress: Progress | None = None) -> dict[str, float]:
         splits = splits_at(self.cfg, epoch)
         if runner.role.name not in self.frozen:
-            return runner.evaluate(self.dataset, splits) if splits else {}
+            return runner.evaluate(self.dataset, splits, progress) if splits else {}
         frozen = self.frozen[runner.role.name]
-        return {k: v for split in splits for k, v in frozen.scores(split).items()}
+        return {k: v for split in splits for k, v in frozen.scores(split, progress).items()}
 
     def use_wait(self, slack_s: float) -> None:
         """Just before a step's exchange, score frozen roles for about the time this process will wait there

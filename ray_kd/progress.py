@@ -1,25 +1,26 @@
 """Progress within an epoch: a bar or plain lines on the console, and step-level metrics in MLflow.
 
 An ImageNet epoch takes an hour, so one line per epoch is not enough. Every rank
-calls its `StepMonitor` after every step (the same steps on every rank):
+calls its `StepMonitor` after every step (the same steps on every rank), and while
+it scores its roles after an epoch:
 
 - every `tracking.log_every_steps` global steps it gathers each role's loss terms
   and lr (one small collective on the Ray executor) and the lead rank logs them to
   MLflow at step = global step, under names of their own (`<role>/step_loss_<term>`,
   `<role>/step_lr`, `progress/*`) so they never collide with the per-epoch
   metrics, which are logged at step = epoch;
-- where this process owns the console (the single-process executor) it shows a
-  `ProgressDisplay`: a tqdm bar on a terminal, else a plain line every
-  `runtime.progress_every_s` seconds (log files, `ray job submit`).
-
-On the Ray executor the workers' output does not reach the driver, so the
-driver's watcher reads the same step metrics back from MLflow and shows them
-with the same `ProgressDisplay` (as often as they are logged; none when
-`tracking.log_every_steps=0`).
+- it hands each step's `StepStatus` and each scoring batch's `ScoringStatus` to its
+  display: where this process owns the console (the single-process executor) a
+  `ProgressDisplay` (a tqdm bar on a terminal, else a plain line every
+  `runtime.progress_every_s` seconds: log files, `ray job submit`); on a Ray worker,
+  whose output does not reach the driver, `this_process`, which keeps the latest
+  for the driver to ask for (`RoleWorker.status`) and show with the same
+  `ProgressDisplay` (`group_status` makes one status of every rank's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import sys
 import time
@@ -53,20 +54,6 @@ class StepStatus:
         out.update({f"{role}/step_lr": lr for role, lr in self.lrs.items()})
         return {k: float(v) for k, v in out.items()}
 
-    @classmethod
-    def from_metrics(cls, metrics: dict[str, float], epochs: int) -> StepStatus | None:
-        """Read back from a run's latest metric values (the Ray driver's view); None before the first log."""
-        if f"{_STEP}step" not in metrics:
-            return None
-        losses: dict[str, dict[str, float]] = {}
-        for key, value in metrics.items():
-            role, _, name = key.partition("/step_loss_")
-            if name:
-                losses.setdefault(role, {})[name] = value
-        return cls(int(metrics[f"{_STEP}epoch"]), epochs, int(metrics[f"{_STEP}step"]), int(metrics[f"{_STEP}steps"]),
-                   metrics[f"{_STEP}samples_per_s"], metrics[f"{_STEP}eta_s"], losses,
-                   {k.removesuffix("/step_lr"): v for k, v in metrics.items() if k.endswith("/step_lr")})
-
     def details(self) -> str:
         """Throughput, each training role's total loss, the lr: what the bar shows beside its counts."""
         losses = " ".join(f"{role} {terms['total']:.4f}" for role, terms in sorted(self.losses.items())
@@ -79,37 +66,102 @@ class StepStatus:
         return (f"epoch {self.epoch}/{self.epochs}  step {self.step}/{self.steps} "
                 f"({100 * self.step / self.steps:.0f}%)  {self.details()}  ETA {eta}")
 
+    def bar(self) -> tuple[str, int, int, str, str]:
+        """(description, position, total, unit, postfix) of its tqdm bar."""
+        return f"epoch {self.epoch}/{self.epochs}", self.step, self.steps, "step", self.details()
+
+
+@dataclass
+class ScoringStatus:
+    """A role being scored after an epoch: how many images of which split are done."""
+
+    epoch: int  # 1-based: the epoch just trained
+    epochs: int
+    role: str
+    split: str
+    done: int
+    total: int
+
+    def line(self) -> str:
+        return (f"epoch {self.epoch}/{self.epochs}  scoring {self.role} on {self.split}: "
+                f"{self.done:,}/{self.total:,} images ({100 * self.done / self.total:.0f}%)")
+
+    def bar(self) -> tuple[str, int, int, str, str]:
+        return f"epoch {self.epoch}/{self.epochs} scoring {self.role} on {self.split}", self.done, self.total, "img", ""
+
+
+Status = StepStatus | ScoringStatus
+
+
+def group_status(statuses: list[Status | None]) -> Status | None:
+    """One status for a Ray group, from each rank's latest (in rank order; None: between statuses): the first
+    scoring rank's, while one scores (the epoch waits for it), else the first rank's step with the losses and lr
+    of every rank's roles (the lowest rank's where ranks share a role: replica 0's)."""
+    scoring = next((s for s in statuses if isinstance(s, ScoringStatus)), None)
+    if scoring is not None:
+        return scoring
+    steps = [s for s in statuses if isinstance(s, StepStatus)]
+    if not steps:
+        return None
+    losses, lrs = {}, {}
+    for status in reversed(steps):
+        losses.update(status.losses)
+        lrs.update(status.lrs)
+    return dataclasses.replace(steps[0], losses=losses, lrs=lrs)
+
 
 class ProgressDisplay:
-    """A tqdm bar per epoch on a terminal; otherwise a plain line at most every `every_s` seconds."""
+    """A tqdm bar per epoch (and per role and split scored) on a terminal; otherwise a plain line at most every
+    `every_s` seconds."""
 
     def __init__(self, every_s: float, stream: TextIO | None = None, tty: bool | None = None):
         self.every_s, self.stream = every_s, stream or sys.stdout
         self.tty = self.stream.isatty() if tty is None else tty
-        self._bar, self._bar_epoch, self._last_line = None, 0, float("-inf")
+        self._bar, self._bar_desc, self._last_line = None, "", float("-inf")
 
-    def show(self, status: StepStatus) -> None:
+    def show(self, status: Status) -> None:
+        """Off a terminal, a line when `every_s` has passed (and at an epoch's last step); on one, the bar moves."""
         if not self.tty:
             now = time.monotonic()
-            if now - self._last_line >= self.every_s or status.step == status.steps:
+            last_step = isinstance(status, StepStatus) and status.step == status.steps
+            if now - self._last_line >= self.every_s or last_step:
                 print(status.line(), file=self.stream, flush=True)
                 self._last_line = now
             return
-        if self._bar is None or self._bar_epoch != status.epoch:
+        desc, position, total, unit, postfix = status.bar()
+        if self._bar is None or self._bar_desc != desc:
             from tqdm import tqdm
 
             self.close()
-            self._bar = tqdm(total=status.steps, desc=f"epoch {status.epoch}/{status.epochs}", unit="step",
-                             leave=False, file=self.stream, dynamic_ncols=True)
-            self._bar_epoch = status.epoch
-        self._bar.set_postfix_str(status.details(), refresh=False)
-        self._bar.update(status.step - self._bar.n)
+            self._bar = tqdm(total=total, initial=position, desc=desc, unit=unit, leave=False, file=self.stream,
+                             dynamic_ncols=True)  # `initial`: a Ray driver first sees an epoch partway through
+            self._bar_desc = desc
+        self._bar.set_postfix_str(postfix, refresh=False)
+        self._bar.update(position - self._bar.n)
 
     def close(self) -> None:
         """Before the epoch's own line: the bar goes (it is not left on screen)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class LatestStatus:
+    """What this process is doing now, for a Ray driver that asks: the last status shown, None once closed (between
+    training and scoring, after scoring, before the first step)."""
+
+    def __init__(self):
+        self.status: Status | None = None
+
+    def show(self, status: Status) -> None:
+        self.status = status
+
+    def close(self) -> None:
+        self.status = None
+
+
+this_process = LatestStatus()
+"""A Ray worker's: its monitor shows to it, and `RoleWorker.status` reads it from another thread."""
 
 
 class StepMetricLogger:
@@ -140,7 +192,7 @@ class StepMonitor:
     """
 
     def __init__(self, epochs: int, exchange, log_every: int = 0, logger: StepMetricLogger | None = None,
-                 display: ProgressDisplay | None = None):
+                 display: ProgressDisplay | LatestStatus | None = None):
         self.epochs, self.exchange, self.log_every = epochs, exchange, log_every
         self.logger, self.display = logger, display
 
@@ -169,7 +221,13 @@ class StepMonitor:
                 self.logger.log(global_step, status)
             self.last_log, self.step_at_log, self.samples_at_log = now, step, self.samples
 
-    def end_epoch(self) -> None:
+    def scoring(self, role: str, split: str, done: int, total: int) -> None:
+        """After the epoch's steps: `done` of the `total` images of `split` are scored for `role`."""
+        if self.display is not None:
+            self.display.show(ScoringStatus(self.epoch + 1, self.epochs, role, split, done, total))
+
+    def idle(self) -> None:
+        """Nothing to show until the next status (after the steps, after the scoring)."""
         if self.display is not None:
             self.display.close()
 

@@ -32,7 +32,7 @@ from ray_kd.data import Dataset, as_arrays, from_arrays
 from ray_kd.errors import UserError
 from ray_kd.exchange import CollectiveExchange, LocalExchange
 from ray_kd.preflight import cluster_address, running_cluster
-from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor, StepStatus
+from ray_kd.progress import ProgressDisplay, Status, StepMetricLogger, StepMonitor, group_status, this_process
 from ray_kd.replicas import Mesh, build_mesh, processes_per_replica, world_size
 from ray_kd.run_folder import checkpoint_store, saved_checkpoints
 from ray_kd.session import Session, all_roles, fit, progress_line
@@ -57,7 +57,7 @@ def train_worker(config: dict, rank: int) -> None:
     sync = MetricSync(config["tracking_uri"], config["run_id"]) if lead and config.get("run_id") else None
     log_every = cfg.tracking.log_every_steps if config.get("run_id") else 0  # the same on every rank
     monitor = StepMonitor(cfg.optim.epochs, exchange, log_every,
-                          StepMetricLogger(sync.client, sync.run_id) if sync and log_every else None)
+                          StepMetricLogger(sync.client, sync.run_id) if sync and log_every else None, this_process)
     shared = config.get("dataset")  # the driver's in-memory dataset, held once per node by Ray's object store
     data = from_arrays(ray.get(shared[0])) if shared else None
     session = Session(cfg, mesh.roles, exchange, worker_device(config), data, monitor=monitor, mesh=mesh)
@@ -85,10 +85,10 @@ def worker_device(config: dict) -> torch.device:
     return torch.device("cuda", 0) if config["gpu"] else torch.device("cpu")
 
 
-@ray.remote
+@ray.remote(max_concurrency=2)
 class RoleWorker:
     """One process of the role group: rank r runs role r's share of the run (`fn(config, rank)`) inside the
-    group's torch.distributed process group."""
+    group's torch.distributed process group. Two threads: the driver asks `status` while `run` runs."""
 
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
@@ -123,6 +123,12 @@ class RoleWorker:
             return fn(config, self.rank)
         finally:
             dist.destroy_process_group()
+
+    def status(self) -> Status | None:
+        """What this rank is doing now (its monitor's latest status), for the driver to show."""
+        from ray_kd import progress  # not this module's global: Ray ships this class's code by value, with copies
+
+        return progress.this_process.status
 
 
 def bind_collectives_to(host: str) -> None:
@@ -173,9 +179,11 @@ class RoleGroup:
             .remote(r, n)
             for r in range(n)]
 
-    def run(self, fn, config: dict, backend: str, poll: Callable[[], None] = lambda: None, every: float = 0.5) -> list:
-        """Every rank's `fn(config, rank)`, calling `poll()` every `every` seconds meanwhile. A failed rank
-        ends the wait at once: WorkerDied if any worker's process is gone, else the failure itself."""
+    def run(self, fn, config: dict, backend: str, poll: Callable[[list], None] = lambda statuses: None,
+            every: float = 0.5) -> list:
+        """Every rank's `fn(config, rank)`, calling `poll(statuses)` every `every` seconds meanwhile with what each
+        rank is doing (`statuses`), and once more at the end with none. A failed rank ends the wait at once:
+        WorkerDied if any worker's process is gone, else the failure itself."""
         address = ray.get(self.workers[0].free_address.remote())
         refs = [w.run.remote(fn, config, address, backend) for w in self.workers]
         pending = list(refs)
@@ -186,9 +194,22 @@ class RoleGroup:
                     ray.get(ref)
                 except Exception as err:
                     raise self._failure(refs, refs.index(ref), err) from None
-            poll()
-        poll()
+            poll(self.statuses(every))
+        poll([])
         return ray.get(refs)
+
+    def statuses(self, timeout: float) -> list[Status | None]:
+        """Each rank's latest status (`RoleWorker.status`), in rank order; None for a rank that has none or does
+        not answer within `timeout` seconds (starting, or gone: `run`'s own failure says so)."""
+        refs = [w.status.remote() for w in self.workers]
+        answered, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        out = []
+        for ref in refs:
+            try:
+                out.append(ray.get(ref) if ref in answered else None)
+            except ray.exceptions.RayError:
+                out.append(None)
+        return out
 
     def _failure(self, refs: list, rank: int, err: Exception) -> Exception:
         """What the group's first failure means: a peer of a dead worker fails too (its collective breaks), so
@@ -315,7 +336,8 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
 
 
 def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking_uri: str | None = None,
-              run_id: str | None = None, poll: Callable[[], None] = lambda: None, dataset: Dataset | None = None,
+              run_id: str | None = None, poll: Callable[[list], None] = lambda statuses: None,
+              dataset: Dataset | None = None,
               group: RoleGroup | None = None) -> list:
     """Every rank's `fn(config, rank)` (default: train_worker) on one worker per role, all in one process group.
 
@@ -377,23 +399,40 @@ def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | No
     """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint.
 
     `on_epoch(record)` gets each epoch's metrics as its checkpoint lands (a Tune trial reports them);
-    `dataset`, the one the driver loaded, is shared with the workers, and `group`, workers started
-    beforehand, runs them (see run_roles)."""
+    `show_progress` prints what the local executor prints (see Console); `dataset`, the one the driver
+    loaded, is shared with the workers, and `group`, workers started beforehand, runs them (see run_roles)."""
     connect(cfg)
-    stop = threading.Event()
-    display = ProgressDisplay(cfg.runtime.progress_every_s)
-    watcher = threading.Thread(target=watch_progress, args=(tracking_uri, run_id, cfg.optim.epochs, stop, display),
-                               daemon=True)
-    if run_id and show_progress:
-        watcher.start()
+    console = Console(cfg) if show_progress else None
+
+    def each_epoch(record: dict) -> None:
+        if console is not None:
+            console.epoch(record)
+        if on_epoch is not None:
+            on_epoch(record)
+
+    new_epochs = NewEpochs(cfg, each_epoch)
+
+    def poll(statuses: list[Status | None]) -> None:
+        new_epochs()
+        if console is not None:
+            console.workers(statuses)
+
     try:
-        run_roles(cfg, train_worker, tracking_uri, run_id, NewEpochs(cfg, on_epoch) if on_epoch else lambda: None,
-                  dataset, group)
+        run_roles(cfg, train_worker, tracking_uri, run_id, poll, dataset, group)
     finally:
-        stop.set()
-        if watcher.is_alive():
-            watcher.join()
+        if console is not None:
+            console.display.close()
     return saved_checkpoints(cfg)[-1]
+
+
+def newest_history(cfg: RunConfig) -> list[dict] | None:
+    """The epoch history of the run's newest checkpoint ([] before the first), None while it cannot be read
+    (pruned or replaced as it was read: the next look sees the new one)."""
+    folders = saved_checkpoints(cfg)
+    try:
+        return read_history(folders[-1]) if folders else []
+    except (CheckpointError, FileNotFoundError):
+        return None
 
 
 class NewEpochs:
@@ -403,14 +442,36 @@ class NewEpochs:
         self.cfg, self.on_epoch, self.seen = cfg, on_epoch, 0
 
     def __call__(self) -> None:
-        folders = saved_checkpoints(self.cfg)
-        try:
-            history = read_history(folders[-1]) if folders else []
-        except (CheckpointError, FileNotFoundError):  # pruned or replaced while read: the next call sees it
-            return
+        history = newest_history(self.cfg) or []
         for record in history[self.seen:]:
             self.on_epoch(record)
         self.seen = max(self.seen, len(history))
+
+
+class Console:
+    """The driver's output for a Ray run, the local executor's: each epoch's line, once, from the record its
+    checkpoint holds (the epochs a resumed run starts after were shown by the start that ran them), and in
+    between what the workers are doing (`group_status` of their statuses) on a `ProgressDisplay`."""
+
+    def __init__(self, cfg: RunConfig):
+        self.display, self.line = ProgressDisplay(cfg.runtime.progress_every_s), progress_line(cfg.optim.epochs)
+        self.shown = len(newest_history(cfg) or [])  # epochs with a line
+        self.last: Status | None = None
+
+    def epoch(self, record: dict) -> None:
+        if record["epoch"] <= self.shown:
+            return
+        self.display.close()
+        self.line(record)
+        self.shown = int(record["epoch"])
+
+    def workers(self, statuses: list[Status | None]) -> None:
+        """Shows the group's status unless it is the one shown last or of an epoch that has its line."""
+        status = group_status(statuses)
+        if status is None or status.epoch <= self.shown or status == self.last:
+            return
+        self.display.show(status)
+        self.last = status
 
 
 class WorkerFailedError(UserError, RuntimeError):
@@ -430,26 +491,3 @@ def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
     first = text.splitlines()[-1][:300] if text else type(err).__name__
     return WorkerFailedError(f"the run failed in a worker ({first}); checkpoints are kept in "
                              f"{checkpoint_store(cfg).root}: run the same command to resume")
-
-
-def watch_progress(uri: str, run_id: str, epochs: int, stop: threading.Event, display: ProgressDisplay,
-                   every: float = 0.5) -> None:
-    """Print the progress line of each epoch as rank 0 logs it to MLflow (workers print nothing), and
-    within an epoch the step metrics rank 0 logs every tracking.log_every_steps steps."""
-    from ray_kd.tracking import client, latest_epoch
-
-    mlflow, show, shown, last_step = client(uri), progress_line(epochs), 0, None
-    while True:
-        finished = stop.wait(every)
-        epoch, metrics = latest_epoch(mlflow, run_id)
-        if epoch > shown:
-            display.close()
-            show({**metrics, "epoch": epoch})
-            shown = epoch
-        status = StepStatus.from_metrics(metrics, epochs)
-        if status and status.epoch > shown and (status.epoch, status.step) != last_step:
-            display.show(status)  # the epoch in progress only, never a finished one's last log
-            last_step = (status.epoch, status.step)
-        if finished:
-            display.close()
-            return

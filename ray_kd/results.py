@@ -34,6 +34,18 @@ def summarize(history: list[dict[str, float]], wall_seconds: float, run_id: str 
             "epochs": int(history[-1]["epoch"]), "wall_seconds": round(wall_seconds, 1), "mlflow_run_id": run_id}
 
 
+def headline_line(summary: dict) -> str | None:
+    """The run's result on the console, after its epoch lines: the headline of summary.json (None without a
+    student)."""
+    h = summary["headline"]
+    if h is None:
+        return None
+    test = "not scored" if h["test_acc_at_best_val"] is None else f"{h['test_acc_at_best_val']:.2f}"
+    return (f"best: {summary['best_student']} at epoch {h['best_epoch']} of {summary['epochs']}, val top-1 "
+            f"{h['val_acc_at_best']:.2f}, test top-1 {test} (last epoch: {h['last_val_acc']:.2f} / "
+            f"{h['last_test_acc']:.2f})")
+
+
 def write_summary(summary: dict, run_dir: Path) -> Path:
     path = run_dir / "summary.json"
     atomic_write_json(summary, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -106,15 +107,21 @@ class RoleRunner:
         """An image batch in the memory layout of the role's conv weights (`runtime.channels_last`)."""
         return x.contiguous(memory_format=self.layout) if x.dim() == 4 else x
 
-    def evaluate(self, dataset: Dataset, splits: tuple[str, ...] = ("val", "test")) -> dict[str, float]:
-        """Top-1 of each of the role's heads on the splits, e.g. {'student_0/val_acc': 91.2}."""
+    def evaluate(self, dataset: Dataset, splits: tuple[str, ...] = ("val", "test"),
+                 progress: Callable[[str, int, int], None] | None = None) -> dict[str, float]:
+        """Top-1 of each of the role's heads on the splits, e.g. {'student_0/val_acc': 91.2}; `progress(split,
+        images done, images)` after each batch."""
         metrics = {}
         for split_name in splits:
             split = getattr(dataset, split_name)
             correct: dict[str, int] = {}
+            done = 0
             for x, y in eval_batches(split, dataset):
                 for head, n in self.correct(x, y).items():
                     correct[head] = correct.get(head, 0) + n
+                done += len(y)
+                if progress is not None:
+                    progress(split_name, done, len(split.labels))
             for head, n in correct.items():
                 metrics[f"{head}/{split_name}_acc"] = 100.0 * n / len(split.labels)
         return metrics

@@ -20,7 +20,7 @@ from ray_kd.errors import UserError
 from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
                               check_sqlite_store, cluster_address)
 from ray_kd.session import all_roles
-from ray_kd.results import plot_curves, summarize, write_summary
+from ray_kd.results import headline_line, plot_curves, summarize, write_summary
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from ray_kd import run_folder, tracking
 
@@ -252,6 +252,9 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float,
     mlflow.log_artifact(run_id, str(path))
     mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, kind, summary))
     mlflow.set_terminated(run_id, "FINISHED")
+    headline = headline_line(summary)
+    if headline:
+        print(headline, flush=True)
     print(f"summary: {path}\n{tracking.ui_hint(uri, run_id)}", flush=True)
     return summary
 

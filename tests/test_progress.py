@@ -1,16 +1,15 @@
-"""Progress within an epoch: step metrics in MLflow at the chosen interval, plain lines off a terminal,
-a bar on one, and the Ray driver's view read back from MLflow."""
+"""Progress within an epoch: step metrics in MLflow at the chosen interval, plain lines off a terminal (steps and
+scoring), a bar on one, and the Ray driver's view of its workers' statuses."""
 
 import dataclasses
 import io
-import threading
 import time
 
 import pytest
 
 from ray_kd.config import load_config
-from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepStatus
-from ray_kd.ray_executor import watch_progress
+from ray_kd.progress import ProgressDisplay, ScoringStatus, StepMetricLogger, StepStatus, group_status
+from ray_kd.ray_executor import Console
 from ray_kd.local_executor import run_local
 from ray_kd.tracking import MetricSync, client, start_or_resume
 
@@ -41,6 +40,10 @@ def test_step_metrics_at_the_interval_and_plain_lines_off_a_terminal(tmp_path, m
     lines = [line for line in out.splitlines() if " step " in line]
     assert any(line.startswith("epoch 1/2  step 4/4 (100%)") for line in lines), out
     assert all("img/s  loss student_0 " in line and " student_1 " in line and "ETA" in line for line in lines), out
+    scoring = [line for line in out.splitlines() if " scoring " in line]  # after the steps, before the epoch line
+    assert scoring[:2] == ["epoch 1/2  scoring student_0 on val: 144/144 images (100%)",
+                           "epoch 1/2  scoring student_0 on test: 360/360 images (100%)"], out
+    assert out.index("epoch 1/2  step 4/4") < out.index(scoring[0]) < out.index("epoch 1/2  val/test top-1: "), out
 
     # A worker group restarted from the epoch-1 checkpoint re-runs epoch 2: its steps are not logged twice.
     StepMetricLogger(mlflow, run_id).log(6, STATUS)
@@ -53,21 +56,42 @@ def test_bar_on_a_terminal():
     display.show(STATUS)
     time.sleep(0.2)  # tqdm redraws at most every 0.1 s
     display.show(dataclasses.replace(STATUS, step=6))
+    display.show(ScoringStatus(2, 3, "student_0", "val", 512, 1000))  # the step bar goes, a scoring bar comes
     display.close()
     shown = stream.getvalue()
     assert "epoch 2/3" in shown and "6/10" in shown and "321 img/s  loss student_0 1.2500  lr 0.05" in shown
+    assert "epoch 2/3 scoring student_0 on val:  51%" in shown and "512/1000" in shown
 
 
-def test_ray_driver_shows_the_step_metrics_rank_0_logs(mlflow_uri):
-    mlflow = client(mlflow_uri)
-    run_id = mlflow.create_run(mlflow.create_experiment("progress")).info.run_id
-    StepMetricLogger(mlflow, run_id).log(15, STATUS)
-    stream, stop = io.StringIO(), threading.Event()
-    watcher = threading.Thread(target=watch_progress, args=(mlflow_uri, run_id, 3, stop,
-                                                            ProgressDisplay(0.001, stream=stream, tty=False), 0.05))
-    watcher.start()
-    stop.wait(1.0)
-    stop.set()
-    watcher.join()
-    assert stream.getvalue().splitlines() == [
-        "epoch 2/3  step 5/10 (50%)  321 img/s  loss student_0 1.2500  lr 0.05  ETA 0:01:15"]
+def test_the_ray_group_shows_as_one_status():
+    """Every rank's roles' losses on rank 0's step (replica 0's where replicas share a role); a scoring rank's
+    status while one scores; nothing while every rank is between statuses."""
+    rank0 = StepStatus(2, 3, 5, 10, 300.0, 10.0, {"student_0": {"total": 1.0}}, {"student_0": 0.05})
+    rank1 = StepStatus(2, 3, 6, 10, 290.0, 9.0, {"student_1": {"total": 2.0}}, {"student_1": 0.04})
+    replica1 = dataclasses.replace(rank0, losses={"student_0": {"total": 9.0}}, lrs={"student_0": 0.5})
+    merged = group_status([rank0, rank1, replica1, None])
+    assert (merged.step, merged.samples_per_s) == (5, 300.0)
+    assert merged.losses == {"student_0": {"total": 1.0}, "student_1": {"total": 2.0}}
+    assert merged.lrs == {"student_0": 0.05, "student_1": 0.04}
+    scoring = ScoringStatus(2, 3, "student_1", "test", 2048, 10000)
+    assert group_status([rank0, scoring, None]) is scoring
+    assert scoring.line() == "epoch 2/3  scoring student_1 on test: 2,048/10,000 images (20%)"
+    assert group_status([None, None]) is None and group_status([]) is None
+
+
+def test_the_ray_console_shows_each_epoch_once_and_no_stale_status(tmp_path, capsys):
+    console = Console(load_config(None, [f"output_dir={tmp_path}", "optim.epochs=3",
+                                         "runtime.progress_every_s=0.001"]))
+    record = {"epoch": 1.0, "student_0/val_acc": 91.25, "student_0/test_acc": 90.0, "student_0/samples_per_s": 812.4,
+              "student_1/val_acc": 88.0, "student_1/test_acc": 87.75, "student_1/samples_per_s": 790.6}
+    step = dataclasses.replace(STATUS, epoch=1)
+    console.workers([step, None])
+    console.workers([step, None])  # the same status again: no second line
+    console.epoch(record)
+    console.epoch(record)  # seen again (a second look at the same checkpoint): no second line
+    console.workers([ScoringStatus(1, 3, "student_1", "val", 10, 100)])  # epoch 1 has its line: stale
+    console.epoch({"epoch": 2.0, "student_0/samples_per_s": 800.0, "student_1/samples_per_s": 799.0})  # eval.every
+    assert capsys.readouterr().out.splitlines() == [
+        "epoch 1/3  step 5/10 (50%)  321 img/s  loss student_0 1.2500  lr 0.05  ETA 0:01:15",
+        "epoch 1/3  val/test top-1: student_0 91.2/90.0  student_1 88.0/87.8  (791 samples/s)",
+        "epoch 2/3  not scored (eval.every)  (799 samples/s)"]
