@@ -306,7 +306,7 @@ def is_loopback(ip: str) -> bool:
 
 def _listeners(pid: int) -> set[tuple[str, str, int]]:
     """(kind, ip, port) of every listening TCP socket of process `pid` and its descendants, `kind` naming the
-    process: driver, monitor, dashboard, a Ray worker's title (`ray::RoleWorker.run`), else its name."""
+    process: driver, monitor, dashboard, a Ray worker's title (`ray::RoleWorker`), else its name."""
     import psutil
 
     top, found = psutil.Process(pid), set()
@@ -346,8 +346,8 @@ def test_a_local_cluster_listens_on_loopback_only(tmp_path, mlflow_uri):
         driver.send_signal(signal.SIGTERM)
         err = driver.communicate(timeout=60)[1]
     assert driver.returncode == 128 + signal.SIGTERM, err
-    kinds = {kind for kind, _, _ in listening}
-    assert {"gcs_server", "raylet", "driver", "ray::RoleWorker.run"} <= kinds, listening
+    kinds = {kind.split(".")[0] for kind, _, _ in listening}  # a threaded actor's title may lack its method
+    assert {"gcs_server", "raylet", "driver", "ray::RoleWorker"} <= kinds, listening
     assert 8265 not in {port for _, _, port in listening}  # no dashboard for a single run
     exposed = [(kind, ip, port) for kind, ip, port in listening if not is_loopback(ip)]
     assert exposed == [], exposed
