@@ -131,6 +131,11 @@ class RoleConfig(Strict):
         return {"model_kwargs": self.model_kwargs, "stages": self.stages}
 
 
+class TeacherConfig(RoleConfig):
+    ahead: int = Field(2, ge=0, description="on the Ray executor a frozen teacher computes this many batches ahead "
+                       "of the students, so they never wait on its forward (0: lockstep); the numbers are the same")
+
+
 class OptimConfig(Strict):
     epochs: int = Field(15, gt=0)
     lr: float = Field(0.05, gt=0)
@@ -244,7 +249,7 @@ class RunConfig(Strict):
                             "cluster, storage every node sees (an NFS mount, a shared disk)")
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
-    teacher: RoleConfig | None = None
+    teacher: TeacherConfig | None = None
     students: list[RoleConfig] = Field(default_factory=lambda: [RoleConfig(model="digits_cnn_s")] * 2, min_length=1)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

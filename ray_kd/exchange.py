@@ -52,12 +52,18 @@ class CollectiveExchange:
         """`rank` within `group`: the processes of one replica (None: the world, with one replica)."""
         self.role_names, self.rank, self.group = role_names, rank, group
         self._layouts: dict[int, list[list[tuple[str, tuple[int, ...]]]]] = {}
-        self._buffers: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # (key, device) -> send, receive
+        self._buffers: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # (key, device, slot) -> buffers
         self.seconds = 0.0
         self.slack_s = 0.0  # how long the previous step's all_gather waited for slower ranks
         self._took = 0.0
+        self.depth, self._slot = 1, 0  # all_gathers in flight at most (1: lockstep), the send buffer in use
 
     def all_gather(self, mine: dict[str, Outputs]) -> dict[str, Outputs]:
+        return self.post(mine).wait()
+
+    def post(self, mine: dict[str, Outputs]) -> Posted:
+        """Start this step's all_gather and return at once: a frozen teacher posts its outputs `depth - 1` steps
+        ahead of the students (`teacher.ahead`), each in a send buffer of its own until its step completes."""
         start = time.perf_counter()
         (outputs,) = mine.values()
         names = sorted(outputs)
@@ -67,31 +73,50 @@ class CollectiveExchange:
             layout = [(n, tuple(outputs[n].shape)) for n in names]
             self._layouts[key] = gather_objects(layout, self.group)
         layouts = self._layouts[key]
-        send, received = self._buffers_for(key, layouts, first.device)
+        self._slot = (self._slot + 1) % self.depth
+        send, received = self._buffers_for((key, first.device, self._slot), layouts, first.device)
         offset = 0
         for n in names:
             numel = outputs[n].numel()
             send[offset:offset + numel].copy_(outputs[n].reshape(-1))
             offset += numel
         send[-1] = self._took
-        dist.all_gather(received, send, group=self.group)
-        took = torch.stack([buf[-1] for buf in received]).tolist()
-        self.slack_s = took[self.rank] - min(took)
-        result = {name: _unflatten(buf, lay) for name, buf, lay in zip(self.role_names, received, layouts)}
-        self._took = time.perf_counter() - start
-        self.seconds += self._took
-        return result
+        work = dist.all_gather(received, send, group=self.group, async_op=True)
+        return Posted(self, work, received, layouts, time.perf_counter() - start)
 
-    def _buffers_for(self, key: int, layouts, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if (key, device) not in self._buffers:
+    def _buffers_for(self, slot: tuple, layouts, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if slot not in self._buffers:
             length = max(sum(_numel(s) for _, s in lay) for lay in layouts) + 1  # + the last all_gather's time
-            self._buffers[(key, device)] = (torch.zeros(length, device=device),  # the tail past mine stays 0
-                                            [torch.empty(length, device=device) for _ in layouts])
-        return self._buffers[(key, device)]
+            self._buffers[slot] = (torch.zeros(length, device=device),  # the tail past mine stays 0
+                                   [torch.empty(length, device=device) for _ in layouts])
+        return self._buffers[slot]
 
     def gather_objects(self, obj) -> list:
         """Every process's `obj`, from all replicas (epoch metrics, step metrics, the checkpoint barrier)."""
         return gather_objects(obj)
+
+
+class Posted:
+    """One step's all_gather in flight; `wait()` gives every role's outputs (views into its receive buffers,
+    valid until that buffer's slot is posted again)."""
+
+    def __init__(self, exchange: CollectiveExchange, work, received: list[torch.Tensor], layouts, posting_s: float):
+        self.exchange, self.work, self.received, self.layouts = exchange, work, received, layouts
+        self.posting_s = posting_s
+
+    def done(self) -> bool:
+        return self.work.is_completed()
+
+    def wait(self) -> dict[str, Outputs]:
+        """Block until every rank has posted this step; the time spent here and posting is the exchange's."""
+        ex, start = self.exchange, time.perf_counter()
+        self.work.wait()
+        took = torch.stack([buf[-1] for buf in self.received]).tolist()
+        ex.slack_s = took[ex.rank] - min(took)
+        result = {name: _unflatten(buf, lay) for name, buf, lay in zip(ex.role_names, self.received, self.layouts)}
+        ex._took = self.posting_s + time.perf_counter() - start
+        ex.seconds += ex._took
+        return result
 
 
 def gather_objects(obj, group=None) -> list:

@@ -37,7 +37,7 @@ FINGERPRINT = "fingerprint.json"
 MLFLOW_RUN = "mlflow_run.json"
 WALL = "wall.json"
 MAY_CHANGE_ON_RESUME = ("name", "output_dir", "optim.epochs", "data.cache_dir", "data.download", "runtime.*",
-                        "tracking.*")
+                        "tracking.*", "teacher.ahead")
 """Fields a resume may change: where things go, how long to train, and how it runs; not what it computes."""
 
 

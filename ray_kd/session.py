@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import deque
 from functools import partial
 from typing import Callable
 
@@ -62,6 +63,12 @@ class Session:
                     synchronise_batchnorm(runner.net, self.mesh.role_groups[index])
         self.best: dict[str, dict] = {}  # student role -> {'val_acc', 'epoch', 'state_dict'}
         self.evaluator = Evaluator(cfg, self.runners, self.dataset)
+        # A process of frozen roles only (a KD teacher's Ray worker) posts its outputs `teacher.ahead` steps
+        # ahead of the others: the students then find them there instead of waiting for its forward.
+        self.ahead = cfg.teacher.ahead if cfg.teacher and self.evaluator.only_frozen and hasattr(exchange, "post") \
+            else 0
+        if self.ahead:
+            exchange.depth = self.ahead + 1
         self.others_eval_s = 0.0  # the longest scoring of another process's role, last epoch
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
@@ -120,6 +127,8 @@ class Session:
         self.monitor.start_epoch(epoch, self.steps_per_epoch)
         checksum = BatchChecksum() if self.cfg.data.checksum else None
         size, n = self.cfg.data.batch_size, len(self.dataset.train.labels)
+        in_flight: deque = deque()  # steps posted ahead, oldest first
+        most_ahead = 0
         for step, (x, y) in enumerate(seeded_batches(self.dataset, size, self.cfg.seed, epoch,
                                                      self.cfg.optim.steps_per_epoch,
                                                      (self.mesh.replica, self.mesh.replicas))):
@@ -134,9 +143,18 @@ class Session:
                 t = time.perf_counter()
                 outputs[r.role.name], published[r.role.name] = r.forward(x, y)
                 compute[r.role.name] += time.perf_counter() - t
-            if self.mesh.lead:
-                self.evaluator.use_wait(self.exchange.slack_s)
-            everyone = self.exchange.all_gather(published)
+            if self.ahead:  # nothing comes back that a frozen role needs: wait only when too far ahead
+                while in_flight and in_flight[0].done():  # steps the others have taken
+                    in_flight.popleft().wait()
+                in_flight.append(self.exchange.post(published))
+                most_ahead = max(most_ahead, len(in_flight) - 1)
+                if len(in_flight) > self.ahead:
+                    self._await(in_flight.popleft())
+                everyone = {}
+            else:
+                if self.mesh.lead:
+                    self.evaluator.use_wait(self.exchange.slack_s)
+                everyone = self.exchange.all_gather(published)
             losses, lrs = {}, {}
             for r in self.runners:
                 t = time.perf_counter()
@@ -148,6 +166,8 @@ class Session:
                 compute[r.role.name] += time.perf_counter() - t
             steps += 1
             self.monitor.after_step(steps, batch, {k: v for k, v in losses.items() if v}, lrs)
+        while in_flight:
+            self._await(in_flight.popleft())
         self.monitor.idle()
         wall = time.perf_counter() - start
         metrics: dict[str, float] = {}
@@ -157,6 +177,8 @@ class Session:
             metrics[f"{name}/samples_per_s"] = samples / wall
             metrics[f"{name}/compute_ms"] = 1000 * compute[name] / steps
             metrics[f"{name}/exchange_ms"] = 1000 * self.exchange.seconds / steps
+            if self.ahead:  # how far ahead of the others this frozen role got (its queue was full at teacher.ahead)
+                metrics[f"{name}/steps_ahead"] = float(most_ahead)
             if self.mesh.replicas > 1 and r.trains:  # the gradient all-reduce across the replicas
                 metrics[f"{name}/allreduce_ms"] = 1000 * self.mesh.reduce_s.get(index, 0.0) / steps
             if r.scheduler:
@@ -164,6 +186,13 @@ class Session:
             if checksum:
                 metrics[f"{name}/data_checksum"] = float(checksum.value)
         return metrics
+
+    def _await(self, posted) -> None:
+        """Wait for the others to take a step posted ahead, scoring the frozen roles meanwhile (replica 0)."""
+        while self.mesh.lead and not posted.done():
+            if self.evaluator.fill(0.02) < 1e-3:  # nothing left to score: just wait
+                break
+        posted.wait()
 
     def _keep_best(self, runner: RoleRunner, scores: dict[str, float], epoch: int) -> None:
         name = runner.role.name

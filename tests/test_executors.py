@@ -22,6 +22,9 @@ def test_kd_same_on_ray_and_local(ray_cluster, tmp_path, digits_teacher):
     assert_same_run(local, remote, ["teacher", "student_0"])
     history = json.loads((remote / "history.json").read_text())
     assert sum(h["teacher/images_scored_waiting"] for h in history) > 0
+    # The frozen teacher posts its outputs ahead (teacher.ahead, 2 by default): its forward is lighter than
+    # the student's forward and backward, so it gets there, and the students find its outputs waiting.
+    assert max(h["teacher/steps_ahead"] for h in history) == 2
     assert "teacher/images_scored_waiting" not in json.loads((local / "history.json").read_text())[0]
     teacher_start = torch.load(digits_teacher, weights_only=True)["state_dict"]
     teacher_end = safe_load(remote / "teacher.pt")["net"]
