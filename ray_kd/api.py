@@ -35,13 +35,12 @@ def train_teacher(config: ConfigSource, out: str | Path, overrides: Overrides | 
 
 
 def tune(config: ConfigSource, space, overrides: Overrides | None = None, restart: bool = False) -> dict:
-    """A Ray Tune sweep over `space` (a YAML path or a `SweepSpace`); returns the best trial's row. `restart`
+    """A Ray Tune sweep over `space` (a YAML path, a dict or a `SweepSpace`); returns the best trial's row. `restart`
     discards an earlier sweep of that name (one made with another config or space) first."""
-    from tuning.space import SweepSpace, load_space
+    from tuning.space import load_space
     from tuning.sweep import sweep
 
-    return sweep(load_config(config, overrides), space if isinstance(space, SweepSpace) else load_space(space),
-                 restart=restart)
+    return sweep(load_config(config, overrides), load_space(space), restart=restart)
 
 
 __all__ = ["ConfigSource", "load_config", "train", "train_teacher", "tune"]

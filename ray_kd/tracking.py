@@ -172,7 +172,7 @@ def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, 
     for i in range(0, len(params), 100):
         mlflow.log_batch(run_id, params=params[i:i + 100])
     mlflow.log_text(run_id, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config.yaml")
-    if tags.get("ray_kd.teacher_model_id"):
+    if tags.get("ray_kd.teacher_model_id") and kind != "sweep":  # a sweep's result is its trials', not the teacher
         _link_model_input(mlflow, run_id, tags["ray_kd.teacher_model_id"])
     atomic_write_json({"run_id": run_id, "tracking_uri": uri}, marker)
     return run_id

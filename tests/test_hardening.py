@@ -323,11 +323,13 @@ def _listeners(pid: int) -> set[tuple[str, str, int]]:
     return found
 
 
-def test_a_local_cluster_listens_on_loopback_only(tmp_path, mlflow_uri):
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_a_local_cluster_listens_on_loopback_only(tmp_path, mlflow_uri, replicas):
     """Every listening socket of the processes of the local Ray cluster `ray-kd train` starts (GCS, raylet,
     workers, agents, the driver), the role workers' included while they train (rank 0's torch.distributed store,
-    gloo's connections), is on 127.0.0.1 (or its IPv4-mapped form), and there is no dashboard."""
-    args = ["train", f"output_dir={tmp_path}", "name=listening", "optim.epochs=200"]
+    gloo's connections, and with 2 replicas every sub-group's), is on 127.0.0.1 (or its IPv4-mapped form), and
+    there is no dashboard."""
+    args = ["train", f"output_dir={tmp_path}", "name=listening", "optim.epochs=200", f"runtime.replicas={replicas}"]
     driver = subprocess.Popen([sys.executable, "-m", "ray_kd.cli", *args], cwd=REPO, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True,
                               env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})

@@ -145,6 +145,8 @@ def test_config_naming_a_folder_is_one_line(tmp_path, capsys):
     (lambda: api.train(123), "config must be a YAML path, a dict or a RunConfig, not int 123"),
     (lambda: api.train("configs/digits_dml.yaml", 5), "overrides must be a list of 'key=value' strings"),
     (lambda: api.train("configs/digits_dml.yaml", "optim.epochs=2"), "not str 'optim.epochs=2'"),
+    (lambda: api.tune("configs/digits_dml.yaml", 5), "a search space is a YAML path, a dict or a SweepSpace, not int"),
+    (lambda: api.tune("configs/digits_dml.yaml", {"params": {"optim.lr": {"type": "nope"}}}), "search space: params"),
 ])
 def test_python_api_type_errors_are_one_line(call, expected):
     with pytest.raises(UserError) as err:

@@ -1,7 +1,6 @@
 """A real small sweep on the digits: parent and child runs, the best config, early stopping by ASHA."""
 
 import csv
-import shutil
 from pathlib import Path
 
 import pytest
@@ -61,11 +60,16 @@ def test_random_sweep_with_asha(ray_cluster, mlflow_uri, tmp_path):
     assert {"results.csv", "best_config.yaml", "objective.png", "space.yaml"} <= artifacts
 
 
-def test_trials_find_files_given_as_relative_paths(ray_cluster, mlflow_uri, digits_teacher, tmp_path, monkeypatch):
+def test_trials_find_files_given_as_relative_paths(ray_cluster, mlflow_uri, tmp_path, monkeypatch):
     """Tune runs each trial in its own directory; the teacher file and output folder named relative to the
-    command's directory must still be found there."""
+    command's directory must still be found there. The teacher's logged model (in this store) is an input of
+    each trial, not of the sweep's parent run, whose result is its trials'."""
+    from ray_kd.run import train_teacher
+
     config = Path("configs/digits_kd.yaml").resolve()
-    shutil.copy(digits_teacher, tmp_path / "teacher.pt")
+    train_teacher(load_config("configs/digits_teacher.yaml", ["runtime.executor=local", "optim.epochs=1",
+                                                              f"output_dir={tmp_path / 'teacher'}"]),
+                  tmp_path / "teacher.pt")
     monkeypatch.chdir(tmp_path)
     space = SweepSpace.model_validate({"searcher": "grid", "scheduler": {"type": "none"},
                                        "params": {"method.temperature": {"type": "grid", "values": [2.0]}}})
@@ -74,6 +78,12 @@ def test_trials_find_files_given_as_relative_paths(ray_cluster, mlflow_uri, digi
     best = sweep(cfg, space)
     assert best["status"] == "ok", best
     assert (tmp_path / "out" / "rel-sweep" / "results.csv").is_file()
+    mlflow = client(mlflow_uri)
+    experiment = mlflow.get_experiment_by_name("ray-kd").experiment_id
+    (parent,) = mlflow.search_runs([experiment], "tags.mlflow.runName = 'rel-sweep'")
+    (trial,) = mlflow.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    parent, trial = mlflow.get_run(parent.info.run_id), mlflow.get_run(trial.info.run_id)  # with their inputs
+    assert not parent.inputs.model_inputs and len(trial.inputs.model_inputs) == 1
 
 
 def test_a_grid_runs_each_point_once_unless_asked_for_repeats():

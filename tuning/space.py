@@ -58,13 +58,21 @@ class SweepSpace(Strict):
         return self
 
 
-def load_space(path: str | Path) -> SweepSpace:
+def load_space(source: str | Path | dict | SweepSpace) -> SweepSpace:
+    """A validated search space from a YAML path, a dict (the YAML's content) or a SweepSpace."""
+    if isinstance(source, SweepSpace):
+        return source
+    if not isinstance(source, (str, Path, dict)):
+        raise ConfigError(f"a search space is a YAML path, a dict or a SweepSpace, not {type(source).__name__} "
+                          f"{source!r}")
     try:
-        return SweepSpace.model_validate(load_yaml_file(path, "search space") or {})
+        return SweepSpace.model_validate(source if isinstance(source, dict)
+                                         else load_yaml_file(source, "search space") or {})
     except YamlError as err:
         raise ConfigError(str(err)) from None
     except ValidationError as err:
-        raise ConfigError(f"search space {path}: {one_line(err)}") from None
+        where = "" if isinstance(source, dict) else f" {source}"
+        raise ConfigError(f"search space{where}: {one_line(err)}") from None
 
 
 def check_space(space: SweepSpace, base: dict) -> None:
