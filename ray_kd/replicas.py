@@ -143,10 +143,9 @@ class ReplicaBatchNorm(nn.BatchNorm2d):
         return out
 
 
-def synchronise_batchnorm(module: nn.Module, group) -> int:
-    """Replace, in place, every BatchNorm2d that trains with one over the replicas' global batch; returns how
-    many. On CUDA torch's SyncBatchNorm, elsewhere ReplicaBatchNorm."""
-    swapped = 0
+def synchronise_batchnorm(module: nn.Module, group) -> None:
+    """Replace, in place, every BatchNorm2d with one over the replicas' global batch: on CUDA torch's
+    SyncBatchNorm, elsewhere ReplicaBatchNorm."""
     for name, child in list(module.named_modules()):
         if type(child) is not nn.BatchNorm2d:
             continue
@@ -156,5 +155,3 @@ def synchronise_batchnorm(module: nn.Module, group) -> int:
         else:
             replacement = ReplicaBatchNorm(child, group)
         module.set_submodule(name, replacement)
-        swapped += 1
-    return swapped

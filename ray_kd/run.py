@@ -148,10 +148,8 @@ def preflight(cfg: RunConfig) -> Dataset:
     check_folders(cfg)
     data = load_dataset(cfg.data)
     check_roles(cfg, data)
-    n = len(data.train.labels)
-    steps, size, replicas = epoch_steps(data, cfg.data.batch_size, cfg.optim.steps_per_epoch), cfg.data.batch_size, \
-        cfg.runtime.replicas
-    last = min(size, n - (steps - 1) * size)
+    n, size, replicas = len(data.train.labels), cfg.data.batch_size, cfg.runtime.replicas
+    last = min(size, n - (epoch_steps(data, size, cfg.optim.steps_per_epoch) - 1) * size)
     if last < replicas:
         raise ConfigError(f"config error: the epoch's last batch holds {last} of the {n:,} training images, too few "
                           f"to split into runtime.replicas={replicas} shards; pick a data.batch_size that leaves "

@@ -123,17 +123,13 @@ def check_fingerprint(cfg: RunConfig, data=None) -> None:
     ended), so params and description always belong to what runs."""
     path = cfg.run_dir / FINGERPRINT
     now = fingerprint(cfg, data)
-    before = _read_fingerprint(path, cfg) if path.is_file() else None
-    differ = [] if before is None else sorted(
-        (k for k in before.keys() | now.keys() if before.get(k) != now.get(k)),
-        key=lambda k: (k not in before or k not in now, k))  # changed values before added ones
+    before = read_fingerprint(path, f"run {cfg.name}")
+    differ = [] if before is None else changed_fields(before, now)
     if before is not None and saved_checkpoints(cfg):
         if differ:
-            shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
-            more = f" (and {len(differ) - 4} more)" if len(differ) > 4 else ""
-            raise RunFolderError(f"run {cfg.name} in {cfg.run_dir} was made with another config or data: {shown}"
-                                 f"{more}; to keep it, start this one under another name=; to discard its "
-                                 "checkpoints and start over, add --restart")
+            raise RunFolderError(f"run {cfg.name} in {cfg.run_dir} was made with another config or data: "
+                                 f"{describe_changes(before, now)}; to keep it, start this one under another "
+                                 "name=; to discard its checkpoints and start over, add --restart")
         return
     marker = cfg.run_dir / MLFLOW_RUN
     if marker.is_file() and (before is None or differ):
@@ -143,12 +139,27 @@ def check_fingerprint(cfg: RunConfig, data=None) -> None:
     atomic_write_json(now, path)
 
 
-def _read_fingerprint(path: Path, cfg: RunConfig) -> dict:
+def read_fingerprint(path: Path, who: str) -> dict | None:
+    """The fingerprint recorded at `path` (None: none yet); `who` ("run x", "sweep x") is named if it is corrupt."""
+    if not path.is_file():
+        return None
     try:
         return json.loads(path.read_text())
     except ValueError:
-        raise RunFolderError(f"{path} is corrupt; add --restart to start run {cfg.name} over, "
-                             "or pick another name=") from None
+        raise RunFolderError(f"{path} is corrupt; add --restart to start {who} over, or pick another name=") from None
+
+
+def changed_fields(before: dict, now: dict) -> list[str]:
+    """The fields whose values differ, changed values before added or removed ones."""
+    return sorted((k for k in before.keys() | now.keys() if before.get(k) != now.get(k)),
+                  key=lambda k: (k not in before or k not in now, k))
+
+
+def describe_changes(before: dict, now: dict) -> str:
+    """The first four changes, `field old -> new`, for a one-line refusal."""
+    differ = changed_fields(before, now)
+    shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
+    return shown + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else "")
 
 
 def wall_before(cfg: RunConfig) -> float:

@@ -128,7 +128,7 @@ def check_fingerprint(parent_cfg: RunConfig, now: dict) -> None:
 
     name, folder = parent_cfg.name, parent_cfg.run_dir
     path = folder / run_folder.FINGERPRINT
-    before = _read_fingerprint(path, name)
+    before = run_folder.read_fingerprint(path, f"sweep {name}")
     if before == now:
         return
     if tune.Tuner.can_restore(str(folder / "tune")):
@@ -143,23 +143,10 @@ def check_fingerprint(parent_cfg: RunConfig, now: dict) -> None:
     atomic_write_json(now, path)
 
 
-def _read_fingerprint(path: Path, name: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise run_folder.RunFolderError(f"{path} is corrupt; add --restart to start sweep {name} over, "
-                                        "or pick another name=") from None
-
-
 def _changes(before: dict | None, now: dict) -> str:
-    """The fields that differ, `field old -> new`, the first four."""
     if before is None:
         return "it has no fingerprint (made by an earlier ray-kd)"
-    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in differ[:4])
-    return shown + (f" (and {len(differ) - 4} more)" if len(differ) > 4 else "")
+    return run_folder.describe_changes(before, now)
 
 
 def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, parent_id: str) -> dict:
