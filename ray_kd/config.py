@@ -134,6 +134,25 @@ class RoleConfig(Strict):
 class TeacherConfig(RoleConfig):
     ahead: int = Field(2, ge=0, description="on the Ray executor a frozen teacher computes this many batches ahead "
                        "of the students, so they never wait on its forward (0: lockstep); the numbers are the same")
+    cache: str | None = Field(None, description="a folder (or file:// URI) keeping a frozen teacher's outputs per "
+                              "step: a later run, seed or sweep trial with the same teacher, data and batches reads "
+                              "them instead of computing them; the students train on the stored values")
+    cache_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="what teacher.cache stores: float16 (half the bytes), or float32 (the numbers "
+                               "of a run without the cache, exactly)")
+    cache_topk: int | None = Field(None, gt=0, description="keep only each image's top-k teacher logits in "
+                                   "teacher.cache; KD then distils the top-k distribution renormalised (method kd)")
+
+    @field_validator("cache")
+    @classmethod
+    def _local_cache(cls, cache: str | None) -> str | None:
+        return None if cache is None else local_storage_path(cache, "teacher.cache")
+
+    @model_validator(mode="after")
+    def _topk_needs_cache(self) -> "TeacherConfig":
+        if self.cache_topk is not None and self.cache is None:
+            raise ValueError("teacher.cache_topk keeps the top-k logits in teacher.cache: set teacher.cache too")
+        return self
 
 
 class OptimConfig(Strict):
@@ -219,7 +238,7 @@ class TrackingConfig(Strict):
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(//)?")
 
 
-def local_storage_path(output_dir: str) -> str:
+def local_storage_path(output_dir: str, field: str = "output_dir") -> str:
     """`output_dir` as the local path every process of a run uses: a file:// URI resolved by pyarrow.fs (the
     filesystem layer Ray's own storage_path goes through), a plain path kept as it is. Checkpoints, the run lock
     and the summary are plain file operations, so any other scheme (s3://, gs://, hdfs://) is refused: a remote
@@ -229,7 +248,7 @@ def local_storage_path(output_dir: str) -> str:
         return output_dir  # a path (a relative one is resolved by with_absolute_paths)
     scheme = match.group(1).lower()
     if scheme != "file":
-        raise ValueError(f"{scheme}:// is not supported ({output_dir}): output_dir is a local path or a file:// "
+        raise ValueError(f"{scheme}:// is not supported ({output_dir}): {field} is a local path or a file:// "
                          "URI, on a cluster a folder every node mounts (NFS, a shared disk); a remote filesystem is "
                          "not a checkpoint store yet")
     from pyarrow import ArrowInvalid
@@ -284,6 +303,9 @@ class RunConfig(Strict):
             raise ValueError(f"method {cls.name!r} takes no teacher: remove the teacher section")
         if len(self.students) < cls.min_students:
             raise ValueError(f"method {cls.name!r} needs at least {cls.min_students} students, got {len(self.students)}")
+        if self.teacher is not None and self.teacher.cache_topk is not None and cls.name != "kd":
+            raise ValueError(f"teacher.cache_topk is for method kd (its loss on the renormalised top-k); {cls.name!r} "
+                             "reads the teacher's logits otherwise: remove teacher.cache_topk")
         if self.data.batch_size < self.runtime.replicas:
             raise ValueError(f"data.batch_size={self.data.batch_size} cannot be split into runtime.replicas="
                              f"{self.runtime.replicas} shards; raise the batch size or lower the replicas")
@@ -302,7 +324,8 @@ class RunConfig(Strict):
             return None if path is None else str(Path(path).resolve())
 
         roles = {"teacher": None if self.teacher is None else
-                 self.teacher.model_copy(update={"checkpoint": absolute(self.teacher.checkpoint)}),
+                 self.teacher.model_copy(update={"checkpoint": absolute(self.teacher.checkpoint),
+                                                 "cache": absolute(self.teacher.cache)}),
                  "students": [s.model_copy(update={"checkpoint": absolute(s.checkpoint)}) for s in self.students]}
         return self.model_copy(update={
             "output_dir": absolute(self.output_dir), **roles,

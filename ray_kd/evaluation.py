@@ -71,6 +71,8 @@ class FrozenScore:
     def _score(self, dataset: Dataset, order: tuple[str, ...]) -> Iterator[int]:
         """Yields each chunk's size once it is counted; a split's scores land in `done` after its last chunk."""
         for split_name in order:
+            if split_name in self.done:  # read from teacher.cache
+                continue
             split, correct, scored = getattr(dataset, split_name), {}, 0
             for x, y in eval_batches(split, dataset):
                 for start in range(0, len(y), FROZEN_CHUNK):

@@ -20,7 +20,7 @@ class LocalExchange:
     one replica of several (`runtime.placement=together`), so metrics and barriers still gather across them."""
 
     def __init__(self, distributed: bool = False):
-        self.seconds = 0.0
+        self.seconds = self.waited = 0.0
         self.slack_s = 0.0  # nobody to wait for
         self.distributed = distributed
 
@@ -54,6 +54,7 @@ class CollectiveExchange:
         self._layouts: dict[int, list[list[tuple[str, tuple[int, ...]]]]] = {}
         self._buffers: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # (key, device, slot) -> buffers
         self.seconds = 0.0
+        self.waited = 0.0  # the sum of slack_s over the epoch's steps: this rank's time waiting on the others
         self.slack_s = 0.0  # how long the previous step's all_gather waited for slower ranks
         self._took = 0.0
         self.depth, self._slot = 1, 0  # all_gathers in flight at most (1: lockstep), the send buffer in use
@@ -113,6 +114,7 @@ class Posted:
         self.work.wait()
         took = torch.stack([buf[-1] for buf in self.received]).tolist()
         ex.slack_s = took[ex.rank] - min(took)
+        ex.waited += ex.slack_s
         result = {name: _unflatten(buf, lay) for name, buf, lay in zip(ex.role_names, self.received, self.layouts)}
         ex._took = self.posting_s + time.perf_counter() - start
         ex.seconds += ex._took

@@ -59,6 +59,8 @@ def check_writable(folder: str | Path, field: str) -> None:
 def check_folders(cfg: RunConfig) -> None:
     check_writable(cfg.output_dir, "output_dir")
     check_writable(cfg.data.cache_dir, "data.cache_dir")  # every dataset caches its val split there
+    if cfg.teacher is not None and cfg.teacher.cache is not None:
+        check_writable(cfg.teacher.cache, "teacher.cache")
 
 
 def check_sqlite_store(uri: str) -> None:

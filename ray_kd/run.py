@@ -22,6 +22,7 @@ from ray_kd.preflight import (PreflightError, check_address, check_folders, chec
 from ray_kd.session import all_roles
 from ray_kd.results import headline_line, plot_curves, summarize, write_summary
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
+from ray_kd.teacher_cache import describe_size
 from ray_kd import run_folder, tracking
 
 if TYPE_CHECKING:  # imported where a Ray run needs it: it imports Ray
@@ -154,6 +155,11 @@ def preflight(cfg: RunConfig) -> Dataset:
         raise ConfigError(f"config error: the epoch's last batch holds {last} of the {n:,} training images, too few "
                           f"to split into runtime.replicas={replicas} shards; pick a data.batch_size that leaves "
                           f"at least {replicas} (or set optim.steps_per_epoch)")
+    if cfg.teacher is not None and cfg.teacher.cache is not None:
+        images = min(n, epoch_steps(data, size, cfg.optim.steps_per_epoch) * size)
+        print(f"teacher.cache {cfg.teacher.cache}: "
+              f"{describe_size(images, data.num_classes, cfg.teacher.cache_topk, cfg.optim.epochs, cfg.teacher.cache_dtype)}",
+              flush=True)
     if cfg.data.batch_size > n:
         print(f"note: data.batch_size={cfg.data.batch_size} is larger than the {n:,} training images: every epoch "
               f"is one step of {n:,} images", flush=True)

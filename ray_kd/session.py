@@ -16,14 +16,15 @@ from typing import Callable
 
 import torch
 
-from ray_kd.config import RunConfig
+from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import BatchChecksum, Dataset, epoch_steps, load_dataset, seeded_batches
-from ray_kd.evaluation import Evaluator
+from ray_kd.evaluation import SPLITS, Evaluator
 from ray_kd.methods import Role
 from ray_kd.progress import StepMonitor
 from ray_kd.replicas import Mesh, synchronise_batchnorm
 from ray_kd.roles import RoleRunner
 from ray_kd.stopping import held
+from ray_kd.teacher_cache import TeacherCache, cache_key
 
 OBJECTIVE = "best_student_val_acc"
 """Per epoch: the val top-1 of the best student that epoch."""
@@ -70,6 +71,24 @@ class Session:
         if self.ahead:
             exchange.depth = self.ahead + 1
         self.others_eval_s = 0.0  # the longest scoring of another process's role, last epoch
+        self.caches = self._open_caches() if cfg.teacher and cfg.teacher.cache else {}
+
+    def _open_caches(self) -> dict[str, TeacherCache]:
+        """The local frozen teacher's `teacher.cache`, its scores read from there when a run with its key left them."""
+        caches = {}
+        for runner in self.runners:
+            if not runner.role.is_teacher:
+                continue
+            frozen = self.evaluator.frozen.get(runner.role.name)
+            if frozen is None:
+                raise ConfigError(f"config error: teacher.cache keeps a frozen teacher's outputs, but {self.cfg.method.name}'s "
+                                  "teacher trains (a bridge, heads, or BN in train mode): remove teacher.cache")
+            cache = TeacherCache(self.cfg.teacher.cache, cache_key(self.cfg, runner, self.dataset, self.mesh.replicas),
+                                 self.steps_per_epoch, (self.mesh.replica, self.mesh.replicas),
+                                 self.cfg.teacher.cache_topk, self.cfg.teacher.cache_dtype)
+            frozen.done.update(cache.scores())
+            caches[runner.role.name] = cache
+        return caches
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch (0-based), evaluate the roles when `eval` says so; returns every role's metrics merged."""
@@ -115,13 +134,17 @@ class Session:
             self._keep_best(runner, scores, epoch)
         self.monitor.idle()
         self.evaluator.fill(0.8 * (self.others_eval_s - (time.perf_counter() - started)))
+        for name, cache in self.caches.items():  # a frozen teacher's scores, for every later run with its key
+            done = self.evaluator.frozen[name].done
+            if len(done) == len(SPLITS) and done != cache.scores():
+                cache.keep_scores(done)
         return metrics
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         sums: dict[str, dict[str, float]] = {r.role.name: {} for r in self.runners}
         compute = {r.role.name: 0.0 for r in self.runners}
         steps, samples = 0, 0
-        self.exchange.seconds = 0.0
+        self.exchange.seconds = self.exchange.waited = 0.0
         self.mesh.reduce_s.clear()
         start = time.perf_counter()
         self.monitor.start_epoch(epoch, self.steps_per_epoch)
@@ -141,7 +164,7 @@ class Session:
             outputs, published = {}, {}
             for r in self.runners:
                 t = time.perf_counter()
-                outputs[r.role.name], published[r.role.name] = r.forward(x, y)
+                outputs[r.role.name], published[r.role.name] = self._forward(r, x, y, epoch, step)
                 compute[r.role.name] += time.perf_counter() - t
             if self.ahead:  # nothing comes back that a frozen role needs: wait only when too far ahead
                 while in_flight and in_flight[0].done():  # steps the others have taken
@@ -168,6 +191,8 @@ class Session:
             self.monitor.after_step(steps, batch, {k: v for k, v in losses.items() if v}, lrs)
         while in_flight:
             self._await(in_flight.popleft())
+        for cache in self.caches.values():
+            cache.flush()
         self.monitor.idle()
         wall = time.perf_counter() - start
         metrics: dict[str, float] = {}
@@ -177,6 +202,11 @@ class Session:
             metrics[f"{name}/samples_per_s"] = samples / wall
             metrics[f"{name}/compute_ms"] = 1000 * compute[name] / steps
             metrics[f"{name}/exchange_ms"] = 1000 * self.exchange.seconds / steps
+            metrics[f"{name}/wait_ms"] = 1000 * self.exchange.waited / steps
+            if name in self.caches:  # steps read from teacher.cache, and computed (then stored)
+                cache = self.caches[name]
+                metrics[f"{name}/cache_hits"], metrics[f"{name}/cache_misses"] = float(cache.hits), float(cache.misses)
+                cache.hits = cache.misses = 0
             if self.ahead:  # how far ahead of the others this frozen role got (its queue was full at teacher.ahead)
                 metrics[f"{name}/steps_ahead"] = float(most_ahead)
             if self.mesh.replicas > 1 and r.trains:  # the gradient all-reduce across the replicas
@@ -186,6 +216,18 @@ class Session:
             if checksum:
                 metrics[f"{name}/data_checksum"] = float(checksum.value)
         return metrics
+
+    def _forward(self, runner: RoleRunner, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int):
+        """The role's (outputs, published) this step: a cached teacher's from its `teacher.cache` when there,
+        else computed (and, cached, stored: the students get the stored values either way)."""
+        cache = self.caches.get(runner.role.name)
+        if cache is None:
+            return runner.forward(x, y)
+        stored = cache.get(epoch, step, self.device)
+        if stored is None:
+            _, published = runner.forward(x, y)
+            stored = cache.put(epoch, step, published)
+        return stored, stored
 
     def _await(self, posted) -> None:
         """Wait for the others to take a step posted ahead, scoring the frozen roles meanwhile (replica 0)."""
@@ -232,9 +274,24 @@ def progress_line(total_epochs: int) -> ProgressFn:
         accs = "  ".join(f"{h} {acc(f'{h}/val_acc')}/{acc(f'{h}/test_acc')}" for h in heads)
         speed = min(v for k, v in m.items() if k.endswith("/samples_per_s"))
         scored = f"val/test top-1: {accs}" if heads else "not scored (eval.every)"
-        print(f"epoch {int(m['epoch'])}/{total_epochs}  {scored}  ({speed:.0f} samples/s)", flush=True)
+        print(f"epoch {int(m['epoch'])}/{total_epochs}  {scored}  ({speed:.0f} samples/s{teacher_note(m)})", flush=True)
 
     return show
+
+
+def teacher_note(m: dict[str, float]) -> str:
+    """How a frozen teacher served its students this epoch: how far ahead it ran, what it read from
+    `teacher.cache`, and how long the students waited at the exchange per step ('' without those)."""
+    notes = []
+    if "teacher/steps_ahead" in m:
+        notes.append(f"teacher {m['teacher/steps_ahead']:.0f} steps ahead")
+    if "teacher/cache_hits" in m:
+        hits, misses = m["teacher/cache_hits"], m["teacher/cache_misses"]
+        notes.append(f"cache {hits:.0f}/{hits + misses:.0f} steps read")
+    waits = [v for k, v in m.items() if k.startswith("student_") and k.endswith("/wait_ms")]
+    if notes and waits:
+        notes.append(f"students waited {max(waits):.1f} ms/step")
+    return "".join(f", {n}" for n in notes)
 
 
 def fit(session: Session, store, sync=None, progress: ProgressFn | None = None) -> History:

@@ -1,0 +1,218 @@
+"""A frozen teacher's outputs kept on disk (`teacher.cache`), so a later run, seed or sweep trial reads them.
+
+A frozen teacher's output for a step depends only on its weights and that step's batch, and the batch is fixed by
+the data, its augmentation, the batch size, the seed, the epoch and the step. The cache's key hashes all of
+those that the step's address (epoch, step, replica) does not name, so a changed teacher file, dataset, split,
+augmentation, batch size, seed, precision or replica count finds a folder of its own and never stale entries.
+What the key leaves out: the method's params (a frozen teacher's forward does not read them), so every trial
+of a sweep over temperatures and weights, and KD and KD+SKD, share one teacher's outputs.
+
+Entries are chunks of `CHUNK` steps, each written whole through a temporary file and a rename, so concurrent
+trials with one key never read half a file; a chunk that does not load is recomputed, with one warning.
+With the cache on, the students always train on the stored values (`cache_dtype`, and the top-k), on the run
+that writes them as on every run that reads them, so those runs compute the same numbers; with float32 and no
+top-k those are the numbers of a run without the cache.
+
+`cache_topk: k` keeps the k largest logits of each image (values and class indices) and gives every other
+class a logit 1e6 below the row's largest: its probability is 0 at any temperature up to 1000, so the soft
+target is the teacher's distribution renormalised over its top k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ray_kd.methods import Outputs
+
+CHUNK = 64
+"""Steps per file: ImageNet's 5,005 steps of 256 make 79 files an epoch instead of 5,005."""
+FILL_BELOW = 1e6
+"""How far below a row's largest logit a class outside the top k is put."""
+
+
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """A digest of a module's weights and buffers (the loaded teacher, whatever file or factory it came from)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if isinstance(tensor, torch.nn.parameter.UninitializedParameter):
+            continue
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+def bytes_per_image(classes: int, topk: int | None, dtype: str = "float16") -> int:
+    """The logits, or the top-k values and their int16 (int32 past 32,767 classes) indices."""
+    size = DTYPES[dtype].itemsize
+    if topk is None:
+        return size * classes
+    return topk * (size + (2 if classes <= 32767 else 4))
+
+
+def describe_size(images: int, classes: int, topk: int | None, epochs: int, dtype: str = "float16") -> str:
+    """What the cache holds per epoch and per run, for the line printed before the first epoch."""
+    per_epoch = images * bytes_per_image(classes, topk, dtype)
+    short = dtype.replace("float", "fp")
+    what = f"top-{topk} logits ({short} values, int indices)" if topk else f"{short} logits"
+    return (f"{_size(per_epoch)} per epoch of {what} for {images:,} images x {classes:,} classes, "
+            f"{_size(per_epoch * epochs)} for {epochs} epochs")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    raise AssertionError
+
+
+def cache_key(cfg, runner, dataset, replicas: int) -> dict:
+    """Everything a frozen teacher's output for (epoch, step, replica) depends on, besides those three."""
+    from ray_kd.data import dataset_identity
+
+    spec = cfg.teacher
+    data = cfg.data.model_dump(exclude={"workers", "cache_dir", "checksum", "download", "root"})
+    return {"format": 1,
+            "teacher": {"model": spec.model, "model_kwargs": spec.model_kwargs, "stages": spec.stages,
+                        "replace_head": spec.replace_head, "module": type(runner.net).__qualname__,
+                        "weights": weights_digest(runner.state_dict()["net"])},
+            "data": {"identity": dataset_identity(cfg.data, dataset)[3], **data},
+            "seed": cfg.seed, "steps_per_epoch": cfg.optim.steps_per_epoch, "replicas": replicas,
+            "precision": {"amp": cfg.optim.amp, "channels_last": cfg.runtime.channels_last,
+                          "fold_frozen_batchnorm": cfg.runtime.fold_frozen_batchnorm},
+            "dtype": cfg.teacher.cache_dtype, "topk": cfg.teacher.cache_topk}
+
+
+class TeacherCache:
+    """One teacher's stored outputs under one key; `get` and `put` per training step, `flush` at an epoch's end."""
+
+    def __init__(self, root: str | Path, key: dict, steps_per_epoch: int, replica: tuple[int, int] = (0, 1),
+                 topk: int | None = None, dtype: str = "float16"):
+        self.folder = Path(root) / key_digest(key)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = self.folder / "key.json"
+        if not meta.exists():  # what the folder's entries were made from, for a person reading the cache
+            _atomic_write_bytes(meta, json.dumps(key, indent=2, sort_keys=True, default=str).encode())
+        self.steps_per_epoch, self.topk, self.dtype = steps_per_epoch, topk, DTYPES[dtype]
+        self.shard = f"r{replica[0]}of{replica[1]}"
+        self.hits = self.misses = 0
+        self._loaded: tuple[int, int] | None = None
+        self._entries: dict[int, dict] = {}  # the loaded chunk's steps
+        self._pending: dict[int, dict] = {}  # steps computed this epoch, not written yet
+        self._pending_chunk: tuple[int, int] | None = None
+
+    def _path(self, epoch: int, chunk: int) -> Path:
+        return self.folder / f"e{epoch:04d}" / f"{self.shard}-c{chunk:05d}.pt"
+
+    def get(self, epoch: int, step: int, device: torch.device) -> Outputs | None:
+        """The stored outputs of (epoch, step) as the students see them, or None (a miss: `put` them)."""
+        chunk = (epoch, step // CHUNK)
+        if self._loaded != chunk:
+            self._loaded, self._entries = chunk, self._read(*chunk)
+        entry = self._entries.get(step)
+        if entry is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return self._decode(entry, device)
+
+    def put(self, epoch: int, step: int, published: Outputs) -> Outputs:
+        """Keep a computed step; returns it as stored, which is what the students get on this run as on a
+        later one that reads it."""
+        chunk = (epoch, step // CHUNK)
+        if self._pending_chunk != chunk:
+            self.flush()
+            self._pending_chunk = chunk
+        entry = self._encode(published)
+        self._pending[step] = entry
+        first, last = chunk[1] * CHUNK, min((chunk[1] + 1) * CHUNK, self.steps_per_epoch)
+        if len(self._pending) == last - first:
+            self.flush()
+        return self._decode(entry, next(iter(published.values())).device)
+
+    def flush(self) -> None:
+        """Write the pending chunk if it is whole (a run stopped mid-chunk leaves it to be computed again)."""
+        if self._pending_chunk is not None:
+            epoch, chunk = self._pending_chunk
+            first, last = chunk * CHUNK, min((chunk + 1) * CHUNK, self.steps_per_epoch)
+            if sorted(self._pending) == list(range(first, last)):
+                path = self._path(epoch, chunk)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                with os.fdopen(fd, "wb") as f:
+                    torch.save(self._pending, f)
+                os.replace(tmp, path)
+        self._pending, self._pending_chunk = {}, None
+
+    def _read(self, epoch: int, chunk: int) -> dict[int, dict]:
+        path = self._path(epoch, chunk)
+        if not path.exists():
+            return {}
+        try:
+            entries = torch.load(path, weights_only=True)
+            if not isinstance(entries, dict):
+                raise ValueError("not a dict of steps")
+            return entries
+        except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
+            warnings.warn(f"teacher.cache: {path} does not load ({type(err).__name__}); "
+                          "computing those steps again", stacklevel=2)
+            path.unlink(missing_ok=True)
+            return {}
+
+    def _encode(self, published: Outputs) -> dict:
+        entry = {}
+        for name, tensor in published.items():
+            tensor = tensor.detach()
+            if self.topk is not None and name == "logits":
+                values, indices = tensor.topk(self.topk, dim=1)
+                index_dtype = torch.int16 if tensor.shape[1] <= 32767 else torch.int32
+                entry[name] = {"values": values.to(self.dtype).cpu(), "indices": indices.to(index_dtype).cpu(),
+                               "classes": tensor.shape[1]}
+            else:
+                entry[name] = tensor.to(self.dtype).cpu()
+        return entry
+
+    @staticmethod
+    def _decode(entry: dict, device: torch.device) -> Outputs:
+        out = {}
+        for name, stored in entry.items():
+            if isinstance(stored, dict):  # top-k: the rest of the classes far below
+                values = stored["values"].float()
+                dense = (values[:, :1] - FILL_BELOW).expand(-1, stored["classes"]).clone()
+                out[name] = dense.scatter_(1, stored["indices"].long(), values).to(device)
+            else:
+                out[name] = stored.float().to(device)
+        return out
+
+    # --- a frozen teacher's scores (val/test top-1), which every run with this key scores alike -----------
+    def scores(self) -> dict[str, dict[str, float]]:
+        path = self.folder / "scores.json"
+        try:
+            return json.loads(path.read_text()) if path.exists() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def keep_scores(self, done: dict[str, dict[str, float]]) -> None:
+        _atomic_write_bytes(self.folder / "scores.json", json.dumps(done, indent=1).encode())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

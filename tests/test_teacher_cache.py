@@ -1,0 +1,134 @@
+"""`teacher.cache`: a second KD run with the same teacher, data and seed reads every teacher output, computes the
+same numbers, and a changed teacher file or augmentation gets no hit."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from equivalence import assert_same_run
+
+from ray_kd.config import ConfigError, load_config
+from ray_kd.local_executor import run_local
+from ray_kd.teacher_cache import CHUNK, FILL_BELOW, TeacherCache, describe_size
+
+STEPS = 5
+
+
+def kd(tmp_path, teacher, name, *extra):
+    return load_config("configs/digits_kd.yaml", [
+        "runtime.executor=local", "optim.epochs=2", "optim.milestones=[1]", f"optim.steps_per_epoch={STEPS}",
+        "data.batch_size=32", f"teacher.checkpoint={teacher}", f"teacher.cache={tmp_path / 'cache'}",
+        f"output_dir={tmp_path}", f"name={name}", *extra])
+
+
+def run(cfg):
+    """The run's history (run_local returns its last checkpoint's folder)."""
+    return json.loads((run_local(cfg, show_progress=False) / "history.json").read_text())
+
+
+def losses(history):
+    return [{k: v for k, v in h.items() if "/loss_" in k or k.endswith("_acc")} for h in history]
+
+
+def test_a_second_run_reads_every_teacher_output_and_computes_the_same(tmp_path, mlflow_uri, digits_teacher, capsys):
+    first = run(kd(tmp_path, digits_teacher, "first"))
+    assert [h["teacher/cache_misses"] for h in first] == [STEPS, STEPS]
+    assert [h["teacher/cache_hits"] for h in first] == [0, 0]
+    second = run(kd(tmp_path, digits_teacher, "second"))
+    assert [h["teacher/cache_hits"] for h in second] == [STEPS, STEPS]
+    assert [h["teacher/cache_misses"] for h in second] == [0, 0]
+    assert losses(second) == losses(first)  # identical, teacher scores included (read back too)
+    # another seed is another set of batches: no hit
+    other = run(kd(tmp_path, digits_teacher, "seed1", "seed=1"))
+    assert [h["teacher/cache_hits"] for h in other] == [0, 0]
+
+
+def test_a_float32_cache_computes_what_a_run_without_it_does(tmp_path, mlflow_uri, digits_teacher):
+    plain = run(kd(tmp_path, digits_teacher, "plain", "teacher.cache=null"))
+    writes = run(kd(tmp_path, digits_teacher, "writes", "teacher.cache_dtype=float32"))
+    reads = run(kd(tmp_path, digits_teacher, "reads", "teacher.cache_dtype=float32"))
+    assert [h["teacher/cache_hits"] for h in reads] == [STEPS, STEPS]
+    assert losses(plain) == losses(writes) == losses(reads)
+
+
+def test_a_changed_teacher_file_or_augmentation_gets_no_hit(tmp_path, mlflow_uri, digits_teacher):
+    run(kd(tmp_path, digits_teacher, "first"))
+    changed = torch.load(digits_teacher, weights_only=True)
+    state = changed["state_dict"]
+    first_weight = next(k for k, v in state.items() if v.dtype.is_floating_point)
+    state[first_weight] = state[first_weight] + 0.01
+    other_teacher = tmp_path / "other_teacher.pt"
+    torch.save(changed, other_teacher)
+    for name, cfg in [("teacher", kd(tmp_path, other_teacher, "other-teacher")),
+                      ("augmentation", kd(tmp_path, digits_teacher, "other-aug", "data.augment=none"))]:
+        history = run(cfg)
+        assert [h["teacher/cache_hits"] for h in history] == [0, 0], name
+
+
+def test_a_corrupt_entry_is_recomputed_with_one_warning(tmp_path, mlflow_uri, digits_teacher):
+    first = run(kd(tmp_path, digits_teacher, "first"))
+    (chunk,) = sorted((tmp_path / "cache").glob("*/e0000/*.pt"))
+    chunk.write_bytes(b"not a torch file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = run(kd(tmp_path, digits_teacher, "second"))
+    assert [str(w.message) for w in caught if "teacher.cache" in str(w.message)] == [
+        f"teacher.cache: {chunk} does not load (UnpicklingError); computing those steps again"]
+    assert [h["teacher/cache_hits"] for h in second] == [0, STEPS]
+    assert losses(second) == losses(first)
+    assert torch.load(chunk, weights_only=True).keys() == set(range(STEPS))  # written again, whole
+
+
+def test_top_k_keeps_the_renormalised_distribution():
+    cache = TeacherCache.__new__(TeacherCache)
+    cache.topk, cache.dtype = 3, torch.float16
+    logits = torch.tensor([[4.0, 1.0, 3.0, -2.0, 0.5], [0.0, 0.1, 0.2, 0.3, 0.4]])
+    decoded = TeacherCache._decode(cache._encode({"logits": logits}), torch.device("cpu"))["logits"]
+    for temperature in (1.0, 4.0, 100.0):
+        p = torch.softmax(decoded / temperature, 1)
+        top = logits.topk(3, dim=1)
+        want = torch.zeros_like(p).scatter_(1, top.indices, torch.softmax(top.values.half().float() / temperature, 1))
+        assert torch.allclose(p, want, atol=1e-6)
+    assert decoded.min() > -2 * FILL_BELOW  # finite
+
+
+def test_partial_chunks_are_not_written(tmp_path):
+    cache = TeacherCache(tmp_path, {"k": 1}, steps_per_epoch=CHUNK + 3)
+    logits = {"logits": torch.randn(4, 10)}
+    for step in range(CHUNK + 1):  # the first chunk whole, one step of the second
+        assert cache.get(0, step, torch.device("cpu")) is None
+        cache.put(0, step, logits)
+    cache.flush()  # a run stopped here: the second chunk is computed again next time
+    assert [p.name for p in sorted(cache.folder.glob("e0000/*.pt"))] == ["r0of1-c00000.pt"]
+
+
+def test_bad_settings_are_one_line(tmp_path, digits_teacher):
+    with pytest.raises(ConfigError, match="teacher.cache_topk keeps the top-k logits in teacher.cache: set teacher.cache too"):
+        load_config("configs/digits_kd.yaml", [f"teacher.checkpoint={digits_teacher}", "teacher.cache_topk=3"])
+    with pytest.raises(ConfigError, match="teacher.cache_topk is for method kd"):
+        load_config("configs/digits_kd.yaml", [f"teacher.checkpoint={digits_teacher}", "method.name=kd+skd",
+                                               f"teacher.cache={tmp_path}", "teacher.cache_topk=3"])
+    with pytest.raises(ConfigError, match="s3:// is not supported .*teacher.cache is a local path"):
+        load_config("configs/digits_kd.yaml", [f"teacher.checkpoint={digits_teacher}", "teacher.cache=s3://b/x"])
+    cfg = load_config("configs/sokd_digits.yaml", [f"teacher.checkpoint={digits_teacher}", "runtime.executor=local",
+                                                   f"teacher.cache={tmp_path}", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="teacher.cache keeps a frozen teacher's outputs, but sokd's teacher trains"):
+        run_local(cfg, show_progress=False)
+
+
+def test_the_size_line_for_imagenet():
+    assert describe_size(1_281_167, 1000, None, 100) == (
+        "2.6 GB per epoch of fp16 logits for 1,281,167 images x 1,000 classes, 256.2 GB for 100 epochs")
+    assert describe_size(1_281_167, 1000, 20, 100) == (
+        "102.5 MB per epoch of top-20 logits (fp16 values, int indices) for 1,281,167 images x 1,000 classes, "
+        "10.2 GB for 100 epochs")
+
+
+def test_the_ray_executor_reads_the_cache_the_local_one_wrote(ray_cluster, tmp_path, mlflow_uri, digits_teacher):
+    from ray_kd.ray_executor import run_on_ray
+
+    local = run_local(kd(tmp_path, digits_teacher, "local"), show_progress=False)
+    remote = run_on_ray(kd(tmp_path, digits_teacher, "ray", "runtime.executor=ray", "runtime.cpus_per_worker=0.5"))
+    assert [h["teacher/cache_hits"] for h in json.loads((remote / "history.json").read_text())] == [STEPS, STEPS]
+    assert_same_run(local, remote, ["student_0"])
