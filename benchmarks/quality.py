@@ -74,6 +74,10 @@ CONTROLS = {"cifar10_15": {
     "kd@even_weights": {"overrides": ["method.ce_weight=0.5", "method.kd_weight=0.5"],
                         "note": "CE 0.5 / KD 0.5 instead of 0.1 / 0.9"},
     "kd+skd@no_simplifier_ce": NO_SIMPLIFIER_CE,
+    # issue 33: the KD loss on the teacher's top-k logits only (teacher.cache_topk), renormalised
+    **{f"kd@top{k}": {"overrides": [f"teacher.cache={RUNS / 'teacher_cache'}", f"teacher.cache_topk={k}"],
+                      "note": f"the teacher's top-{k} logits only (teacher.cache_topk={k}, fp16) instead of all 10"}
+       for k in (3, 5)},
 }, "digits": {"kd+skd@no_simplifier_ce": NO_SIMPLIFIER_CE}}
 CONTROL_TEACHERS = {"teacher15": ["optim.epochs=15"]}  # kind -> its overrides on top of the protocol
 # The teacher's choice rule: the best validation epoch, or the last (a cosine schedule ends annealed, and a
