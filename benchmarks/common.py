@@ -53,11 +53,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
 
 
 def save(name: str, title: str, rows: list[dict], columns: list[str], info: dict, notes: str = "",
-         extra: dict | None = None) -> Path:
-    """results/<name>.json (everything), <name>.csv (the rows), <name>.md (the table, notes, machine, command)."""
+         extra: dict | None = None, measured_by: str | None = None) -> Path:
+    """results/<name>.json (everything), <name>.csv (the rows), <name>.md (the table, notes, machine, command).
+    `measured_by`: the command that measured the figures, when this one only rewrites their table (its machine
+    `info` then already holds the load at the end)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    cmd = command()
-    info = {**info, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
+    cmd = measured_by or command()
+    if measured_by is None:
+        info = {**info, "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]}
     (RESULTS / f"{name}.json").write_text(json.dumps(
         {"title": title, "command": cmd, "machine": info, "rows": rows, **(extra or {})}, indent=2))
     with open(RESULTS / f"{name}.csv", "w", newline="") as f:
