@@ -25,7 +25,9 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, get_args
+
+from pydantic import BaseModel
 
 from ray_kd.checkpoint import FolderStore, atomic_write_json
 from ray_kd.config import RunConfig, flatten
@@ -150,9 +152,36 @@ def read_fingerprint(path: Path, who: str) -> dict | None:
 
 
 def changed_fields(before: dict, now: dict) -> list[str]:
-    """The fields whose values differ, changed values before added or removed ones."""
-    return sorted((k for k in before.keys() | now.keys() if before.get(k) != now.get(k)),
+    """The fields whose values differ, changed values before added or removed ones. A field missing from `before`
+    that holds its default now was added to the config since (an upgrade of ray-kd): not a change."""
+    differ = (k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return sorted((k for k in differ if k in before or now[k] != field_default(k)),
                   key=lambda k: (k not in before or k not in now, k))
+
+
+_NO_DEFAULT = object()
+
+
+def field_default(dotted: str) -> Any:
+    """The default of a run-config field named flat (`teacher.cache_dtype`, `students.0.model`), as the
+    fingerprint holds it; a sentinel for a key that is not a field with a default."""
+    def models(annotation) -> list[type]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in get_args(annotation) for m in models(arg)]
+
+    model, field = RunConfig, None
+    for part in dotted.split("."):
+        if part.isdigit():  # an item of a list field
+            continue
+        if model is None or part not in model.model_fields:
+            return _NO_DEFAULT
+        field = model.model_fields[part]
+        inner = models(field.annotation)
+        model = inner[0] if inner else None
+    if field is None or field.is_required():
+        return _NO_DEFAULT
+    return json.loads(json.dumps(field.get_default(call_default_factory=True), default=str))
 
 
 def describe_changes(before: dict, now: dict) -> str:

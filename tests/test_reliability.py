@@ -69,6 +69,20 @@ def test_a_resume_on_changed_data_is_refused(tmp_path, mlflow_uri, capsys):
     assert sorted(p.name for p in (tmp_path / "runs" / "r" / "checkpoints").glob("epoch_*")) == ["epoch_0001"]
 
 
+def test_a_run_started_before_an_upgrade_added_a_field_resumes(tmp_path, mlflow_uri, capsys):
+    """A field added to the config since a run started (its fingerprint lacks it) is no change while it holds its
+    default; set to another value, it is one."""
+    assert _train(tmp_path, "optim.epochs=1") == 0
+    path = tmp_path / "runs" / "r" / "fingerprint.json"
+    before = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in before.items() if k != "optim.label_smoothing"}))  # as an older ray-kd wrote it
+    assert _train(tmp_path, "optim.epochs=2") == 0
+    assert sorted(p.name for p in (tmp_path / "runs" / "r" / "checkpoints").glob("epoch_*"))[-1] == "epoch_0002"
+    capsys.readouterr()
+    assert _train(tmp_path, "optim.epochs=3", "optim.label_smoothing=0.1") == 2
+    assert "optim.label_smoothing None -> 0.1" in _one_line(capsys)
+
+
 def test_a_rerun_of_a_finished_run_changes_nothing_and_a_resume_counts_all_its_time(tmp_path, mlflow_uri, capsys):
     import threading
 

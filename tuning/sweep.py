@@ -129,7 +129,7 @@ def check_fingerprint(parent_cfg: RunConfig, now: dict) -> None:
     name, folder = parent_cfg.name, parent_cfg.run_dir
     path = folder / run_folder.FINGERPRINT
     before = run_folder.read_fingerprint(path, f"sweep {name}")
-    if before == now:
+    if before is not None and not run_folder.changed_fields(before, now):
         return
     if tune.Tuner.can_restore(str(folder / "tune")):
         raise run_folder.RunFolderError(f"sweep {name} in {folder} was made with another config, space or epochs: "
