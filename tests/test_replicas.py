@@ -1,5 +1,5 @@
 """Data-parallel replicas (`runtime.replicas`): two replicas of every role, placed together or apart, compute the
-single-process run on the global batch (BatchNorm synchronised), for KD, DML and SOKD."""
+single-process run on the global batch (BatchNorm synchronised), for KD, DML, SOKD and MTKD-SSR."""
 
 import pytest
 from equivalence import assert_same_run
@@ -14,8 +14,12 @@ CASES = {
     "kd": ["method.name=kd", "teacher={{model: digits_cnn_l, checkpoint: {teacher}}}", "students=[{{model: digits_cnn_s}}]"],
     "sokd": ["method.name=sokd", "teacher={{model: digits_cnn_l, checkpoint: {teacher}}}",
              "students=[{{model: digits_cnn_s}}]"],
+    # the teacher's stage heads train on its worker, the student's heads and adapters on its own
+    "mtkd_ssr": ["method.name=mtkd_ssr", "method.stage_alignment=deepest",
+                 "teacher={{model: digits_cnn_l, checkpoint: {teacher}}}", "students=[{{model: digits_cnn_s}}]"],
 }
-ROLES = {"dml": ["student_0", "student_1"], "kd": ["teacher", "student_0"], "sokd": ["teacher", "student_0"]}
+ROLES = {"dml": ["student_0", "student_1"], "kd": ["teacher", "student_0"], "sokd": ["teacher", "student_0"],
+         "mtkd_ssr": ["teacher", "student_0"]}
 
 
 @pytest.mark.parametrize("method", list(CASES))
