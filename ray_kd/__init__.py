@@ -1,7 +1,7 @@
 """ray-kd: distributed online knowledge distillation on Ray.
 
 The public API (imported on first use, so `import ray_kd` stays light):
-- runs: `train`, `train_teacher`, `tune`, `load_config` (see `ray_kd.api`); `report` (ray_kd.reporting);
+- runs: `train`, `train_teacher`, `cache_teacher`, `tune`, `load_config` (see `ray_kd.api`); `report` (ray_kd.reporting);
 - extension points: `Method`, `MethodParams`, `RoleModule`, `FrozenTeacher`, `Role`, `Step`,
   `register_method`, `register_wrapper`, `list_methods`; `register_model`, `create_model`,
   `list_models`, `StagedNet` (see docs/adding-a-method.md).
@@ -12,7 +12,8 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "train": "ray_kd.api", "train_teacher": "ray_kd.api", "tune": "ray_kd.api", "load_config": "ray_kd.api",
+    "train": "ray_kd.api", "train_teacher": "ray_kd.api", "cache_teacher": "ray_kd.api", "tune": "ray_kd.api",
+    "load_config": "ray_kd.api",
     "report": "ray_kd.reporting", "RunConfig": "ray_kd.config",
     "Method": "ray_kd.methods", "MethodParams": "ray_kd.methods", "RoleModule": "ray_kd.methods",
     "FrozenTeacher": "ray_kd.methods", "Role": "ray_kd.methods", "Step": "ray_kd.methods",

@@ -34,6 +34,14 @@ def train_teacher(config: ConfigSource, out: str | Path, overrides: Overrides | 
     return run.train_teacher(load_config(config, overrides), Path(out), restart=restart, keep=keep)
 
 
+def cache_teacher(config: ConfigSource, overrides: Overrides | None = None) -> dict[str, int]:
+    """Compute the frozen teacher's outputs for every step of the run into `teacher.cache` (what is there already
+    is read); returns {'read': steps, 'computed': steps}. Runs, seeds and trials with the same key then read them."""
+    from ray_kd import run
+
+    return run.cache_teacher(load_config(config, overrides))
+
+
 def tune(config: ConfigSource, space, overrides: Overrides | None = None, restart: bool = False) -> dict:
     """A Ray Tune sweep over `space` (a YAML path, a dict or a `SweepSpace`); returns the best trial's row. `restart`
     discards an earlier sweep of that name (one made with another config or space) first."""
@@ -43,4 +51,4 @@ def tune(config: ConfigSource, space, overrides: Overrides | None = None, restar
     return sweep(load_config(config, overrides), load_space(space), restart=restart)
 
 
-__all__ = ["ConfigSource", "load_config", "train", "train_teacher", "tune"]
+__all__ = ["ConfigSource", "cache_teacher", "load_config", "train", "train_teacher", "tune"]

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--out", required=True, help="where to write the teacher checkpoint (.pt)")
     teacher.add_argument("--keep", choices=["best", "last"], default="best",
                          help="save the weights of the best validation epoch (default) or of the last epoch")
+    cache = sub.add_parser("cache-teacher", help="compute a frozen teacher's outputs for every step of the run "
+                                                 "into teacher.cache, for the runs, seeds and sweeps that share them")
+    run_args(cache)
     tune = sub.add_parser("tune", help="search hyper-parameters with Ray Tune (each trial a full distillation run)")
     run_args(tune)
     tune.add_argument("--space", "-s", required=True, help="YAML search space (see tuning/spaces/)")
@@ -92,6 +95,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         api.train(args.config, args.overrides, restart=args.restart)
     elif args.command == "tune":
         api.tune(args.config, args.space, args.overrides, restart=args.restart)
+    elif args.command == "cache-teacher":
+        api.cache_teacher(args.config, args.overrides)
     elif args.command == "train-teacher":
         api.train_teacher(args.config, args.out, args.overrides, restart=args.restart, keep=args.keep)
     return 0

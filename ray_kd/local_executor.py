@@ -14,14 +14,19 @@ from ray_kd.config import RunConfig
 from ray_kd.data import Dataset
 from ray_kd.exchange import LocalExchange
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor
+from ray_kd.replicas import Mesh
 from ray_kd.run_folder import checkpoint_store
 from ray_kd.session import Session, all_roles, fit, progress_line
 
 
+def _device(cfg: RunConfig) -> torch.device:
+    torch.set_num_threads(cfg.runtime.threads_per_worker)
+    return torch.device("cuda" if cfg.runtime.use_gpu != "no" and torch.cuda.is_available() else "cpu")
+
+
 def run_local(cfg: RunConfig, sync=None, show_progress: bool = True, dataset: Dataset | None = None) -> Path:
     """Train every role in this process; returns the folder of the last checkpoint."""
-    torch.set_num_threads(cfg.runtime.threads_per_worker)
-    device = torch.device("cuda" if cfg.runtime.use_gpu != "no" and torch.cuda.is_available() else "cpu")
+    device = _device(cfg)
     roles = all_roles(cfg)
     exchange = LocalExchange()
     log_every = cfg.tracking.log_every_steps if sync is not None else 0
@@ -32,3 +37,32 @@ def run_local(cfg: RunConfig, sync=None, show_progress: bool = True, dataset: Da
     store = checkpoint_store(cfg)
     fit(session, store, sync, progress_line(cfg.optim.epochs) if show_progress else None)
     return store.latest()
+
+
+def fill_teacher_cache(cfg: RunConfig, dataset: Dataset | None = None, show_progress: bool = True) -> dict[str, int]:
+    """The frozen teacher alone, every step of every epoch (each replica's shard), through `teacher.cache`: a step
+    stored already is read, any other computed and stored; then its val/test scores. Every run, seed or sweep
+    trial with the cache's key then reads them all, however many start at once. Returns the steps read and
+    computed."""
+    device = _device(cfg)
+    replicas = cfg.runtime.replicas
+    # alone, its BatchNorm reads its running statistics (frozen): nothing to synchronise across replicas
+    cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"sync_bn": False})})
+    totals = {"read": 0, "computed": 0}
+    for replica in range(replicas):
+        exchange = LocalExchange()
+        monitor = StepMonitor(cfg.optim.epochs, exchange, 0, None,
+                              ProgressDisplay(cfg.runtime.progress_every_s) if show_progress else None)
+        session = Session(cfg, [0], exchange, device, dataset, monitor=monitor, mesh=Mesh(replicas, replica, 1, [0]))
+        dataset = session.dataset
+        for epoch in range(cfg.optim.epochs):
+            metrics = session.train_epoch(epoch)
+            read, computed = int(metrics["teacher/cache_hits"]), int(metrics["teacher/cache_misses"])
+            totals["read"] += read
+            totals["computed"] += computed
+            shard = f" (replica {replica + 1}/{replicas})" if replicas > 1 else ""
+            print(f"teacher.cache epoch {epoch + 1}/{cfg.optim.epochs}{shard}: {computed} steps computed, {read} read",
+                  flush=True)
+        if replica == 0:
+            session.evaluate(cfg.optim.epochs)  # the teacher's scores, kept beside its outputs
+    return totals

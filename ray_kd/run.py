@@ -220,6 +220,21 @@ def train_teacher(cfg: RunConfig, out: Path, restart: bool = False, keep: str = 
     return {**summary, "teacher_file": str(out)}
 
 
+def cache_teacher(cfg: RunConfig) -> dict[str, int]:
+    """`ray-kd cache-teacher`: fill `teacher.cache` with the frozen teacher's outputs for every step of the run
+    (and its val/test scores), in this process, so the runs, seeds and sweep trials with its key only read them.
+    Returns the steps read and computed."""
+    from ray_kd.local_executor import fill_teacher_cache
+
+    if cfg.teacher is None or cfg.teacher.cache is None:
+        raise ConfigError("config error: cache-teacher fills teacher.cache: give a config with a frozen teacher "
+                          "(e.g. method kd) and set teacher.cache")
+    data = preflight(cfg)
+    totals = fill_teacher_cache(cfg, data)
+    print(f"teacher.cache {cfg.teacher.cache}: {totals['computed']} steps computed, {totals['read']} read", flush=True)
+    return totals
+
+
 def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float, data: Dataset) -> dict:
     """summary.json, the curve plot, the best student's weights and MLflow model, the final metrics and the
     description: all from one summary, so every figure shown matches the weights saved."""

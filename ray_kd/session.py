@@ -93,13 +93,13 @@ class Session:
     def run_epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch (0-based), evaluate the roles when `eval` says so; returns every role's metrics merged."""
         scored_before = self.evaluator.images_while_waiting
-        metrics = self._train_epoch(epoch)
+        metrics = self.train_epoch(epoch)
         for index, runner in zip(self.mesh.roles, self.runners):  # every replica ends the epoch the same
             self.mesh.average_buffers(index, runner.net)
         if not self.mesh.lead:  # replica 0 scores and reports for every replica; the others add their losses
             self.exchange.gather_objects({k: v for k, v in metrics.items() if "/loss_" in k})
             return {}
-        metrics.update(self._evaluate(epoch + 1))
+        metrics.update(self.evaluate(epoch + 1))
         if self.evaluator.only_frozen:
             for runner in self.runners:
                 metrics[f"{runner.role.name}/images_scored_waiting"] = self.evaluator.images_while_waiting - scored_before
@@ -121,7 +121,7 @@ class Session:
                 merged["best_student_test_acc"] = merged[f"{top}/test_acc"]
         return merged
 
-    def _evaluate(self, epoch: int) -> dict[str, float]:
+    def evaluate(self, epoch: int) -> dict[str, float]:
         """Score the local roles after `epoch` (1-based), and keep the best students. A process of frozen roles
         only then waits at the gather for the others' scoring, about as long as it took them last epoch: it
         scores ahead meanwhile."""
@@ -140,7 +140,8 @@ class Session:
                 cache.keep_scores(done)
         return metrics
 
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        """One epoch (0-based) of the local roles' steps, without scoring; their metrics."""
         sums: dict[str, dict[str, float]] = {r.role.name: {} for r in self.runners}
         compute = {r.role.name: 0.0 for r in self.runners}
         steps, samples = 0, 0

@@ -1,6 +1,7 @@
 """A real small sweep on the digits: parent and child runs, the best config, early stopping by ASHA."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -73,11 +74,16 @@ def test_trials_find_files_given_as_relative_paths(ray_cluster, mlflow_uri, tmp_
     monkeypatch.chdir(tmp_path)
     space = SweepSpace.model_validate({"searcher": "grid", "scheduler": {"type": "none"},
                                        "params": {"method.temperature": {"type": "grid", "values": [2.0]}}})
-    cfg = load_config(config, ["teacher.checkpoint=teacher.pt", "output_dir=out", "name=rel",
+    cfg = load_config(config, ["teacher.checkpoint=teacher.pt", "output_dir=out", "name=rel", "teacher.cache=cache",
                                "optim.epochs=1", "optim.steps_per_epoch=3"])
     best = sweep(cfg, space)
     assert best["status"] == "ok", best
     assert (tmp_path / "out" / "rel-sweep" / "results.csv").is_file()
+    # teacher.cache: the teacher's outputs computed once before the trials, which read every step of them
+    (history,) = (tmp_path / "out" / "rel-sweep" / "trials").glob("*/checkpoints/epoch_0001/history.json")
+    (epoch,) = json.loads(history.read_text())
+    assert (epoch["teacher/cache_hits"], epoch["teacher/cache_misses"]) == (3, 0)
+    assert (tmp_path / "cache").is_dir()
     mlflow = client(mlflow_uri)
     experiment = mlflow.get_experiment_by_name("ray-kd").experiment_id
     (parent,) = mlflow.search_runs([experiment], "tags.mlflow.runName = 'rel-sweep'")

@@ -52,6 +52,20 @@ def test_a_float32_cache_computes_what_a_run_without_it_does(tmp_path, mlflow_ur
     assert losses(plain) == losses(writes) == losses(reads)
 
 
+def test_cache_teacher_fills_every_step_before_the_runs(tmp_path, mlflow_uri, digits_teacher, capsys):
+    from ray_kd import api
+
+    cfg = kd(tmp_path, digits_teacher, "filled")
+    assert api.cache_teacher(cfg) == {"read": 0, "computed": 2 * STEPS}
+    assert api.cache_teacher(cfg) == {"read": 2 * STEPS, "computed": 0}
+    assert f"teacher.cache epoch 2/2: 0 steps computed, {STEPS} read" in capsys.readouterr().out
+    history = run(cfg)
+    assert [h["teacher/cache_hits"] for h in history] == [STEPS, STEPS]
+    assert [h["teacher/cache_misses"] for h in history] == [0, 0]
+    with pytest.raises(ConfigError, match="cache-teacher fills teacher.cache"):
+        api.cache_teacher(kd(tmp_path, digits_teacher, "none", "teacher.cache=null"))
+
+
 def test_a_changed_teacher_file_or_augmentation_gets_no_hit(tmp_path, mlflow_uri, digits_teacher):
     run(kd(tmp_path, digits_teacher, "first"))
     changed = torch.load(digits_teacher, weights_only=True)
@@ -126,9 +140,16 @@ def test_the_size_line_for_imagenet():
 
 
 def test_the_ray_executor_reads_the_cache_the_local_one_wrote(ray_cluster, tmp_path, mlflow_uri, digits_teacher):
+    from ray_kd import api
     from ray_kd.ray_executor import run_on_ray
 
     local = run_local(kd(tmp_path, digits_teacher, "local"), show_progress=False)
     remote = run_on_ray(kd(tmp_path, digits_teacher, "ray", "runtime.executor=ray", "runtime.cpus_per_worker=0.5"))
     assert [h["teacher/cache_hits"] for h in json.loads((remote / "history.json").read_text())] == [STEPS, STEPS]
     assert_same_run(local, remote, ["student_0"])
+    # two replicas: each replica's teacher reads the shard `cache-teacher` stored for it
+    replicas = kd(tmp_path, digits_teacher, "replicas", "runtime.executor=ray", "runtime.replicas=2",
+                  "runtime.placement=together", "runtime.cpus_per_worker=0.5")
+    assert api.cache_teacher(replicas) == {"read": 0, "computed": 2 * 2 * STEPS}
+    history = json.loads((run_on_ray(replicas) / "history.json").read_text())
+    assert [(h["teacher/cache_hits"], h["teacher/cache_misses"]) for h in history] == [(STEPS, 0), (STEPS, 0)]

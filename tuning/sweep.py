@@ -158,6 +158,8 @@ def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, 
         mlflow.log_text(parent_id, yaml.safe_dump(space.model_dump(), sort_keys=False), "space.yaml")
         print(f"sweep {parent_cfg.name}: folder {sweep_dir}, MLflow parent run {parent_id} in {uri}", flush=True)
         with _stop_on_signal() as caught:
+            if cfg.teacher is not None and cfg.teacher.cache is not None:
+                _fill_teacher_cache(cfg)
             _tuner(cfg, space, sweep_dir, uri, parent_id).fit()
         rows = _rows(cfg, space, sweep_dir)
         _close_children(mlflow, parent_id, {f"{cfg.name}-{r['trial_id']}": r for r in rows})
@@ -180,6 +182,25 @@ def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, 
         _end_note(mlflow, mlflow.get_run(parent_id), f"failed: {_reason(err)}")
         mlflow.set_terminated(parent_id, "FAILED")
         raise
+
+
+def _fill_teacher_cache(cfg: RunConfig) -> None:
+    """A frozen teacher's outputs for every step, computed once into `teacher.cache` before any trial starts (on one
+    worker's resources), so that every trial reads them, however many run at once."""
+    import ray
+
+    from ray_kd.local_executor import fill_teacher_cache
+    from ray_kd.ray_executor import use_gpu
+
+    task = ray.remote(num_cpus=cfg.runtime.cpus_per_worker, num_gpus=1 if use_gpu(cfg) else 0)(fill_teacher_cache)
+    print(f"teacher.cache {cfg.teacher.cache}: the teacher's outputs for every step, before the trials", flush=True)
+    try:
+        totals = ray.get(task.remote(cfg.with_absolute_paths(), None, False))
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, UserError):
+            raise err.cause from None
+        raise
+    print(f"teacher.cache: {totals['computed']} steps computed, {totals['read']} read", flush=True)
 
 
 def _tuner(cfg: RunConfig, space: SweepSpace, sweep_dir: Path, uri: str, parent_id: str):
