@@ -31,10 +31,10 @@ CASES = {  # name -> (config, overrides)
 def measure(session, warmup: int, steps: int) -> dict:
     """Seconds per step over `steps` steps after `warmup` (epoch 0: warm-up, epoch 1: measured)."""
     session.cfg.optim.steps_per_epoch = warmup
-    session._train_epoch(0)
+    session.train_epoch(0)
     session.cfg.optim.steps_per_epoch = steps
     start = time.perf_counter()
-    metrics = session._train_epoch(1)
+    metrics = session.train_epoch(1)
     per_step = (time.perf_counter() - start) / steps
     compute = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("/compute_ms")}
     return {"step_s": per_step, "compute_ms": compute}

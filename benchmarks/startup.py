@@ -63,7 +63,7 @@ def timed_worker(out: str):
         session = Session(cfg, [rank], CollectiveExchange([r.name for r in all_roles(cfg)], rank),
                           worker_device(config), dataset=data)
         t["models"] = time.time()
-        session._train_epoch(0)  # steps_per_epoch=1: exactly the first step
+        session.train_epoch(0)  # steps_per_epoch=1: exactly the first step
         t["first_step"] = time.time()
         with open(f"{out}/rank{rank}.json", "w") as f:
             json.dump(t, f)
@@ -105,7 +105,7 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
         t["dataset"] = time.time()
         session = Session(cfg, list(range(n)), LocalExchange(), torch.device("cpu"), dataset=data)
         t["models"] = time.time()
-        session._train_epoch(0)
+        session.train_epoch(0)
         t["first_step"] = time.time()
         ranks = []
     else:

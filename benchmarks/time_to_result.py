@@ -46,7 +46,7 @@ def instrument(log: list) -> None:
     """Timers on the role-side functions both executors share (present in every checkout measured)."""
     from ray_kd import exchange, roles, session
 
-    _timed(session.Session, "_train_epoch", log, lambda self, epoch: "train")
+    _timed(session.Session, "train_epoch", log, lambda self, epoch: "train")
     _timed(roles.RoleRunner, "evaluate", log, lambda self, *a: f"evaluate {self.role.name}")
     _timed(exchange.CollectiveExchange, "gather_objects", log, lambda *a: "wait: metrics of the other roles")
     _timed(session, "load_dataset", log, lambda *a: "dataset load")
