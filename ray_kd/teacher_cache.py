@@ -111,6 +111,7 @@ class TeacherCache:
         self.steps_per_epoch, self.topk, self.dtype = steps_per_epoch, topk, DTYPES[dtype]
         self.shard = f"r{replica[0]}of{replica[1]}"
         self.hits = self.misses = 0
+        self.writable = True
         self._loaded: tuple[int, int] | None = None
         self._entries: dict[int, dict] = {}  # the loaded chunk's steps
         self._pending: dict[int, dict] = {}  # steps computed this epoch, not written yet
@@ -150,14 +151,26 @@ class TeacherCache:
         if self._pending_chunk is not None:
             epoch, chunk = self._pending_chunk
             first, last = chunk * CHUNK, min((chunk + 1) * CHUNK, self.steps_per_epoch)
-            if sorted(self._pending) == list(range(first, last)):
-                path = self._path(epoch, chunk)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-                with os.fdopen(fd, "wb") as f:
-                    torch.save(self._pending, f)
-                os.replace(tmp, path)
+            if self.writable and sorted(self._pending) == list(range(first, last)):
+                self._write(self._path(epoch, chunk))
         self._pending, self._pending_chunk = {}, None
+
+    def _write(self, path: Path) -> None:
+        """One chunk, whole or not at all; a cache that cannot be written (a full disk) is not worth a run: one
+        warning, and the run goes on computing what it does not find."""
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self._pending, f)
+            os.replace(tmp, path)
+        except OSError as err:
+            self.writable = False
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            warnings.warn(f"teacher.cache: cannot write {path} ({err.strerror or err}); this run stores nothing "
+                          "more there and goes on", stacklevel=3)
 
     def _read(self, epoch: int, chunk: int) -> dict[int, dict]:
         path = self._path(epoch, chunk)

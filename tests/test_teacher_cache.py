@@ -94,6 +94,24 @@ def test_a_corrupt_entry_is_recomputed_with_one_warning(tmp_path, mlflow_uri, di
     assert torch.load(chunk, weights_only=True).keys() == set(range(STEPS))  # written again, whole
 
 
+def test_a_cache_that_cannot_be_written_warns_once_and_the_run_goes_on(tmp_path, monkeypatch):
+    cache = TeacherCache(tmp_path, {"k": 1}, steps_per_epoch=CHUNK * 2)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(CHUNK * 2):
+            stored = cache.put(0, step, {"logits": torch.ones(2, 3)})
+    assert torch.equal(stored["logits"], torch.ones(2, 3))
+    assert [str(w.message) for w in caught] == [
+        f"teacher.cache: cannot write {cache.folder / 'e0000' / 'r0of1-c00000.pt'} (No space left on device); this "
+        "run stores nothing more there and goes on"]
+    assert not list(cache.folder.rglob("*.pt")) and not list(cache.folder.rglob(".tmp-*"))
+
+
 def test_top_k_keeps_the_renormalised_distribution():
     cache = TeacherCache.__new__(TeacherCache)
     cache.topk, cache.dtype = 3, torch.float16
