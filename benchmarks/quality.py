@@ -68,6 +68,11 @@ TEACHER_EPOCHS = {"digits": [], "cifar10": ["optim.epochs=12", "optim.milestones
 # `kd+skd@simplifier_ce` rows of quality_digits and quality_cifar10_15_v1) made it 0.6.
 NO_SIMPLIFIER_CE = {"overrides": ["method.simplifier_ce_weight=0"],
                     "note": "SKD's simplifier_ce_weight 0 (its default before issue 17) instead of 0.6"}
+# Issue 34: kd+skd@tuned with its simplifier removed (KD at the temperature and KD weight kd+skd's sweep chose):
+# what the simplifier itself adds at the tuned values.
+_TUNED_15 = RESULTS / "tuned_cifar10_15.json"
+SKD_TUNED_KD = {k: v for k, v in (json.loads(_TUNED_15.read_text()) if _TUNED_15.is_file() else {}).get(
+    "kd+skd", {}).items() if not k.startswith("method.simplifier")}
 CONTROLS = {"cifar10_15": {
     "kd@teacher15": {"teacher": "teacher15", "note": "a teacher trained 15 epochs instead of 30, kept at its last epoch"},
     "kd@teacher15_best": {"teacher": "teacher15", "best": True, "note": "that run's best-validation epoch instead"},
@@ -78,6 +83,10 @@ CONTROLS = {"cifar10_15": {
     **{f"kd@top{k}": {"overrides": [f"teacher.cache={RUNS / 'teacher_cache'}", f"teacher.cache_topk={k}"],
                       "note": f"the teacher's top-{k} logits only (teacher.cache_topk={k}, fp16) instead of all 10"}
        for k in (3, 5)},
+    **({"kd@skd_tuned": {"overrides": [f"{k}={v}" for k, v in SKD_TUNED_KD.items()],
+                         "note": "KD at kd+skd@tuned's temperature and KD weight, without the simplifier "
+                                 f"({' '.join(f'{k.split(chr(46))[-1]}={v:.3g}' for k, v in SKD_TUNED_KD.items())})"}}
+       if SKD_TUNED_KD else {}),
 }, "digits": {"kd+skd@no_simplifier_ce": NO_SIMPLIFIER_CE}}
 CONTROL_TEACHERS = {"teacher15": ["optim.epochs=15"]}  # kind -> its overrides on top of the protocol
 # The teacher's choice rule: the best validation epoch, or the last (a cosine schedule ends annealed, and a
