@@ -149,6 +149,15 @@ def test_bad_settings_are_one_line(tmp_path, digits_teacher):
         run_local(cfg, show_progress=False)
 
 
+def test_the_epoch_line_says_how_the_teacher_served():
+    from ray_kd.session import teacher_note
+
+    record = {"teacher/steps_ahead": 2.0, "teacher/cache_hits": 70.0, "teacher/cache_misses": 9.0,
+              "student_0/wait_ms": 0.25, "teacher/wait_ms": 110.0}
+    assert teacher_note(record) == ", teacher 2 steps ahead, cache 70/79 steps read, students waited 0.2 ms/step"
+    assert teacher_note({"student_0/wait_ms": 3.0, "student_1/wait_ms": 1.0}) == ""  # DML: no teacher to speak of
+
+
 def test_the_size_line_for_imagenet():
     assert describe_size(1_281_167, 1000, None, 100) == (
         "2.6 GB per epoch of fp16 logits for 1,281,167 images x 1,000 classes, 256.2 GB for 100 epochs")
