@@ -57,11 +57,22 @@ def sweep_method(dataset: str, method: str) -> dict:
     return {k: best[k] for k in space.params}
 
 
-def trials(dataset: str, method: str) -> list[dict]:
-    """Every trial of the method's finished sweep, best validation first; [] if it has not run."""
+def committed_trials(dataset: str) -> dict[str, list[dict]]:
+    """The committed table's trials (results/sweeps_<dataset>.json) by method: sweeps run on other machines,
+    whose run folders this one does not have."""
+    path = RESULTS / f"sweeps_{dataset}.json"
+    committed: dict[str, list[dict]] = {}
+    for row in json.loads(path.read_text())["rows"] if path.is_file() else []:
+        committed.setdefault(row["method"], []).append(row)
+    return committed
+
+
+def trials(dataset: str, method: str, committed: dict[str, list[dict]]) -> list[dict]:
+    """Every trial of the method's finished sweep, best validation first: this machine's, else the committed
+    table's; [] if it has run nowhere."""
     table = RUNS / "tune" / f"{sweep_name(dataset, method)}-sweep" / "results.csv"
     if not table.is_file():
-        return []
+        return committed.get(method, [])
     with table.open() as f:
         rows = [{"method": method, **r} for r in csv.DictReader(f)]
     return sorted(rows, key=lambda r: -float(r["best_val_acc"] or 0))
@@ -79,15 +90,16 @@ def main() -> None:
     info = machine()
     tuned_file = RESULTS / f"tuned_{args.dataset}.json"
     tuned = json.loads(tuned_file.read_text()) if tuned_file.is_file() else {}
+    committed = committed_trials(args.dataset)
     for method in methods:
         tuned[method] = sweep_method(args.dataset, method)
         tuned_file.write_text(json.dumps(tuned, indent=2) + "\n")  # each sweep's choice kept as it lands
-    derived_kd = "kd+skd" in tuned and not trials(args.dataset, "kd")
+    derived_kd = "kd+skd" in tuned and not trials(args.dataset, "kd", committed)
     if derived_kd:  # the ablation: KD with kd+skd's chosen temperature and weights, no simplifier
         tuned["kd"] = {k: v for k, v in tuned["kd+skd"].items() if not k.startswith("method.simplifier")}
     tuned_file.write_text(json.dumps(tuned, indent=2) + "\n")
-    swept = [m for m in METHODS if trials(args.dataset, m)]
-    rows = [row for method in swept for row in trials(args.dataset, method)]
+    swept = [m for m in METHODS if trials(args.dataset, m, committed)]
+    rows = [row for method in swept for row in trials(args.dataset, method, committed)]
     params = sorted({k for r in rows for k in r} - {"method", "trial_id", "status", "epochs", "best_val_acc",
                                                      "test_acc_at_best_val"})
     for r in rows:  # floats for the table's formatting
