@@ -71,8 +71,10 @@ NO_SIMPLIFIER_CE = {"overrides": ["method.simplifier_ce_weight=0"],
 # Issue 34: kd+skd@tuned with its simplifier removed (KD at the temperature and KD weight kd+skd's sweep chose):
 # what the simplifier itself adds at the tuned values.
 _TUNED_15 = RESULTS / "tuned_cifar10_15.json"
-SKD_TUNED_KD = {k: v for k, v in (json.loads(_TUNED_15.read_text()) if _TUNED_15.is_file() else {}).get(
-    "kd+skd", {}).items() if not k.startswith("method.simplifier")}
+_CHOSEN_15 = json.loads(_TUNED_15.read_text()) if _TUNED_15.is_file() else {}
+SKD_TUNED_KD = {k: v for k, v in _CHOSEN_15.get("kd+skd", {}).items() if not k.startswith("method.simplifier")}
+# ... and with tuned KD's CE weight (kd+skd's space leaves it at its config's 0.1): whether that is the gap
+SKD_TUNED_CE = {**_CHOSEN_15.get("kd+skd", {}), "method.ce_weight": _CHOSEN_15.get("kd", {}).get("method.ce_weight")}
 CONTROLS = {"cifar10_15": {
     "kd@teacher15": {"teacher": "teacher15", "note": "a teacher trained 15 epochs instead of 30, kept at its last epoch"},
     "kd@teacher15_best": {"teacher": "teacher15", "best": True, "note": "that run's best-validation epoch instead"},
@@ -87,6 +89,10 @@ CONTROLS = {"cifar10_15": {
                          "note": "KD at kd+skd@tuned's temperature and KD weight, without the simplifier "
                                  f"({' '.join(f'{k.split(chr(46))[-1]}={v:.3g}' for k, v in SKD_TUNED_KD.items())})"}}
        if SKD_TUNED_KD else {}),
+    **({"kd+skd@tuned_ce": {"overrides": [f"{k}={v}" for k, v in SKD_TUNED_CE.items()],
+                            "note": "kd+skd@tuned with tuned KD's CE weight "
+                                    f"({SKD_TUNED_CE['method.ce_weight']:.3g}) instead of its config's 0.1"}}
+       if SKD_TUNED_KD and SKD_TUNED_CE["method.ce_weight"] is not None else {}),
 }, "digits": {"kd+skd@no_simplifier_ce": NO_SIMPLIFIER_CE}}
 CONTROL_TEACHERS = {"teacher15": ["optim.epochs=15"]}  # kind -> its overrides on top of the protocol
 # The teacher's choice rule: the best validation epoch, or the last (a cosine schedule ends annealed, and a
