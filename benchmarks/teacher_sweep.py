@@ -4,8 +4,9 @@ Both sweeps run the same 8 trials, a grid of temperature x ce_weight x kd_weight
 CIFAR-10 protocol's data (quality.PROTOCOL['cifar10_15']: 10,000 training images, 1,000 for validation, the
 10,000 test images, batch 128) for --epochs epochs: KD resnet20 -> resnet8 with the committed cifar10_15
 teacher, on Ray (a worker per role, a core each, so one trial at a time on 2 cores), no early stopping.
-With the cache (float32, so every trial computes exactly what it computes without it) the first trial computes
-the teacher's outputs and its val/test scores, and every later trial reads them.
+With the cache (float32, so every trial computes exactly what it computes without it) the sweep first computes the
+teacher's outputs for every step and its val/test scores once (`ray-kd tune` fills teacher.cache on one worker
+before the trials), and every trial reads them.
 
 Measured per sweep: the machine's CPU-seconds (/proc/stat: the busy time of every core, so nothing else may run
 meanwhile), its wall time, and each trial's best validation top-1 (the two sweeps must agree trial by trial); and,
@@ -123,17 +124,18 @@ def report(info: dict, measured: dict, measured_by: str | None) -> None:
              f"({' '.join(PROTOCOL['cifar10_15'][:3])}); KD resnet20 -> resnet8 (configs/bench_cifar10_kd.yaml) with "
              "the committed cifar10_15 teacher, on Ray, one trial at a time. cpu_seconds: the busy time of both cores "
              "over the sweep (/proc/stat), Ray's start and every trial's set-up included. With the cache "
-             "(teacher.cache_dtype=float32) the first trial computes and stores the teacher's outputs and scores, the "
-             "other 7 read them. The `<role> compute s` / `<role> eval s` columns sum the trials' own records "
+             "(teacher.cache_dtype=float32) the sweep first fills it, the teacher's outputs for every step and its "
+             "scores computed once on one worker, and all 8 trials read them. The `<role> compute s` / `<role> eval s` columns sum the trials' own records "
              "(compute_ms x steps, eval_s): the rest of the CPU-seconds (worker start-up and data, the driver, Tune, "
-             f"MLflow, the exchange) was {rest[0]:.0f} s without the cache and {rest[1]:.0f} s with it. "
+             f"MLflow, the exchange; with the cache, the fill too) was {rest[0]:.0f} s without the cache and "
+             f"{rest[1]:.0f} s with it. "
              f"Every trial's best validation top-1 {'is identical in both sweeps' if same else 'differs between the sweeps'}"
              f"{'' if same else ': ' + str(plain['per_trial']) + ' vs ' + str(cached['per_trial'])}. "
              f"Target: <= 0.65x the CPU-seconds -> {'met' if ratio <= 0.65 else f'missed by {ratio - 0.65:.3f}'} "
-             f"({ratio:.3f}x). The cache saved {saved:.0f} CPU-seconds: the teachers' own records fell by "
-             f"{teacher_saved:.0f} s, while the students' rose by {student_rise:+.0f} s and the rest by "
-             f"{rest[1] - rest[0]:+.0f} s (a shared machine: the same work measured slower in the second sweep). "
-             f"Even at the teachers' saving alone the ratio would be {(plain['cpu_s'] - teacher_saved) / plain['cpu_s']:.3f}: "
+             f"({ratio:.3f}x). The cache saved {saved:.0f} CPU-seconds: the trials' teacher records fell by "
+             f"{teacher_saved:.0f} s, the students' moved by {student_rise:+.0f} s and the rest by "
+             f"{rest[1] - rest[0]:+.0f} s (the fill's one pass of the teacher among it). Even with the teacher "
+             f"free the ratio would be {(plain['cpu_s'] - teacher_saved) / plain['cpu_s']:.3f}: "
              "what every trial still pays is the student's training and scoring (the resnet8 student's forward and "
              "backward cost more than the resnet20 teacher's forward on a CPU) and the fixed cost of a trial (worker "
              "start-up, data, Tune, MLflow), so the ratio approaches the ideal only as trials get longer and more "
