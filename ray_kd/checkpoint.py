@@ -23,11 +23,17 @@ class CheckpointError(UserError, ValueError):
 
 
 def atomic_save(obj, path: str | Path) -> None:
+    """`torch.save` through a temporary file and a rename: `path` is whole or absent, and a failed write
+    (a full disk) leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(obj, path: str | Path) -> None:

@@ -478,15 +478,24 @@ class WorkerFailedError(UserError, RuntimeError):
     """A role's worker kept dying after every restart the run allows, or failed with an unexpected error."""
 
 
-def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
-    """The one-line error a user can act on: the worker's own UserError (a NaN loss, a bad checkpoint) if it
-    raised one, else the worker's last line and how to resume."""
+def worker_user_error(err: Exception) -> UserError | None:
+    """The UserError (a NaN loss, a bad checkpoint, a bad config) a Ray task or actor raised, from the error Ray
+    raised for it; None when it raised none."""
     cause = err
     while cause is not None:
         inner = getattr(cause, "cause", None)  # a RayTaskError carries the worker's own exception
         if isinstance(cause, UserError) and inner is None:
             return cause
         cause = inner or cause.__cause__
+    return None
+
+
+def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
+    """The one-line error a user can act on: the worker's own UserError if it raised one, else the worker's last
+    line and how to resume."""
+    own = worker_user_error(err)
+    if own is not None:
+        return own
     text = str(getattr(err, "cause", None) or err).strip()
     first = text.splitlines()[-1][:300] if text else type(err).__name__
     return WorkerFailedError(f"the run failed in a worker ({first}); checkpoints are kept in "

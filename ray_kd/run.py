@@ -150,16 +150,16 @@ def preflight(cfg: RunConfig) -> Dataset:
     data = load_dataset(cfg.data)
     check_roles(cfg, data)
     n, size, replicas = len(data.train.labels), cfg.data.batch_size, cfg.runtime.replicas
-    last = min(size, n - (epoch_steps(data, size, cfg.optim.steps_per_epoch) - 1) * size)
+    steps = epoch_steps(data, size, cfg.optim.steps_per_epoch)
+    last = min(size, n - (steps - 1) * size)
     if last < replicas:
         raise ConfigError(f"config error: the epoch's last batch holds {last} of the {n:,} training images, too few "
                           f"to split into runtime.replicas={replicas} shards; pick a data.batch_size that leaves "
                           f"at least {replicas} (or set optim.steps_per_epoch)")
     if cfg.teacher is not None and cfg.teacher.cache is not None:
-        images = min(n, epoch_steps(data, size, cfg.optim.steps_per_epoch) * size)
-        print(f"teacher.cache {cfg.teacher.cache}: "
-              f"{describe_size(images, data.num_classes, cfg.teacher.cache_topk, cfg.optim.epochs, cfg.teacher.cache_dtype)}",
-              flush=True)
+        size_line = describe_size(min(n, steps * size), data.num_classes, cfg.teacher.cache_topk, cfg.optim.epochs,
+                                  cfg.teacher.cache_dtype)
+        print(f"teacher.cache {cfg.teacher.cache}: {size_line}", flush=True)
     if cfg.data.batch_size > n:
         print(f"note: data.batch_size={cfg.data.batch_size} is larger than the {n:,} training images: every epoch "
               f"is one step of {n:,} images", flush=True)

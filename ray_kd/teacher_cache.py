@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from ray_kd.checkpoint import atomic_save, atomic_write_json
 from ray_kd.methods import Outputs
 
 CHUNK = 64
@@ -50,7 +49,7 @@ def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
 
 
 def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -82,12 +81,13 @@ def _size(n: float) -> str:
 
 
 def cache_key(cfg, runner, dataset, replicas: int) -> dict:
-    """Everything a frozen teacher's output for (epoch, step, replica) depends on, besides those three."""
+    """Everything a frozen teacher's output for (epoch, step, replica) depends on, besides those three (as JSON
+    holds it: what the folder's key.json shows is what its name digests)."""
     from ray_kd.data import dataset_identity
 
     spec = cfg.teacher
     data = cfg.data.model_dump(exclude={"workers", "cache_dir", "checksum", "download", "root"})
-    return {"format": 1,
+    return json.loads(json.dumps({"format": 1,
             "teacher": {"model": spec.model, "model_kwargs": spec.model_kwargs, "stages": spec.stages,
                         "replace_head": spec.replace_head, "module": type(runner.net).__qualname__,
                         "weights": weights_digest(runner.state_dict()["net"])},
@@ -95,7 +95,7 @@ def cache_key(cfg, runner, dataset, replicas: int) -> dict:
             "seed": cfg.seed, "steps_per_epoch": cfg.optim.steps_per_epoch, "replicas": replicas,
             "precision": {"amp": cfg.optim.amp, "channels_last": cfg.runtime.channels_last,
                           "fold_frozen_batchnorm": cfg.runtime.fold_frozen_batchnorm},
-            "dtype": cfg.teacher.cache_dtype, "topk": cfg.teacher.cache_topk}
+            "dtype": cfg.teacher.cache_dtype, "topk": cfg.teacher.cache_topk}, default=str))
 
 
 class TeacherCache:
@@ -107,11 +107,12 @@ class TeacherCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "key.json"
         if not meta.exists():  # what the folder's entries were made from, for a person reading the cache
-            _atomic_write_bytes(meta, json.dumps(key, indent=2, sort_keys=True, default=str).encode())
+            atomic_write_json(key, meta)
         self.steps_per_epoch, self.topk, self.dtype = steps_per_epoch, topk, DTYPES[dtype]
         self.shard = f"r{replica[0]}of{replica[1]}"
         self.hits = self.misses = 0
         self.writable = True
+        self._scores: dict[str, dict[str, float]] | None = None  # the teacher's, as stored (read once)
         self._loaded: tuple[int, int] | None = None
         self._entries: dict[int, dict] = {}  # the loaded chunk's steps
         self._pending: dict[int, dict] = {}  # steps computed this epoch, not written yet
@@ -119,6 +120,10 @@ class TeacherCache:
 
     def _path(self, epoch: int, chunk: int) -> Path:
         return self.folder / f"e{epoch:04d}" / f"{self.shard}-c{chunk:05d}.pt"
+
+    def _steps(self, chunk: int) -> range:
+        """The steps a chunk holds (the epoch's last one may hold fewer)."""
+        return range(chunk * CHUNK, min((chunk + 1) * CHUNK, self.steps_per_epoch))
 
     def get(self, epoch: int, step: int, device: torch.device) -> Outputs | None:
         """The stored outputs of (epoch, step) as the students see them, or None (a miss: `put` them)."""
@@ -141,8 +146,7 @@ class TeacherCache:
             self._pending_chunk = chunk
         entry = self._encode(published)
         self._pending[step] = entry
-        first, last = chunk[1] * CHUNK, min((chunk[1] + 1) * CHUNK, self.steps_per_epoch)
-        if len(self._pending) == last - first:
+        if len(self._pending) == len(self._steps(chunk[1])):
             self.flush()
         return self._decode(entry, next(iter(published.values())).device)
 
@@ -150,25 +154,17 @@ class TeacherCache:
         """Write the pending chunk if it is whole (a run stopped mid-chunk leaves it to be computed again)."""
         if self._pending_chunk is not None:
             epoch, chunk = self._pending_chunk
-            first, last = chunk * CHUNK, min((chunk + 1) * CHUNK, self.steps_per_epoch)
-            if self.writable and sorted(self._pending) == list(range(first, last)):
+            if self.writable and sorted(self._pending) == list(self._steps(chunk)):
                 self._write(self._path(epoch, chunk))
         self._pending, self._pending_chunk = {}, None
 
     def _write(self, path: Path) -> None:
         """One chunk, whole or not at all; a cache that cannot be written (a full disk) is not worth a run: one
         warning, and the run goes on computing what it does not find."""
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self._pending, f)
-            os.replace(tmp, path)
+            atomic_save(self._pending, path)
         except OSError as err:
             self.writable = False
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             warnings.warn(f"teacher.cache: cannot write {path} ({err.strerror or err}); this run stores nothing "
                           "more there and goes on", stacklevel=3)
 
@@ -214,18 +210,15 @@ class TeacherCache:
 
     # --- a frozen teacher's scores (val/test top-1), which every run with this key scores alike -----------
     def scores(self) -> dict[str, dict[str, float]]:
-        path = self.folder / "scores.json"
-        try:
-            return json.loads(path.read_text()) if path.exists() else {}
-        except (OSError, ValueError):
-            return {}
+        """The stored scores ({} when none are), read from the folder once."""
+        if self._scores is None:
+            path = self.folder / "scores.json"
+            try:
+                self._scores = json.loads(path.read_text()) if path.exists() else {}
+            except (OSError, ValueError):
+                self._scores = {}
+        return self._scores
 
     def keep_scores(self, done: dict[str, dict[str, float]]) -> None:
-        _atomic_write_bytes(self.folder / "scores.json", json.dumps(done, indent=1).encode())
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+        atomic_write_json(done, self.folder / "scores.json")
+        self._scores = json.loads(json.dumps(done))

@@ -190,15 +190,16 @@ def _fill_teacher_cache(cfg: RunConfig) -> None:
     import ray
 
     from ray_kd.local_executor import fill_teacher_cache
-    from ray_kd.ray_executor import use_gpu
+    from ray_kd.ray_executor import use_gpu, worker_user_error
 
     task = ray.remote(num_cpus=cfg.runtime.cpus_per_worker, num_gpus=1 if use_gpu(cfg) else 0)(fill_teacher_cache)
     print(f"teacher.cache {cfg.teacher.cache}: the teacher's outputs for every step, before the trials", flush=True)
     try:
         totals = ray.get(task.remote(cfg.with_absolute_paths(), None, False))
     except ray.exceptions.RayTaskError as err:
-        if isinstance(err.cause, UserError):
-            raise err.cause from None
+        own = worker_user_error(err)
+        if own is not None:
+            raise own from None
         raise
     print(f"teacher.cache: {totals['computed']} steps computed, {totals['read']} read", flush=True)
 
