@@ -128,6 +128,11 @@ class FolderStore:
         done = self.folders()
         return done[-1] if done else None
 
+    def latest_history(self) -> list:
+        """The newest checkpoint's epoch history ([] before the first)."""
+        latest = self.latest()
+        return read_history(latest) if latest is not None else []
+
     def restore(self, session) -> list:
         """Load the session's roles from the newest readable checkpoint; returns its history ([] for none)."""
         found = newest_good(self.folders(), self.role_names)

@@ -7,8 +7,10 @@ fails with one line naming it (see `ConfigError`).
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import yaml
@@ -236,36 +238,65 @@ class TrackingConfig(Strict):
 
 
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(//)?")
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs", "viewfs")
+"""The remote schemes pyarrow.fs opens (Ray's storage_path goes through the same layer)."""
 
 
-def local_storage_path(output_dir: str, field: str = "output_dir") -> str:
-    """`output_dir` as the local path every process of a run uses: a file:// URI resolved by pyarrow.fs (the
-    filesystem layer Ray's own storage_path goes through), a plain path kept as it is. Checkpoints, the run lock
-    and the summary are plain file operations, so any other scheme (s3://, gs://, hdfs://) is refused: a remote
-    store is not a checkpoint store yet, and on a cluster a folder every node mounts serves instead."""
-    match = URI_SCHEME.match(output_dir)
-    if match is None or not (match.group(2) or match.group(1).lower() == "file"):
-        return output_dir  # a path (a relative one is resolved by with_absolute_paths)
-    scheme = match.group(1).lower()
+def uri_scheme(path: str) -> str | None:
+    """The lower-case scheme of a `scheme://...` URI; None for a plain path (`C:` or `a:b` included)."""
+    match = URI_SCHEME.match(path)
+    return match.group(1).lower() if match and (match.group(2) or match.group(1).lower() == "file") else None
+
+
+def local_storage_path(path: str, field: str = "output_dir", remote_ok: bool = False) -> str:
+    """`path` as every process of a run uses it: a file:// URI resolved by pyarrow.fs to its local path, a plain
+    path kept as it is, and (where `remote_ok`) an object-store URI kept whole (`ray_kd.storage` mirrors it).
+    Any other scheme is refused in one line. Opening a remote store is left to the preflight: resolving an S3
+    bucket's region is a network call."""
+    scheme = uri_scheme(path)
+    if scheme is None:
+        return path  # a path (a relative one is resolved by with_absolute_paths)
     if scheme != "file":
-        raise ValueError(f"{scheme}:// is not supported ({output_dir}): {field} is a local path or a file:// "
-                         "URI, on a cluster a folder every node mounts (NFS, a shared disk); a remote filesystem is "
-                         "not a checkpoint store yet")
+        if remote_ok and scheme in OBJECT_STORE_SCHEMES:
+            return path
+        accepted = ("a local path, a file:// URI or an object store ("
+                    + ", ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES) + ")")
+        raise ValueError(f"{scheme}:// is not supported ({path.split('?')[0]}): {field} is "
+                         + (accepted if remote_ok else "a local path or a file:// URI, on a cluster a folder every "
+                            "node mounts (NFS, a shared disk)"))
     from pyarrow import ArrowInvalid
     from pyarrow.fs import FileSystem
 
     try:
-        _, path = FileSystem.from_uri(output_dir)
+        _, local = FileSystem.from_uri(path)
     except ArrowInvalid as err:
-        raise ValueError(f"{output_dir!r} is not a local file URI ({err}); write file:///absolute/path") from None
-    return path
+        raise ValueError(f"{path!r} is not a local file URI ({err}); write file:///absolute/path") from None
+    return local
+
+
+def storage_mirror(uri: str) -> Path:
+    """The local folder that mirrors an object-store URI on this machine: `$RAY_KD_STORAGE_CACHE` (default
+    ~/.cache/ray-kd/storage) / scheme / bucket / path; credentials and options in the URI are not part of it."""
+    parts = urlsplit(uri)
+    root = Path(os.environ.get("RAY_KD_STORAGE_CACHE", "~/.cache/ray-kd/storage")).expanduser()
+    return root.resolve() / parts.scheme.lower() / (parts.hostname or "_") / parts.path.strip("/")
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` without credentials or options, for messages and MLflow params."""
+    parts = urlsplit(uri)
+    if uri_scheme(uri) in (None, "file"):
+        return uri
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return f"{parts.scheme}://{host}{parts.path}"
 
 
 class RunConfig(Strict):
     name: str = Field("digits-dml", pattern=r"^[A-Za-z0-9_.-]+$", description="one folder name under output_dir")
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    output_dir: str = Field("runs", description="where run folders go: a local path or a file:// URI; on a "
-                            "cluster, storage every node sees (an NFS mount, a shared disk)")
+    output_dir: str = Field("runs", description="where run folders go: a local path or a file:// URI (on a "
+                            "cluster, storage every node sees: an NFS mount, a shared disk), or an object store "
+                            "(s3://bucket/prefix, gs://, abfs://, hdfs://) mirrored locally")
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     teacher: TeacherConfig | None = None
@@ -285,7 +316,7 @@ class RunConfig(Strict):
     @field_validator("output_dir")
     @classmethod
     def _local_storage(cls, output_dir: str) -> str:
-        return local_storage_path(output_dir)
+        return local_storage_path(output_dir, remote_ok=True)
 
     @model_validator(mode="after")
     def _method_fits_roles(self) -> "RunConfig":
@@ -312,8 +343,15 @@ class RunConfig(Strict):
         return self
 
     @property
+    def remote_output(self) -> bool:
+        """output_dir is an object store: the run folder is its local mirror (`ray_kd.storage`)."""
+        return uri_scheme(self.output_dir) is not None
+
+    @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir).resolve() / self.name
+        """The run's folder on this machine: under output_dir, or the local mirror of a remote one."""
+        base = storage_mirror(self.output_dir) if self.remote_output else Path(self.output_dir).resolve()
+        return base / self.name
 
     def with_absolute_paths(self) -> "RunConfig":
         """The same spec with its file paths resolved against this process's working directory.
@@ -328,7 +366,7 @@ class RunConfig(Strict):
                                                  "cache": absolute(self.teacher.cache)}),
                  "students": [s.model_copy(update={"checkpoint": absolute(s.checkpoint)}) for s in self.students]}
         return self.model_copy(update={
-            "output_dir": absolute(self.output_dir), **roles,
+            "output_dir": self.output_dir if self.remote_output else absolute(self.output_dir), **roles,
             "data": self.data.model_copy(update={"root": absolute(self.data.root),
                                                  "cache_dir": absolute(self.data.cache_dir)})})
 

@@ -57,7 +57,12 @@ def check_writable(folder: str | Path, field: str) -> None:
 
 
 def check_folders(cfg: RunConfig) -> None:
-    check_writable(cfg.output_dir, "output_dir")
+    if cfg.remote_output:
+        from ray_kd import storage
+
+        storage.check_writable(cfg)
+    else:
+        check_writable(cfg.output_dir, "output_dir")
     check_writable(cfg.data.cache_dir, "data.cache_dir")  # every dataset caches its val split there
     if cfg.teacher is not None and cfg.teacher.cache is not None:
         check_writable(cfg.teacher.cache, "teacher.cache")

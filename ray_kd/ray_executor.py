@@ -26,7 +26,7 @@ from typing import Callable
 import ray
 import torch
 
-from ray_kd.checkpoint import CheckpointError, read_history
+from ray_kd.checkpoint import CheckpointError
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, as_arrays, from_arrays
 from ray_kd.errors import UserError
@@ -34,6 +34,7 @@ from ray_kd.exchange import CollectiveExchange, LocalExchange
 from ray_kd.preflight import cluster_address, running_cluster
 from ray_kd.progress import ProgressDisplay, Status, StepMetricLogger, StepMonitor, group_status, this_process
 from ray_kd.replicas import Mesh, build_mesh, processes_per_replica, world_size
+from ray_kd import run_folder
 from ray_kd.run_folder import checkpoint_store, saved_checkpoints
 from ray_kd.session import Session, all_roles, fit, progress_line
 from ray_kd.worker_deaths import death_cause
@@ -375,7 +376,7 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
 
 def _gave_up(cfg: RunConfig, role: str, died: WorkerDied, deaths: list[str | None]) -> str:
     """The last line of a run whose workers kept dying: why, and whether resuming can help."""
-    kept = f"checkpoints are kept in {checkpoint_store(cfg).root}"
+    kept = f"checkpoints are kept in {run_folder.where(cfg)}"
     if len(deaths) > 1 and len(set(deaths)) == 1:
         where = f"after {deaths[0]}" if deaths[0] else "before the first checkpoint"
         return (f"{role} died {len(deaths)} times at the same point ({where}): {died}; resuming would die the "
@@ -428,9 +429,8 @@ def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | No
 def newest_history(cfg: RunConfig) -> list[dict] | None:
     """The epoch history of the run's newest checkpoint ([] before the first), None while it cannot be read
     (pruned or replaced as it was read: the next look sees the new one)."""
-    folders = saved_checkpoints(cfg)
     try:
-        return read_history(folders[-1]) if folders else []
+        return checkpoint_store(cfg).latest_history()
     except (CheckpointError, FileNotFoundError):
         return None
 
@@ -499,4 +499,4 @@ def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
     text = str(getattr(err, "cause", None) or err).strip()
     first = text.splitlines()[-1][:300] if text else type(err).__name__
     return WorkerFailedError(f"the run failed in a worker ({first}); checkpoints are kept in "
-                             f"{checkpoint_store(cfg).root}: run the same command to resume")
+                             f"{run_folder.where(cfg)}: run the same command to resume")

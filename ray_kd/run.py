@@ -23,7 +23,7 @@ from ray_kd.session import all_roles
 from ray_kd.results import headline_line, plot_curves, summarize, write_summary
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from ray_kd.teacher_cache import describe_size
-from ray_kd import run_folder, tracking
+from ray_kd import run_folder, storage, tracking
 
 if TYPE_CHECKING:  # imported where a Ray run needs it: it imports Ray
     from ray_kd.ray_executor import RoleGroup
@@ -42,10 +42,14 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
     with _shut_down_after(workers), run_folder.run_lock(cfg):
         if restart:
             run_folder.clear(cfg)
+        elif cfg.remote_output:
+            storage.pull(cfg)
         run_folder.check_store(cfg, uri)
         run_folder.check_fingerprint(cfg, data)
         resumed = newest_good_checkpoint(cfg)
         run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind)
+        if cfg.remote_output:
+            storage.push(cfg)
         mlflow = tracking.client(uri)
         before = mlflow.get_run(run_id)
         done = _already_finished(cfg, before, resumed)
@@ -54,7 +58,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
         if before.info.status != "RUNNING":  # a resumed run shows as running while it runs
             mlflow.update_run(run_id, "RUNNING")
         epochs_before = tracking.latest_epoch(mlflow, run_id)[0]
-        print(f"run {cfg.name}: folder {cfg.run_dir}, MLflow run {run_id} in {uri}"
+        print(f"run {cfg.name}: folder {run_folder.where(cfg)}, MLflow run {run_id} in {uri}"
               + (f", resuming after epoch {len(resumed[1])}" if resumed else ""), flush=True)
         earlier, start = run_folder.wall_before(cfg), time.perf_counter()
         try:
@@ -79,6 +83,8 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
             return finish(cfg, last, uri, run_id, earlier + time.perf_counter() - start, data)
         finally:  # every start's time counts, a stopped or failed one's too
             run_folder.record_wall(cfg, earlier + time.perf_counter() - start)
+            if cfg.remote_output:
+                storage.push(cfg)
 
 
 def _already_finished(cfg: RunConfig, run, resumed) -> dict | None:

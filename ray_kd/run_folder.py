@@ -109,9 +109,13 @@ def _sha256(path: Path) -> str:
 
 def checkpoint_store(cfg: RunConfig, rank: int = 0, barrier: Callable[[], None] = lambda: None) -> FolderStore:
     """The run's checkpoints, `checkpoints/epoch_NNNN/`: the same store on both executors (a Ray rank passes its
-    rank and the group's barrier)."""
-    return FolderStore(cfg.run_dir / "checkpoints", [r.name for r in all_roles(cfg)], cfg.runtime.keep_checkpoints,
-                       rank, barrier)
+    rank and the group's barrier); in the object store, read through the local mirror, for a remote output_dir."""
+    args = (cfg.run_dir / "checkpoints", [r.name for r in all_roles(cfg)], cfg.runtime.keep_checkpoints, rank, barrier)
+    if cfg.remote_output:
+        from ray_kd import storage
+
+        return storage.RemoteCheckpoints(storage.RemoteFolder(cfg.output_dir, f"{cfg.name}/checkpoints"), *args)
+    return FolderStore(*args)
 
 
 def saved_checkpoints(cfg: RunConfig) -> list[Path]:
@@ -224,4 +228,17 @@ def clear(cfg: RunConfig) -> None:
         if item.name == LOCK:
             continue
         shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-    print(f"run {cfg.name}: --restart cleared {cfg.run_dir}", flush=True)
+    if cfg.remote_output:
+        from ray_kd import storage
+
+        storage.clear(cfg)
+    print(f"run {cfg.name}: --restart cleared {where(cfg)}", flush=True)
+
+
+def where(cfg: RunConfig) -> str:
+    """The run folder as messages name it: its path, or the object store it mirrors."""
+    if cfg.remote_output:
+        from ray_kd.config import shown_uri
+
+        return f"{shown_uri(cfg.output_dir).rstrip('/')}/{cfg.name} (mirrored in {cfg.run_dir})"
+    return str(cfg.run_dir)

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ray_kd.checkpoint import atomic_write_json
-from ray_kd.config import RunConfig, flatten
+from ray_kd.config import RunConfig, flatten, shown_uri
 from ray_kd.errors import UserError
 
 
@@ -82,9 +82,14 @@ def role_names(kind: str | None) -> dict[str, str]:
     return {"student_0": "teacher"} if kind == "teacher" else {}
 
 
+def shown_config(cfg: RunConfig) -> dict:
+    """The config as MLflow records it: an object-store output_dir without its credentials or options."""
+    return {**cfg.model_dump(), "output_dir": shown_uri(cfg.output_dir)}
+
+
 def config_params(cfg: RunConfig) -> dict[str, str]:
     """The config as MLflow params (flattened, as strings)."""
-    return {k: str(v)[:6000] for k, v in flatten(cfg.model_dump()).items()}
+    return {k: str(v)[:6000] for k, v in flatten(shown_config(cfg)).items()}
 
 
 def protocol_hash(params: dict[str, str], drop: tuple[str, ...] = ()) -> str:
@@ -171,7 +176,7 @@ def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, 
     params = [Param(k, v) for k, v in config_params(cfg).items()]
     for i in range(0, len(params), 100):
         mlflow.log_batch(run_id, params=params[i:i + 100])
-    mlflow.log_text(run_id, yaml.safe_dump(cfg.model_dump(), sort_keys=False), "config.yaml")
+    mlflow.log_text(run_id, yaml.safe_dump(shown_config(cfg), sort_keys=False), "config.yaml")
     if tags.get("ray_kd.teacher_model_id") and kind != "sweep":  # a sweep's result is its trials', not the teacher
         _link_model_input(mlflow, run_id, tags["ray_kd.teacher_model_id"])
     atomic_write_json({"run_id": run_id, "tracking_uri": uri}, marker)

@@ -95,15 +95,16 @@ cluster.shutdown()
 
 
 def test_output_dir_is_a_path_or_a_file_uri(tmp_path):
-    """A file:// URI is resolved (pyarrow.fs) to the local path every run folder use reads; other schemes and
-    file URIs that are not a local absolute path are refused in one line."""
+    """A file:// URI is resolved (pyarrow.fs) to the local path every run folder use reads; an object store's URI
+    is kept (a local mirror stands for it: tests/test_remote_storage.py); other schemes and file URIs that are
+    not a local absolute path are refused in one line."""
     assert load_config(None, [f"output_dir=file://{tmp_path}/a%20b"]).run_dir == tmp_path / "a b" / "digits-dml"
     assert load_config(None, [f"output_dir={tmp_path}"]).run_dir == tmp_path / "digits-dml"
-    with pytest.raises(ConfigError, match=r"^config error at output_dir: s3:// is not supported \(s3://bucket/runs\): "
-                                          r"output_dir is a local path or a file:// URI, on a cluster a folder every "
-                                          r"node mounts \(NFS, a shared disk\); a remote filesystem is not a "
-                                          r"checkpoint store yet$"):
-        load_config(None, ["output_dir=s3://bucket/runs"])
+    assert load_config(None, ["output_dir=s3://bucket/runs"]).output_dir == "s3://bucket/runs"
+    with pytest.raises(ConfigError, match=r"^config error at output_dir: ftp:// is not supported \(ftp://host/runs\): "
+                                          r"output_dir is a local path, a file:// URI or an object store \(s3://, "
+                                          r"gs://, gcs://, abfs://, abfss://, hdfs://, viewfs://\)$"):
+        load_config(None, ["output_dir=ftp://host/runs"])
     with pytest.raises(ConfigError, match=r"^config error at output_dir: 'file:runs' is not a local file URI \(.*"
                                           r"\); write file:///absolute/path$"):
         load_config(None, ["output_dir=file:runs"])

@@ -30,7 +30,7 @@ import yaml
 
 from ray_kd import run_folder, tracking
 from ray_kd.checkpoint import atomic_write_json, read_history
-from ray_kd.config import RunConfig, apply_overrides, flatten, validate_config
+from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, shown_uri, validate_config
 from ray_kd.errors import UserError
 from ray_kd.evaluation import require_val_every_epoch
 from ray_kd.results import summarize, write_summary
@@ -93,6 +93,10 @@ def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
     from ray_kd.ray_executor import check_fits, connect, use_gpu
 
     require_val_every_epoch(cfg)
+    if cfg.remote_output:
+        raise ConfigError(f"config error: a sweep keeps its trials and Tune's state under output_dir, which must be a "
+                          f"local path or file:// URI (on a cluster, a folder every node sees), not "
+                          f"{shown_uri(cfg.output_dir)}; object stores are for `ray-kd train`")
     check_space(space, cfg.model_dump())
     parent_cfg = cfg.model_copy(update={"name": f"{cfg.name}-sweep"})
     uri = tracking.tracking_uri(cfg)
