@@ -428,10 +428,10 @@ def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | No
 
 def newest_history(cfg: RunConfig) -> list[dict] | None:
     """The epoch history of the run's newest checkpoint ([] before the first), None while it cannot be read
-    (pruned or replaced as it was read: the next look sees the new one)."""
+    (pruned or replaced as it was read, or an object store that did not answer: the next look sees it)."""
     try:
         return checkpoint_store(cfg).latest_history()
-    except (CheckpointError, FileNotFoundError):
+    except (CheckpointError, OSError):
         return None
 
 

@@ -1,5 +1,6 @@
 """`output_dir` on an object store (here S3, served by moto's S3 server on loopback): checkpoints are published in
-the store, and a run resumes from it on a machine whose mirror is empty; a bad store is one line."""
+the store, a corrupt one there is passed over, and a run resumes from the store on a machine whose mirror is empty;
+a bad store is one line."""
 
 import logging
 import shutil
@@ -59,13 +60,21 @@ def test_a_run_resumes_from_the_store_on_a_machine_with_an_empty_mirror(bucket_u
     out = capsys.readouterr().out
     assert "run dml: folder s3://runs-" in out and "/team/runs/dml (mirrored in " in out and "secret" not in out
 
-    # another machine: nothing mirrored; one more epoch resumes after the store's epoch 2, in the same MLflow run
+    # the store's newest checkpoint corrupted (the mirror holds the good copy): fetched again, passed over, redone
+    store, base = fs.FileSystem.from_uri(bucket_uri)
+    with store.open_output_stream(f"{base}/dml/checkpoints/epoch_0002/student_0.pt") as f:
+        f.write(b"not a checkpoint")
+    redone = api.train(None, COMMON + [f"output_dir={bucket_uri}", "name=dml", "optim.epochs=3"])
+    out = capsys.readouterr().out
+    assert "epoch_0002 is unreadable" in out and "resuming after epoch 1" in out and redone["epochs"] == 3
+
+    # another machine: nothing mirrored; one more epoch resumes after the store's epoch 3, in the same MLflow run
     monkeypatch.setenv("RAY_KD_STORAGE_CACHE", str(tmp_path / "other-machine"))
-    more = api.train(None, COMMON + [f"output_dir={bucket_uri}", "name=dml", "optim.epochs=3"])
-    assert "resuming after epoch 2" in capsys.readouterr().out
-    assert more["mlflow_run_id"] == first["mlflow_run_id"] and more["epochs"] == 3
+    more = api.train(None, COMMON + [f"output_dir={bucket_uri}", "name=dml", "optim.epochs=4"])
+    assert "resuming after epoch 3" in capsys.readouterr().out
+    assert more["mlflow_run_id"] == first["mlflow_run_id"] and more["epochs"] == 4
     checkpoints = {f.split("/")[1] for f in stored(bucket_uri, "dml") if f.startswith("checkpoints/")}
-    assert checkpoints == {"epoch_0002", "epoch_0003"}  # runtime.keep_checkpoints=2 in the store too
+    assert checkpoints == {"epoch_0003", "epoch_0004"}  # runtime.keep_checkpoints=2 in the store too
 
     from mlflow import MlflowClient
 
