@@ -3,7 +3,11 @@ the store, a corrupt one there is passed over, and a run resumes from the store 
 a bad store is one line."""
 
 import logging
+import os
 import shutil
+import signal
+import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -86,18 +90,42 @@ def test_a_run_resumes_from_the_store_on_a_machine_with_an_empty_mirror(bucket_u
     assert {f.split("/")[1] for f in stored(bucket_uri, "dml") if f.startswith("checkpoints/")} == {"epoch_0001"}
 
 
-def test_replicas_on_ray_publish_each_epoch_once_every_rank_has_written(ray_cluster, bucket_uri, tmp_path, mlflow_uri,
-                                                                       monkeypatch):
-    """Two replicas of each role placed apart: four ranks upload their own files, rank 0 publishes; a resume
-    from a new mirror continues the run."""
+def test_replicas_on_ray_publish_through_the_store_and_a_killed_worker_restarts_from_it(ray_cluster, bucket_uri,
+                                                                                         tmp_path, mlflow_uri, capsys):
+    """Two replicas of each role placed apart: four ranks upload their own files, rank 0 publishes. A worker
+    killed mid-run restarts the group from the store's last checkpoint (no epoch logged twice); a resume from a
+    new mirror continues the run."""
+    from mlflow import MlflowClient
+    from ray.util.state import list_actors
+
+    epochs = 6
     overrides = COMMON + [f"output_dir={bucket_uri}", "name=dml-r2", "runtime.executor=ray", "runtime.replicas=2",
-                          "runtime.placement=apart", "runtime.cpus_per_worker=0.25"]
-    api.train(None, overrides)
+                          "runtime.placement=apart", "runtime.cpus_per_worker=0.25", f"optim.epochs={epochs}",
+                          "runtime.max_failures=1"]
+    killed = []
+
+    def kill_a_worker_once_epoch_one_is_published():
+        deadline = time.time() + 300
+        while time.time() < deadline and "epoch_0001/history.json" not in stored(bucket_uri, "dml-r2/checkpoints"):
+            time.sleep(0.1)
+        workers = list_actors(address=ray_cluster.get_runtime_context().gcs_address,
+                              filters=[("class_name", "=", "RoleWorker"), ("state", "=", "ALIVE")])
+        os.kill(workers[-1].pid, signal.SIGKILL)
+        killed.append(workers[-1].pid)
+
+    killer = threading.Thread(target=kill_a_worker_once_epoch_one_is_published)
+    killer.start()
+    summary = api.train(None, overrides)
+    killer.join()
+    assert killed and summary["epochs"] == epochs
+    assert "restarting the workers from the last checkpoint" in capsys.readouterr().out
+    logged = MlflowClient(mlflow_uri).get_metric_history(summary["mlflow_run_id"], "student_1/val_acc")
+    assert sorted(int(m.step) for m in logged) == list(range(1, epochs + 1))  # no gap, no duplicate
     files = stored(bucket_uri, "dml-r2/checkpoints")
-    assert set(files) == {f"epoch_000{e}/{f}" for e in (1, 2) for f in ("history.json", "student_0.pt", "student_1.pt")}
+    assert set(files) == {f"epoch_000{e}/{f}" for e in (epochs - 1, epochs)
+                          for f in ("history.json", "student_0.pt", "student_1.pt")}
     shutil.rmtree(tmp_path / "mirror")
-    summary = api.train(None, overrides + ["optim.epochs=3"])
-    assert summary["epochs"] == 3
+    assert api.train(None, overrides + [f"optim.epochs={epochs + 1}"])["epochs"] == epochs + 1
 
 
 def test_a_store_that_cannot_be_written_or_a_sweep_on_one_is_one_line(bucket_uri, s3_endpoint, tmp_path, mlflow_uri):
