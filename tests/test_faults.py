@@ -5,8 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+
+from worker_kill import kill_a_role_worker_when
 
 from ray_kd.config import load_config
 from ray_kd.run import train
@@ -24,24 +25,17 @@ def _epoch_steps(uri, run_id):
 
 
 def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, mlflow_uri, tmp_path):
-    from ray.util.state import list_actors
-
     cfg = load_config("configs/digits_dml.yaml", [f"output_dir={tmp_path}", "name=killed", f"optim.epochs={EPOCHS}",
                                                   "runtime.max_failures=2"])
     killed = []
 
-    def kill_a_worker_mid_run():
-        deadline = time.time() + 300
-        while time.time() < deadline and len(_checkpoints(cfg.run_dir)) < 1:
-            time.sleep(0.1)
+    def one_checkpoint_and_a_second_more():
+        if len(_checkpoints(cfg.run_dir)) < 1:
+            return False
         time.sleep(1.0)  # well inside the run: an epoch here takes ~0.5 s
-        workers = list_actors(address=ray_cluster.get_runtime_context().gcs_address,
-                              filters=[("class_name", "=", "RoleWorker"), ("state", "=", "ALIVE")])
-        os.kill(workers[-1].pid, signal.SIGKILL)
-        killed.append(workers[-1].pid)
+        return True
 
-    killer = threading.Thread(target=kill_a_worker_mid_run)
-    killer.start()
+    killer = kill_a_role_worker_when(one_checkpoint_and_a_second_more, ray_cluster, killed)
     summary = train(cfg)
     killer.join()
 

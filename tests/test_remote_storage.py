@@ -3,16 +3,13 @@ the store, a corrupt one there is passed over, and a run resumes from the store 
 a bad store is one line."""
 
 import logging
-import os
 import shutil
-import signal
-import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from pyarrow import fs
+from worker_kill import kill_a_role_worker_when
 
 from ray_kd import api
 from ray_kd.config import ConfigError, load_config
@@ -96,25 +93,13 @@ def test_replicas_on_ray_publish_through_the_store_and_a_killed_worker_restarts_
     killed mid-run restarts the group from the store's last checkpoint (no epoch logged twice); a resume from a
     new mirror continues the run."""
     from mlflow import MlflowClient
-    from ray.util.state import list_actors
-
     epochs = 6
     overrides = COMMON + [f"output_dir={bucket_uri}", "name=dml-r2", "runtime.executor=ray", "runtime.replicas=2",
                           "runtime.placement=apart", "runtime.cpus_per_worker=0.25", f"optim.epochs={epochs}",
                           "runtime.max_failures=1"]
     killed = []
-
-    def kill_a_worker_once_epoch_one_is_published():
-        deadline = time.time() + 300
-        while time.time() < deadline and "epoch_0001/history.json" not in stored(bucket_uri, "dml-r2/checkpoints"):
-            time.sleep(0.1)
-        workers = list_actors(address=ray_cluster.get_runtime_context().gcs_address,
-                              filters=[("class_name", "=", "RoleWorker"), ("state", "=", "ALIVE")])
-        os.kill(workers[-1].pid, signal.SIGKILL)
-        killed.append(workers[-1].pid)
-
-    killer = threading.Thread(target=kill_a_worker_once_epoch_one_is_published)
-    killer.start()
+    killer = kill_a_role_worker_when(lambda: "epoch_0001/history.json" in stored(bucket_uri, "dml-r2/checkpoints"),
+                                     ray_cluster, killed)
     summary = api.train(None, overrides)
     killer.join()
     assert killed and summary["epochs"] == epochs
