@@ -136,9 +136,10 @@ class RoleConfig(Strict):
 class TeacherConfig(RoleConfig):
     ahead: int = Field(2, ge=0, description="on the Ray executor a frozen teacher computes this many batches ahead "
                        "of the students, so they never wait on its forward (0: lockstep); the numbers are the same")
-    cache: str | None = Field(None, description="a folder (or file:// URI) keeping a frozen teacher's outputs per "
-                              "step: a later run, seed or sweep trial with the same teacher, data and batches reads "
-                              "them instead of computing them; the students train on the stored values")
+    cache: str | None = Field(None, description="a folder (a path or file:// URI) or an object store (s3://bucket/"
+                              "prefix, gs://, ...) keeping a frozen teacher's outputs per step: a later run, seed or "
+                              "sweep trial with the same teacher, data and batches reads them instead of computing "
+                              "them; the students train on the stored values")
     cache_dtype: Literal["float16", "float32"] = Field(
         "float16", description="what teacher.cache stores: float16 (half the bytes), or float32 (the numbers "
                                "of a run without the cache, exactly)")
@@ -147,8 +148,8 @@ class TeacherConfig(RoleConfig):
 
     @field_validator("cache")
     @classmethod
-    def _local_cache(cls, cache: str | None) -> str | None:
-        return None if cache is None else local_storage_path(cache, "teacher.cache")
+    def _cache_location(cls, cache: str | None) -> str | None:
+        return None if cache is None else local_storage_path(cache, "teacher.cache", remote_ok=True)
 
     @model_validator(mode="after")
     def _topk_needs_cache(self) -> "TeacherConfig":
@@ -363,7 +364,8 @@ class RunConfig(Strict):
 
         roles = {"teacher": None if self.teacher is None else
                  self.teacher.model_copy(update={"checkpoint": absolute(self.teacher.checkpoint),
-                                                 "cache": absolute(self.teacher.cache)}),
+                                                 "cache": self.teacher.cache if uri_scheme(self.teacher.cache or "")
+                                                 else absolute(self.teacher.cache)}),
                  "students": [s.model_copy(update={"checkpoint": absolute(s.checkpoint)}) for s in self.students]}
         return self.model_copy(update={
             "output_dir": self.output_dir if self.remote_output else absolute(self.output_dir), **roles,

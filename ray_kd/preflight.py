@@ -13,7 +13,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from ray_kd.config import ConfigError, RunConfig
+from ray_kd.config import ConfigError, RunConfig, uri_scheme
 from ray_kd.data import Dataset
 from ray_kd.errors import UserError
 from ray_kd.models.external import is_external, role_field
@@ -57,15 +57,19 @@ def check_writable(folder: str | Path, field: str) -> None:
 
 
 def check_folders(cfg: RunConfig) -> None:
-    if cfg.remote_output:
-        from ray_kd import storage
+    """Every place the run writes: output_dir and teacher.cache (a folder, or an object store written to once),
+    and data.cache_dir, where every dataset caches its val split."""
+    from ray_kd import storage
 
-        storage.check_writable(cfg)
-    else:
-        check_writable(cfg.output_dir, "output_dir")
-    check_writable(cfg.data.cache_dir, "data.cache_dir")  # every dataset caches its val split there
-    if cfg.teacher is not None and cfg.teacher.cache is not None:
-        check_writable(cfg.teacher.cache, "teacher.cache")
+    teacher_cache = cfg.teacher.cache if cfg.teacher is not None else None
+    for location, field in ((cfg.output_dir, "output_dir"), (cfg.data.cache_dir, "data.cache_dir"),
+                            (teacher_cache, "teacher.cache")):
+        if location is None:
+            continue
+        if uri_scheme(str(location)) is None:
+            check_writable(location, field)
+        else:
+            storage.check_writable(location, field)
 
 
 def check_sqlite_store(uri: str) -> None:

@@ -1,7 +1,7 @@
-"""A run folder on an object store (`output_dir: s3://bucket/prefix`, gs://, abfs://, hdfs://), through pyarrow.fs.
+"""Files on an object store (s3://, gs://, abfs://, hdfs://: what pyarrow.fs opens): a run folder, a teacher cache.
 
-Every process works on a local mirror of the run folder (`RunConfig.run_dir`, plain files as for a local
-output_dir), and the store holds the truth:
+A run folder (`output_dir: s3://bucket/prefix`): every process works on a local mirror of it
+(`RunConfig.run_dir`, plain files as for a local output_dir), and the store holds the truth:
 - Checkpoints: each rank uploads its own roles' files of an epoch straight to the store; once every rank has
   (the group's barrier), rank 0 uploads the epoch's `history.json`, which publishes it (an object store has no
   folder rename). A process reads checkpoints through its mirror, downloaded when first asked for, so a run
@@ -9,6 +9,9 @@ output_dir), and the store holds the truth:
 - The driver's own files (fingerprint, MLflow run marker, wall time, summary, best student, plot) are pulled
   when a run starts and pushed as they change.
 The run lock stays local: it stops one machine from running a name twice, not two machines sharing a store.
+
+`folder(location)` gives a local folder or a store's the same few whole-file operations, for what reads and
+writes files by name (`teacher.cache`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 from pyarrow import fs
 
 from ray_kd.checkpoint import FolderStore, read_history
-from ray_kd.config import RunConfig, shown_uri
+from ray_kd.config import RunConfig, shown_uri, uri_scheme
 from ray_kd.errors import UserError
 
 PUBLISHED = "history.json"
@@ -37,6 +40,38 @@ class StorageError(UserError, RuntimeError):
     """The object store behind output_dir cannot be opened, read or written."""
 
 
+class LocalFolder:
+    """A local folder with RemoteFolder's whole-file operations: a file is written through a temporary name and a
+    rename, so a reader never sees half of it."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.shown = str(self.root)
+
+    def show(self, rel: str) -> str:
+        return str(self.root / rel)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self.root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The file's bytes, or None when there is no such file."""
+        try:
+            return (self.root / rel).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, rel: str) -> None:
+        (self.root / rel).unlink(missing_ok=True)
+
+
 class RemoteFolder:
     """One folder of an object store: `uri` (credentials and options included) and `sub` below it."""
 
@@ -45,12 +80,23 @@ class RemoteFolder:
         try:
             self.fs, base = fs.FileSystem.from_uri(uri)
         except (OSError, ValueError) as err:
-            raise StorageError(f"output_dir {shown_uri(uri)} cannot be opened ({_first_line(err)}); check the URI, "
-                               "its credentials and that the store is reachable") from None
+            raise StorageError(f"{shown_uri(uri)} cannot be opened ({_first_line(err)}); check the URI, its "
+                               "credentials and that the store is reachable") from None
         self.base = f"{base.rstrip('/')}/{sub}" if sub else base.rstrip("/")
 
     def path(self, rel: str) -> str:
         return f"{self.base}/{rel}" if rel else self.base
+
+    def show(self, rel: str) -> str:
+        return f"{self.shown}/{rel}"
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object."""
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as src:
+                return src.read()
+        except FileNotFoundError:
+            return None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         with self.fs.open_output_stream(self.path(rel)) as out:  # an object appears whole when the stream closes
@@ -84,20 +130,28 @@ class RemoteFolder:
             self.fs.delete_dir(self.path(rel))
 
 
+def folder(location: str, sub: str = "") -> LocalFolder | RemoteFolder:
+    """`sub` under `location`: a local path or file:// URI's folder (as `local_storage_path` resolved it), or an
+    object store's."""
+    if uri_scheme(location) in (None, "file"):
+        return LocalFolder(Path(location) / sub)
+    return RemoteFolder(location, sub)
+
+
+def check_writable(location: str, field: str) -> None:
+    """The preflight's check of a store: write and delete one object there; one line naming `field` if that fails."""
+    store = folder(location)
+    try:
+        store.write_bytes(".ray-kd-write-test", b"")
+        store.delete(".ray-kd-write-test")
+    except OSError as err:
+        raise StorageError(f"{field}={store.shown} cannot be written ({_first_line(err)}); check the bucket, its "
+                           "credentials (the store's usual environment variables or the URI) and its "
+                           "permissions") from None
+
+
 def run_folder_remote(cfg: RunConfig) -> RemoteFolder:
     return RemoteFolder(cfg.output_dir, cfg.name)
-
-
-def check_writable(cfg: RunConfig) -> None:
-    """The preflight's check of a remote output_dir: write and delete one object in the run's folder."""
-    remote = run_folder_remote(cfg)
-    try:
-        remote.write_bytes(".ray-kd-write-test", b"")
-        remote.delete(".ray-kd-write-test")
-    except OSError as err:
-        raise StorageError(f"output_dir={remote.shown} cannot be written ({_first_line(err)}); check the bucket, "
-                           "its credentials (the store's usual environment variables or the URI) and its "
-                           "permissions") from None
 
 
 class RemoteCheckpoints(FolderStore):

@@ -1,4 +1,5 @@
-"""A frozen teacher's outputs kept on disk (`teacher.cache`), so a later run, seed or sweep trial reads them.
+"""A frozen teacher's outputs kept in a folder or an object store (`teacher.cache`), so a later run, seed or
+sweep trial reads them.
 
 A frozen teacher's output for a step depends only on its weights and that step's batch, and the batch is fixed by
 the data, its augmentation, the batch size, the seed, the epoch and the step. The cache's key hashes all of
@@ -7,8 +8,8 @@ augmentation, batch size, seed, precision or replica count finds a folder of its
 What the key leaves out: the method's params (a frozen teacher's forward does not read them), so every trial
 of a sweep over temperatures and weights, and KD and KD+SKD, share one teacher's outputs.
 
-Entries are chunks of `CHUNK` steps, each written whole through a temporary file and a rename, so concurrent
-trials with one key never read half a file; a chunk that does not load is recomputed, with one warning.
+Entries are chunks of `CHUNK` steps, each written whole (through a temporary file and a rename in a folder; an
+object appears whole in a store), so concurrent trials with one key never read half a file; a chunk that does not load is recomputed, with one warning.
 With the cache on, the students always train on the stored values (`cache_dtype`, and the top-k), on the run
 that writes them as on every run that reads them, so those runs compute the same numbers; with float32 and no
 top-k those are the numbers of a run without the cache.
@@ -21,14 +22,14 @@ target is the teacher's distribution renormalised over its top k.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import warnings
-from pathlib import Path
 
 import torch
 
-from ray_kd.checkpoint import atomic_save, atomic_write_json
 from ray_kd.methods import Outputs
+from ray_kd.storage import folder
 
 CHUNK = 64
 """Steps per file: ImageNet's 5,005 steps of 256 make 79 files an epoch instead of 5,005."""
@@ -101,13 +102,11 @@ def cache_key(cfg, runner, dataset, replicas: int) -> dict:
 class TeacherCache:
     """One teacher's stored outputs under one key; `get` and `put` per training step, `flush` at an epoch's end."""
 
-    def __init__(self, root: str | Path, key: dict, steps_per_epoch: int, replica: tuple[int, int] = (0, 1),
+    def __init__(self, root: str, key: dict, steps_per_epoch: int, replica: tuple[int, int] = (0, 1),
                  topk: int | None = None, dtype: str = "float16"):
-        self.folder = Path(root) / key_digest(key)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        meta = self.folder / "key.json"
-        if not meta.exists():  # what the folder's entries were made from, for a person reading the cache
-            atomic_write_json(key, meta)
+        self.store = folder(str(root), key_digest(key))
+        if self.store.read_bytes("key.json") is None:  # what the entries were made from, for a person reading them
+            self.store.write_bytes("key.json", json.dumps(key, indent=1).encode())
         self.steps_per_epoch, self.topk, self.dtype = steps_per_epoch, topk, DTYPES[dtype]
         self.shard = f"r{replica[0]}of{replica[1]}"
         self.hits = self.misses = 0
@@ -118,8 +117,8 @@ class TeacherCache:
         self._pending: dict[int, dict] = {}  # steps computed this epoch, not written yet
         self._pending_chunk: tuple[int, int] | None = None
 
-    def _path(self, epoch: int, chunk: int) -> Path:
-        return self.folder / f"e{epoch:04d}" / f"{self.shard}-c{chunk:05d}.pt"
+    def _name(self, epoch: int, chunk: int) -> str:
+        return f"e{epoch:04d}/{self.shard}-c{chunk:05d}.pt"
 
     def _steps(self, chunk: int) -> range:
         """The steps a chunk holds (the epoch's last one may hold fewer)."""
@@ -155,32 +154,35 @@ class TeacherCache:
         if self._pending_chunk is not None:
             epoch, chunk = self._pending_chunk
             if self.writable and sorted(self._pending) == list(self._steps(chunk)):
-                self._write(self._path(epoch, chunk))
+                self._write(self._name(epoch, chunk))
         self._pending, self._pending_chunk = {}, None
 
-    def _write(self, path: Path) -> None:
+    def _write(self, name: str) -> None:
         """One chunk, whole or not at all; a cache that cannot be written (a full disk) is not worth a run: one
         warning, and the run goes on computing what it does not find."""
         try:
-            atomic_save(self._pending, path)
+            buffer = io.BytesIO()
+            torch.save(self._pending, buffer)
+            self.store.write_bytes(name, buffer.getvalue())
         except OSError as err:
             self.writable = False
-            warnings.warn(f"teacher.cache: cannot write {path} ({err.strerror or err}); this run stores nothing "
-                          "more there and goes on", stacklevel=3)
+            warnings.warn(f"teacher.cache: cannot write {self.store.show(name)} ({err.strerror or err}); this run "
+                          "stores nothing more there and goes on", stacklevel=3)
 
     def _read(self, epoch: int, chunk: int) -> dict[int, dict]:
-        path = self._path(epoch, chunk)
-        if not path.exists():
+        name = self._name(epoch, chunk)
+        data = self.store.read_bytes(name)
+        if data is None:
             return {}
         try:
-            entries = torch.load(path, weights_only=True)
+            entries = torch.load(io.BytesIO(data), weights_only=True)
             if not isinstance(entries, dict):
                 raise ValueError("not a dict of steps")
             return entries
         except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
-            warnings.warn(f"teacher.cache: {path} does not load ({type(err).__name__}); "
+            warnings.warn(f"teacher.cache: {self.store.show(name)} does not load ({type(err).__name__}); "
                           "computing those steps again", stacklevel=2)
-            path.unlink(missing_ok=True)
+            self.store.delete(name)
             return {}
 
     def _encode(self, published: Outputs) -> dict:
@@ -210,15 +212,14 @@ class TeacherCache:
 
     # --- a frozen teacher's scores (val/test top-1), which every run with this key scores alike -----------
     def scores(self) -> dict[str, dict[str, float]]:
-        """The stored scores ({} when none are), read from the folder once."""
+        """The stored scores ({} when none are), read once."""
         if self._scores is None:
-            path = self.folder / "scores.json"
             try:
-                self._scores = json.loads(path.read_text()) if path.exists() else {}
+                self._scores = json.loads(self.store.read_bytes("scores.json") or b"{}")
             except (OSError, ValueError):
                 self._scores = {}
         return self._scores
 
     def keep_scores(self, done: dict[str, dict[str, float]]) -> None:
-        atomic_write_json(done, self.folder / "scores.json")
+        self.store.write_bytes("scores.json", json.dumps(done).encode())
         self._scores = json.loads(json.dumps(done))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -39,3 +42,37 @@ def digits_teacher(tmp_path_factory) -> str:
     cfg = load_config("configs/digits_teacher.yaml", ["runtime.executor=local", "optim.epochs=8",
                                                       "optim.milestones=[6]", f"output_dir={root}"])
     return train_teacher(cfg, root / "teacher.pt")["teacher_file"]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """An S3 server (moto's) on loopback for the test session: host:port."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"{host}:{port}"
+    server.stop()
+
+
+@dataclass(frozen=True)
+class S3Bucket:
+    name: str
+    endpoint: str
+
+    def uri(self, path: str) -> str:
+        """`path` in the bucket as ray-kd takes it: credentials and the endpoint inline."""
+        return f"s3://key:secret@{self.name}/{path}?endpoint_override={self.endpoint}&scheme=http&region=us-east-1"
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint) -> S3Bucket:
+    """A new, empty bucket on the session's S3 server."""
+    from pyarrow import fs
+
+    bucket = S3Bucket(f"b-{uuid.uuid4().hex[:10]}", s3_endpoint)
+    store, _ = fs.FileSystem.from_uri(bucket.uri("") + "&allow_bucket_creation=true")
+    store.create_dir(bucket.name)
+    return bucket

@@ -2,9 +2,7 @@
 the store, a corrupt one there is passed over, and a run resumes from the store on a machine whose mirror is empty;
 a bad store is one line."""
 
-import logging
 import shutil
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,28 +17,12 @@ COMMON = ["optim.epochs=2", "optim.steps_per_epoch=3", "optim.milestones=[1]", "
           "runtime.executor=local"]
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture()
-def bucket_uri(s3_endpoint, tmp_path, monkeypatch):
+def bucket_uri(s3_bucket, tmp_path, monkeypatch):
     """A new bucket's URI, credentials and endpoint inline; this test's own local mirror."""
-    bucket = f"runs-{uuid.uuid4().hex[:8]}"
-    options = f"endpoint_override={s3_endpoint}&scheme=http&region=us-east-1"
-    store, _ = fs.FileSystem.from_uri(f"s3://key:secret@{bucket}?{options}&allow_bucket_creation=true")
-    store.create_dir(bucket)
     monkeypatch.setenv("RAY_KD_STORAGE_CACHE", str(tmp_path / "mirror"))  # the Ray workers keep the default
-    yield f"s3://key:secret@{bucket}/team/runs?{options}"
-    shutil.rmtree(Path.home() / ".cache" / "ray-kd" / "storage" / "s3" / bucket, ignore_errors=True)
+    yield s3_bucket.uri("team/runs")
+    shutil.rmtree(Path.home() / ".cache" / "ray-kd" / "storage" / "s3" / s3_bucket.name, ignore_errors=True)
 
 
 def stored(uri: str, sub: str) -> dict[str, int]:
@@ -59,7 +41,7 @@ def test_a_run_resumes_from_the_store_on_a_machine_with_an_empty_mirror(bucket_u
         assert {f"checkpoints/{epoch}/{f}" for f in ("history.json", "student_0.pt", "student_1.pt")} <= set(files)
     assert "run.lock" not in files
     out = capsys.readouterr().out
-    assert "run dml: folder s3://runs-" in out and "/team/runs/dml (mirrored in " in out and "secret" not in out
+    assert "run dml: folder s3://b-" in out and "/team/runs/dml (mirrored in " in out and "secret" not in out
 
     # the store's newest checkpoint corrupted (the mirror holds the good copy): fetched again, passed over, redone
     store, base = fs.FileSystem.from_uri(bucket_uri)
@@ -80,7 +62,7 @@ def test_a_run_resumes_from_the_store_on_a_machine_with_an_empty_mirror(bucket_u
     from mlflow import MlflowClient
 
     params = MlflowClient(mlflow_uri).get_run(first["mlflow_run_id"]).data.params
-    assert params["output_dir"].startswith("s3://runs-") and "secret" not in params["output_dir"]
+    assert params["output_dir"].startswith("s3://b-") and "secret" not in params["output_dir"]
 
     # --restart empties the store's run folder first
     api.train(None, COMMON + [f"output_dir={bucket_uri}", "name=dml", "optim.epochs=1"], restart=True)
@@ -114,14 +96,14 @@ def test_replicas_on_ray_publish_through_the_store_and_a_killed_worker_restarts_
 
 
 def test_a_store_that_cannot_be_written_or_a_sweep_on_one_is_one_line(bucket_uri, s3_endpoint, tmp_path, mlflow_uri):
-    missing = bucket_uri.replace("s3://key:secret@runs-", "s3://key:secret@nobucket-")
-    with pytest.raises(StorageError, match=r"^output_dir=s3://nobucket-\w+/team/runs/dml cannot be written \(.*"
+    missing = bucket_uri.replace("s3://key:secret@b-", "s3://key:secret@nobucket-")
+    with pytest.raises(StorageError, match=r"^output_dir=s3://nobucket-\w+/team/runs cannot be written \(.*"
                                            r"NO_SUCH_BUCKET.*\); check the bucket, its credentials"):
         api.train(None, COMMON + [f"output_dir={missing}", "name=dml"])
     from tuning.sweep import sweep
     from tuning.space import load_space
 
     cfg = load_config(None, COMMON + [f"output_dir={bucket_uri}", "runtime.executor=ray"])
-    with pytest.raises(ConfigError, match=r"a sweep keeps its trials .* not s3://runs-\w+/team/runs; object stores "
+    with pytest.raises(ConfigError, match=r"a sweep keeps its trials .* not s3://b-\w+/team/runs; object stores "
                                           r"are for `ray-kd train`"):
         sweep(cfg, load_space({"params": {"method.temperature": {"type": "choice", "values": [2.0]}}}))

@@ -44,6 +44,21 @@ def test_a_second_run_reads_every_teacher_output_and_computes_the_same(tmp_path,
     assert [h["teacher/cache_hits"] for h in other] == [0, 0]
 
 
+def test_a_cache_on_an_object_store_serves_a_second_run(tmp_path, mlflow_uri, digits_teacher, s3_bucket):
+    """teacher.cache=s3://...: what a sweep's trials on nodes without a shared folder read."""
+    cache = s3_bucket.uri("teacher-cache")
+    first = run(kd(tmp_path, digits_teacher, "first", f"teacher.cache={cache}"))
+    second = run(kd(tmp_path, digits_teacher, "second", f"teacher.cache={cache}"))
+    assert [h["teacher/cache_misses"] for h in first] == [STEPS, STEPS]
+    assert [h["teacher/cache_hits"] for h in second] == [STEPS, STEPS]
+    assert losses(second) == losses(first)
+    from pyarrow import fs
+
+    store, base = fs.FileSystem.from_uri(cache)
+    names = {i.base_name for i in store.get_file_info(fs.FileSelector(base, recursive=True))}
+    assert {"key.json", "scores.json", "r0of1-c00000.pt", "e0000", "e0001"} <= names
+
+
 def test_a_float32_cache_computes_what_a_run_without_it_does(tmp_path, mlflow_uri, digits_teacher):
     plain = run(kd(tmp_path, digits_teacher, "plain", "teacher.cache=null"))
     writes = run(kd(tmp_path, digits_teacher, "writes", "teacher.cache_dtype=float32"))
@@ -107,9 +122,9 @@ def test_a_cache_that_cannot_be_written_warns_once_and_the_run_goes_on(tmp_path,
             stored = cache.put(0, step, {"logits": torch.ones(2, 3)})
     assert torch.equal(stored["logits"], torch.ones(2, 3))
     assert [str(w.message) for w in caught] == [
-        f"teacher.cache: cannot write {cache.folder / 'e0000' / 'r0of1-c00000.pt'} (No space left on device); this "
-        "run stores nothing more there and goes on"]
-    assert not list(cache.folder.rglob("*.pt")) and not list(cache.folder.rglob(".*"))  # no temporary file left
+        f"teacher.cache: cannot write {cache.store.root / 'e0000' / 'r0of1-c00000.pt'} (No space left on device); "
+        "this run stores nothing more there and goes on"]
+    assert not list(cache.store.root.rglob("*.pt")) and not list(cache.store.root.rglob(".*"))  # no temporary file
 
 
 def test_top_k_keeps_the_renormalised_distribution():
@@ -132,7 +147,7 @@ def test_partial_chunks_are_not_written(tmp_path):
         assert cache.get(0, step, torch.device("cpu")) is None
         cache.put(0, step, logits)
     cache.flush()  # a run stopped here: the second chunk is computed again next time
-    assert [p.name for p in sorted(cache.folder.glob("e0000/*.pt"))] == ["r0of1-c00000.pt"]
+    assert [p.name for p in sorted(cache.store.root.glob("e0000/*.pt"))] == ["r0of1-c00000.pt"]
 
 
 def test_bad_settings_are_one_line(tmp_path, digits_teacher):
@@ -141,8 +156,9 @@ def test_bad_settings_are_one_line(tmp_path, digits_teacher):
     with pytest.raises(ConfigError, match="teacher.cache_topk is for method kd"):
         load_config("configs/digits_kd.yaml", [f"teacher.checkpoint={digits_teacher}", "method.name=kd+skd",
                                                f"teacher.cache={tmp_path}", "teacher.cache_topk=3"])
-    with pytest.raises(ConfigError, match="s3:// is not supported .*teacher.cache is a local path"):
-        load_config("configs/digits_kd.yaml", [f"teacher.checkpoint={digits_teacher}", "teacher.cache=s3://b/x"])
+    with pytest.raises(ConfigError, match="ftp:// is not supported .*teacher.cache is a local path, a file:// URI or "
+                                          "an object store"):
+        load_config("configs/digits_kd.yaml", [f"teacher.checkpoint={digits_teacher}", "teacher.cache=ftp://b/x"])
     cfg = load_config("configs/sokd_digits.yaml", [f"teacher.checkpoint={digits_teacher}", "runtime.executor=local",
                                                    f"teacher.cache={tmp_path}", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="teacher.cache keeps a frozen teacher's outputs, but sokd's teacher trains"):
