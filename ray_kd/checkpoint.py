@@ -22,26 +22,26 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, corrupt, or made for another model or class count."""
 
 
-def atomic_save(obj, path: str | Path) -> None:
-    """`torch.save` through a temporary file and a rename: `path` is whole or absent, and a failed write
-    (a full disk) leaves no temporary file behind."""
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(temporary path)`, then a rename onto `path`: `path` is whole or absent, and a failed write (a full
+    disk) leaves no temporary file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
+def atomic_save(obj, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
 def atomic_write_json(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True)))
 
 
 def safe_load(path: str | Path) -> dict:

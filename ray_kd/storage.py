@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -26,7 +25,7 @@ from typing import Callable
 import torch
 from pyarrow import fs
 
-from ray_kd.checkpoint import FolderStore, read_history
+from ray_kd.checkpoint import FolderStore, atomic_write, atomic_write_json, read_history
 from ray_kd.config import RunConfig, shown_uri, uri_scheme
 from ray_kd.errors import UserError
 
@@ -52,14 +51,7 @@ class LocalFolder:
         return str(self.root / rel)
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        path = self.root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(self.root / rel, lambda tmp: tmp.write_bytes(data))
 
     def read_bytes(self, rel: str) -> bytes | None:
         """The file's bytes, or None when there is no such file."""
@@ -104,11 +96,11 @@ class RemoteFolder:
 
     def download(self, rel: str, local: Path) -> None:
         """Copy one file to `local` through a temporary name, so a local file is always whole."""
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.part")
-        with self.fs.open_input_stream(self.path(rel)) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        tmp.replace(local)
+        def copy(tmp: Path) -> None:
+            with self.fs.open_input_stream(self.path(rel)) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+
+        atomic_write(local, copy)
 
     def files(self, rel: str = "", recursive: bool = False) -> dict[str, tuple[int, float]]:
         """{path relative to `rel`: (size, mtime)} of the files under `rel` ({} when it does not exist)."""
@@ -205,9 +197,7 @@ class RemoteCheckpoints(FolderStore):
         for extra in set(have) - set(listed) if whole else ():
             (local / extra).unlink(missing_ok=True)
             del have[extra]
-        tmp = local / f".{MIRROR_STATE}.{os.getpid()}"
-        tmp.write_text(json.dumps(have))
-        tmp.replace(local / MIRROR_STATE)
+        atomic_write_json(have, local / MIRROR_STATE)
 
     def save(self, session, history: list) -> None:
         name = f"epoch_{len(history):04d}"
