@@ -15,6 +15,8 @@ from the trials' own records, where the seconds went: each role's training compu
 
     .venv/bin/python benchmarks/teacher_sweep.py [--epochs 2] [--report]  (--report: rewrite the table from the
                                                                            last measurement, measuring nothing)
+
+Results: results/teacher_sweep.* for 2 epochs a trial, results/teacher_sweep_<N>ep.* for N.
 """
 
 from __future__ import annotations
@@ -41,14 +43,19 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def seconds_by_role(arm: str) -> dict[str, float]:
+def result_name(epochs: int) -> str:
+    """The results' name, and the run folders' under runs/: one per trial length."""
+    return "teacher_sweep" if epochs == 2 else f"teacher_sweep_{epochs}ep"
+
+
+def seconds_by_role(arm: str, epochs: int) -> dict[str, float]:
     """Summed over the sweep's trials and epochs, from each trial's last checkpoint: every role's training compute
     and scoring seconds (e.g. 'teacher compute', 'student_0 eval')."""
     subset, batch = (int(o.split("=")[1]) for o in PROTOCOL["cifar10_15"] if o.split("=")[0] in
                      ("data.train_subset", "data.batch_size"))
     steps = math.ceil(subset / batch)
     totals: dict[str, float] = {}
-    for trial in sorted((RUNS / "teacher_sweep" / f"teacher-sweep-{arm}-sweep" / "trials").iterdir()):
+    for trial in sorted((RUNS / result_name(epochs) / f"teacher-sweep-{arm}-sweep" / "trials").iterdir()):
         last = sorted((trial / "checkpoints").glob("epoch_*"))[-1]
         for epoch in json.loads((last / "history.json").read_text()):
             for key, value in epoch.items():
@@ -66,7 +73,7 @@ def run_sweep(arm: str, epochs: int, cache: Path | None) -> dict:
     from tuning.sweep import sweep
 
     overrides = [*PROTOCOL["cifar10_15"], f"optim.epochs={epochs}", f"teacher.checkpoint={teacher_path('cifar10_15', 'teacher')}",
-                 f"name=teacher-sweep-{arm}", f"output_dir={RUNS / 'teacher_sweep'}"]
+                 f"name=teacher-sweep-{arm}", f"output_dir={RUNS / result_name(epochs)}"]
     if cache is not None:
         overrides += [f"teacher.cache={cache}", "teacher.cache_dtype=float32"]
     cfg = load_config("configs/bench_cifar10_kd.yaml", overrides)
@@ -76,7 +83,7 @@ def run_sweep(arm: str, epochs: int, cache: Path | None) -> dict:
     cpu, start = busy_cpu_seconds(), time.perf_counter()
     best = sweep(cfg, space, restart=True)
     cpu, wall = busy_cpu_seconds() - cpu, time.perf_counter() - start
-    with open(RUNS / "teacher_sweep" / f"teacher-sweep-{arm}-sweep" / "results.csv") as f:
+    with open(RUNS / result_name(epochs) / f"teacher-sweep-{arm}-sweep" / "results.csv") as f:
         trials = {tuple(float(r[k]) for k in GRID): float(r["best_val_acc"]) for r in csv.DictReader(f)}
     return {"arm": arm, "cpu_s": cpu, "wall_s": wall, "trials": len(trials),
             "best": {k: best[k] for k in GRID}, "best_val_acc": float(best["best_val_acc"]), "per_trial": trials}
@@ -87,29 +94,30 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--report", action="store_true", help="rewrite the table from the last measurement")
     args = parser.parse_args()
+    name = result_name(args.epochs)
     if args.report:
-        last = json.loads((RESULTS / "teacher_sweep.json").read_text())
+        last = json.loads((RESULTS / f"{name}.json").read_text())
         info, measured, measured_by = last["machine"], last["measured"], last["command"]
     else:
         os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:////tmp/ray-kd-bench/mlflow.db")
         Path("/tmp/ray-kd-bench").mkdir(exist_ok=True)
         info, measured_by = machine(), None
-        cache = RUNS / "teacher_sweep" / "cache"
+        cache = RUNS / name / "cache"
         shutil.rmtree(cache, ignore_errors=True)
         measured = {"epochs": args.epochs, "sweeps": [run_sweep("without_cache", args.epochs, None),
                                                       run_sweep("with_cache", args.epochs, cache)]}
         for r in measured["sweeps"]:
             r["per_trial"] = [[list(k), v] for k, v in r["per_trial"].items()]
-    report(info, measured, measured_by)
+    report(name, info, measured, measured_by)
 
 
-def report(info: dict, measured: dict, measured_by: str | None) -> None:
+def report(name: str, info: dict, measured: dict, measured_by: str | None) -> None:
     plain, cached = measured["sweeps"]
     rows = []
     for r in (plain, cached):
         rows.append({"sweep": r["arm"], "trials": r["trials"], "cpu_seconds": r["cpu_s"], "wall_s": r["wall_s"],
                      "cpu_ratio": r["cpu_s"] / plain["cpu_s"], "wall_ratio": r["wall_s"] / plain["wall_s"],
-                     **{f"{k} s": v for k, v in sorted(seconds_by_role(r["arm"]).items())},
+                     **{f"{k} s": v for k, v in sorted(seconds_by_role(r["arm"], measured["epochs"]).items())},
                      "best_trial": " ".join(f"{k.split('.')[-1]}={v:g}" for k, v in r["best"].items()),
                      "best_val_acc": r["best_val_acc"]})
     same = plain["per_trial"] == cached["per_trial"]
@@ -140,7 +148,8 @@ def report(info: dict, measured: dict, measured_by: str | None) -> None:
              "backward cost more than the resnet20 teacher's forward on a CPU) and the fixed cost of a trial (worker "
              "start-up, data, Tune, MLflow), so the ratio approaches the ideal only as trials get longer and more "
              "numerous and the teacher heavier.")
-    save("teacher_sweep", "A KD sweep with and without teacher.cache: CPU-seconds for the same 8 trials", rows,
+    save(name, f"A KD sweep with and without teacher.cache: CPU-seconds for the same 8 trials of "
+         f"{measured['epochs']} epochs", rows,
          ["sweep", "trials", "cpu_seconds", "wall_s", "cpu_ratio", "wall_ratio", *roles, "best_trial", "best_val_acc"],
          info, notes, {"measured": measured}, measured_by)
 
