@@ -16,7 +16,7 @@ import torch
 from ray_kd.checkpoint import atomic_save, newest_good, read_history, safe_load, save_model_file
 from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import Dataset, epoch_steps, eval_batches, load_dataset
-from ray_kd.errors import UserError
+from ray_kd.errors import UserError, first_line
 from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
                               check_sqlite_store, cluster_address)
 from ray_kd.session import all_roles
@@ -180,7 +180,7 @@ def connect_checked(cfg: RunConfig) -> None:
     try:
         connect(cfg)
     except ConnectionError as err:
-        first = str(err).strip().splitlines()[0][:200]
+        first = first_line(err)
         raise PreflightError(f"no Ray cluster at runtime.address={address} ({first}); start one (`ray start "
                              "--head`) or unset runtime.address and RAY_ADDRESS to start a local one") from None
 

@@ -27,7 +27,7 @@ from pyarrow import fs
 
 from ray_kd.checkpoint import FolderStore, atomic_write, atomic_write_json, read_history
 from ray_kd.config import RunConfig, shown_uri, uri_scheme
-from ray_kd.errors import UserError
+from ray_kd.errors import UserError, first_line
 
 PUBLISHED = "history.json"
 """Uploaded last, once every rank's files of the epoch are in: an epoch folder without it is not a checkpoint."""
@@ -72,7 +72,7 @@ class RemoteFolder:
         try:
             self.fs, base = fs.FileSystem.from_uri(uri)
         except (OSError, ValueError) as err:
-            raise StorageError(f"{shown_uri(uri)} cannot be opened ({_first_line(err)}); check the URI, its "
+            raise StorageError(f"{shown_uri(uri)} cannot be opened ({first_line(err)}); check the URI, its "
                                "credentials and that the store is reachable") from None
         self.base = f"{base.rstrip('/')}/{sub}" if sub else base.rstrip("/")
 
@@ -137,7 +137,7 @@ def check_writable(location: str, field: str) -> None:
         store.write_bytes(".ray-kd-write-test", b"")
         store.delete(".ray-kd-write-test")
     except OSError as err:
-        raise StorageError(f"{field}={store.shown} cannot be written ({_first_line(err)}); check the bucket, its "
+        raise StorageError(f"{field}={store.shown} cannot be written ({first_line(err)}); check the bucket, its "
                            "credentials (the store's usual environment variables or the URI) and its "
                            "permissions") from None
 
@@ -252,7 +252,3 @@ def clear(cfg: RunConfig) -> None:
         remote.delete_folder(name)
     for rel in remote.files():
         remote.delete(rel)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

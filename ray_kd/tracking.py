@@ -24,7 +24,7 @@ import yaml
 
 from ray_kd.checkpoint import atomic_write_json
 from ray_kd.config import RunConfig, flatten, shown_uri
-from ray_kd.errors import UserError
+from ray_kd.errors import UserError, first_line
 
 
 class TrackingError(UserError, RuntimeError):
@@ -59,7 +59,7 @@ def check_reachable(uri: str) -> None:
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise TrackingError(f"MLflow store {uri} is not reachable ({first}); start the tracking server "
                             "or set MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None
 
