@@ -100,6 +100,22 @@ def test_a_grid_runs_each_point_once_unless_asked_for_repeats():
     assert SweepSpace.model_validate({"searcher": "random", "params": uniform}).num_samples == 8
 
 
+@pytest.mark.parametrize("runtime, cluster, gpu, fits", [
+    ([], {"CPU": 8}, False, 3),  # 2 roles apart: 2.01 CPUs a trial
+    (["runtime.placement=together"], {"CPU": 8}, False, 7),  # the teacher in its student's worker: 1.01
+    (["runtime.replicas=2"], {"CPU": 8}, False, 1),  # 2 roles x 2 replicas apart: 4.01
+    (["runtime.replicas=2", "runtime.placement=together"], {"CPU": 8}, False, 3),
+    (["runtime.cpus_per_worker=2"], {"CPU": 8}, False, 1),
+    ([], {"CPU": 64, "GPU": 4}, True, 2),  # the GPUs, a worker each, bound it
+    ([], {"CPU": 1}, False, 1),  # always one, which then says it does not fit
+])
+def test_a_sweep_runs_as_many_trials_at_once_as_the_cluster_holds(runtime, cluster, gpu, fits):
+    from tuning.sweep import trials_that_fit
+
+    cfg = load_config("configs/digits_kd.yaml", ["runtime.cpus_per_worker=1", *runtime])
+    assert trials_that_fit(cfg, cluster, gpu) == fits
+
+
 def test_bad_space_is_one_line(tmp_path):
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({"params": {"optim.lr": {"type": "loguniform", "low": 0, "high": 1}}}))

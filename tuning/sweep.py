@@ -34,6 +34,7 @@ from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, show
 from ray_kd.errors import UserError
 from ray_kd.evaluation import require_val_every_epoch
 from ray_kd.results import summarize, write_summary
+from ray_kd.replicas import world_size
 from ray_kd.session import OBJECTIVE, all_roles
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from tuning.space import SweepSpace, check_space, tune_domain
@@ -227,6 +228,17 @@ def _tuner(cfg: RunConfig, space: SweepSpace, sweep_dir: Path, uri: str, parent_
                                                 failure_config=tune.FailureConfig(max_failures=0)))
 
 
+def trials_that_fit(cfg: RunConfig, cluster: dict[str, float], gpu: bool) -> int:
+    """How many trials the cluster holds at once (at least 1): a trial is its run's workers (a worker per role and
+    replica placed apart, a worker per replica placed together; `cpus_per_worker` each and a GPU each when the run
+    uses GPUs) plus its Tune driver's sliver of a CPU."""
+    workers = world_size(cfg, len(all_roles(cfg)))
+    fits = math.floor(cluster.get("CPU", 1) / (workers * cfg.runtime.cpus_per_worker + TRIAL_DRIVER_CPU))
+    if gpu:
+        fits = min(fits, math.floor(cluster.get("GPU", 0) / workers))
+    return max(1, fits)
+
+
 def _tune_config(cfg: RunConfig, space: SweepSpace):
     """The searcher carries the concurrency limit: Tune applies `TuneConfig.max_concurrent_trials` to a Searcher
     (Optuna) but ignores it for a search algorithm such as the random and grid searchers' generator."""
@@ -234,8 +246,9 @@ def _tune_config(cfg: RunConfig, space: SweepSpace):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    per_trial = len(all_roles(cfg)) * cfg.runtime.cpus_per_worker + TRIAL_DRIVER_CPU
-    concurrent = space.max_concurrent_trials or max(1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial))
+    from ray_kd.ray_executor import use_gpu
+
+    concurrent = space.max_concurrent_trials or trials_that_fit(cfg, ray.cluster_resources(), use_gpu(cfg))
     if space.searcher == "optuna":
         from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
