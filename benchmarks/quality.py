@@ -299,13 +299,32 @@ def aggregate(dataset: str, runs: list[dict]) -> list[dict]:
         kd = "kd@tuned" if method.endswith("@tuned") and "kd@tuned" in present else "kd"  # tuned against tuned
         if kd in present and method not in ("ce", kd) and (every or method.partition("@")[0] in SEED_METHODS):
             row["vs_kd"], row["vs_kd_paired_std"] = paired(runs, method, kd, key)
+            if kd == "kd@tuned":
+                row["note"] = f"{verdict(runs, method, kd, key)}; {row['note']}"
     return rows
 
 
-def paired(runs: list[dict], method: str, other: str, key: str) -> tuple[float, float | str]:
-    """Mean and std over seeds of (method - other) on the same seed (same batches, same augmentation draws)."""
+def verdict(runs: list[dict], method: str, other: str, key: str) -> str:
+    """Whether `method` beats `other` in plain words: by more than the paired std of their same-seed differences
+    (above), by less either way (level), or below by more than it; and on how many seeds it is above."""
+    diffs = differences(runs, method, other, key)
+    if len(diffs) < 2:
+        return f"vs {other}: one seed, no verdict"
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    words = (f"beats {other}" if mean > std else f"below {other}, does not beat it" if mean < -std
+             else f"level with {other} (within the paired std), does not beat it")
+    return f"{words}: above on {sum(d > 0 for d in diffs)} of {len(diffs)} seeds"
+
+
+def differences(runs: list[dict], method: str, other: str, key: str) -> list[float]:
+    """(method - other) on each seed both ran (same batches, same augmentation draws)."""
     by_seed = {r["seed"]: r[key] for r in runs if r["method"] == other}
-    diffs = [r[key] - by_seed[r["seed"]] for r in runs if r["method"] == method and r["seed"] in by_seed]
+    return [r[key] - by_seed[r["seed"]] for r in runs if r["method"] == method and r["seed"] in by_seed]
+
+
+def paired(runs: list[dict], method: str, other: str, key: str) -> tuple[float, float | str]:
+    """Mean and std over seeds of the same-seed differences."""
+    diffs = differences(runs, method, other, key)
     return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else "")
 
 
@@ -382,7 +401,7 @@ def main() -> None:
     notes = (f"Student test top-1 (%), mean and sample std over seeds: at the epoch of its best validation top-1, "
              f"and at the last epoch. Protocol (fixed beforehand): {' '.join(PROTOCOL[args.dataset])}, every other "
              "setting from the method's config under configs/ (its defaults; `@tuned` rows: the values in the note column, "
-             f"chosen on validation by benchmarks/sweeps.py, see sweeps_{args.dataset}.md, and their vs_kd is against kd@tuned); teacher trained once on the same "
+             f"chosen on validation by benchmarks/sweeps.py, see sweeps_{args.dataset}.md, and their vs_kd is against kd@tuned; their note opens with the verdict: beats kd@tuned when the mean paired difference exceeds its paired std, level within it, below beyond it); teacher trained once on the same "
              f"subset ({' '.join(TEACHER_EPOCHS[args.dataset]) or 'the same schedule'}): "
              + ", ".join(f"{k} test top-1 {v:.2f}" + (" (on its synthetic glyphs)" if k == "lwkd_teacher" else "")
                         for k, v in teachers.items())
