@@ -33,8 +33,8 @@ from ray_kd.checkpoint import atomic_write_json, read_history
 from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, shown_uri, validate_config
 from ray_kd.errors import UserError
 from ray_kd.evaluation import require_val_every_epoch
-from ray_kd.results import summarize, write_summary
 from ray_kd.replicas import world_size
+from ray_kd.results import summarize, write_summary
 from ray_kd.session import OBJECTIVE, all_roles
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from tuning.space import SweepSpace, check_space, tune_domain
