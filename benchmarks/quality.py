@@ -295,19 +295,19 @@ def aggregate(dataset: str, runs: list[dict]) -> list[dict]:
     for row in rows:
         method = row["method"]
         if "ce" in present and method != "ce":
-            row["vs_ce"], row["vs_ce_paired_std"] = paired(runs, method, "ce", key)
+            row["vs_ce"], row["vs_ce_paired_std"] = paired(differences(runs, method, "ce", key))
         kd = "kd@tuned" if method.endswith("@tuned") and "kd@tuned" in present else "kd"  # tuned against tuned
         if kd in present and method not in ("ce", kd) and (every or method.partition("@")[0] in SEED_METHODS):
-            row["vs_kd"], row["vs_kd_paired_std"] = paired(runs, method, kd, key)
+            diffs = differences(runs, method, kd, key)
+            row["vs_kd"], row["vs_kd_paired_std"] = paired(diffs)
             if kd == "kd@tuned":
-                row["note"] = f"{verdict(runs, method, kd, key)}; {row['note']}"
+                row["note"] = f"{verdict(diffs, kd)}; {row['note']}"
     return rows
 
 
-def verdict(runs: list[dict], method: str, other: str, key: str) -> str:
-    """Whether `method` beats `other` in plain words: by more than the paired std of their same-seed differences
-    (above), by less either way (level), or below by more than it; and on how many seeds it is above."""
-    diffs = differences(runs, method, other, key)
+def verdict(diffs: list[float], other: str) -> str:
+    """Whether a method beats `other` in plain words, from their same-seed differences: by more than their paired
+    std (above), by less either way (level), or below by more than it; and on how many seeds it is above."""
     if len(diffs) < 2:
         return f"vs {other}: one seed, no verdict"
     mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
@@ -322,9 +322,8 @@ def differences(runs: list[dict], method: str, other: str, key: str) -> list[flo
     return [r[key] - by_seed[r["seed"]] for r in runs if r["method"] == method and r["seed"] in by_seed]
 
 
-def paired(runs: list[dict], method: str, other: str, key: str) -> tuple[float, float | str]:
+def paired(diffs: list[float]) -> tuple[float, float | str]:
     """Mean and std over seeds of the same-seed differences."""
-    diffs = differences(runs, method, other, key)
     return statistics.fmean(diffs), (statistics.stdev(diffs) if len(diffs) > 1 else "")
 
 
