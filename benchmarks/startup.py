@@ -96,7 +96,7 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
     cfg = load_config(config, overrides)
     t["config"] = time.time()
     uri = tracking.tracking_uri(cfg)
-    data, group = checked_and_connected(cfg, uri)  # as ray_kd.run.train does: the workers start meanwhile
+    data, executor = checked_and_connected(cfg, uri)  # as ray_kd.run.train does: the workers start meanwhile
     t["checks"] = time.time()
     tracking.start_or_resume(cfg, uri)
     t["mlflow"] = time.time()
@@ -111,7 +111,7 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
     else:
         workers = out.parent / "workers"
         workers.mkdir()
-        run_roles(cfg, timed_worker(str(workers)), dataset=data, group=group)
+        run_roles(cfg, timed_worker(str(workers)), dataset=data, group=executor.group)
         ranks = [json.loads(p.read_text()) for p in sorted(workers.glob("rank*.json"))]
         import ray
 

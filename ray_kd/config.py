@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ray_kd.errors import UserError
 from ray_kd.methods import method_class
@@ -283,6 +283,12 @@ def storage_mirror(uri: str) -> Path:
     return root.resolve() / parts.scheme.lower() / (parts.hostname or "_") / parts.path.strip("/")
 
 
+def run_folder_path(output_dir: str, name: str) -> Path:
+    """Run `name`'s folder on this machine: under output_dir, or the local mirror of an object store's."""
+    base = storage_mirror(output_dir) if uri_scheme(output_dir) is not None else Path(output_dir).resolve()
+    return base / name
+
+
 def shown_uri(uri: str) -> str:
     """`uri` without credentials or options, for messages and MLflow params."""
     parts = urlsplit(uri)
@@ -306,6 +312,14 @@ class RunConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    _name_given: bool = PrivateAttr(False)
+
+    @property
+    def name_given(self) -> bool:
+        """Whether `name` was chosen by the caller (a `name=` override, or a dict or RunConfig that set it) rather
+        than taken from a config file or the default: a run whose name was not chosen may take a new folder
+        (`ray_kd.run._free_name`)."""
+        return self._name_given
 
     @field_validator("name")
     @classmethod
@@ -351,8 +365,7 @@ class RunConfig(Strict):
     @property
     def run_dir(self) -> Path:
         """The run's folder on this machine: under output_dir, or the local mirror of a remote one."""
-        base = storage_mirror(self.output_dir) if self.remote_output else Path(self.output_dir).resolve()
-        return base / self.name
+        return run_folder_path(self.output_dir, self.name)
 
     def with_absolute_paths(self) -> "RunConfig":
         """The same spec with its file paths resolved against this process's working directory.
@@ -431,14 +444,17 @@ def load_config(source: str | Path | dict | RunConfig | None = None, overrides: 
         raise ConfigError(f"overrides must be a list of 'key=value' strings or a {{key: value}} dict, not "
                           f"{type(overrides).__name__} {overrides!r} (e.g. ['optim.epochs=2'])")
     if isinstance(source, RunConfig):
-        tree = source.model_dump()
+        tree, given = source.model_dump(), source.name_given
     elif isinstance(source, dict):
-        tree = copy.deepcopy(source)
+        tree, given = copy.deepcopy(source), "name" in source
     elif source is not None:
-        tree = _read_yaml(Path(source))
+        tree, given = _read_yaml(Path(source)), False
     else:
-        tree = {}
-    return validate_config(apply_overrides(tree, overrides or [])).with_absolute_paths()
+        tree, given = {}, False
+    cfg = validate_config(apply_overrides(tree, overrides or [])).with_absolute_paths()
+    keys = overrides or {} if isinstance(overrides, dict) else [str(o).split("=", 1)[0].strip() for o in overrides or []]
+    cfg._name_given = given or "name" in keys
+    return cfg
 
 
 def _read_yaml(path: Path) -> dict:

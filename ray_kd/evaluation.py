@@ -20,6 +20,8 @@ from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import Dataset, eval_batches
 
 SPLITS = ("val", "test")
+OBJECTIVE = "best_student_val_acc"
+"""Per epoch: the val top-1 of the best student that epoch (what sweeps maximise: validation only)."""
 
 Progress = Callable[[str, int, int], None]
 """Told after each batch scored: the split, its images done, its images."""

@@ -7,6 +7,7 @@ numbers) and the baseline the benchmarks measure it against.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -15,8 +16,10 @@ from ray_kd.data import Dataset
 from ray_kd.exchange import LocalExchange
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor
 from ray_kd.replicas import Mesh
-from ray_kd.run_folder import checkpoint_store
-from ray_kd.session import Session, all_roles, fit, progress_line
+from ray_kd.roles import all_roles
+from ray_kd.run_storage import RunStorage
+from ray_kd.session import Session, fit, progress_line
+from ray_kd.tracking import MetricSync, system_metrics
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -24,8 +27,38 @@ def _device(cfg: RunConfig) -> torch.device:
     return torch.device("cuda" if cfg.runtime.use_gpu != "no" and torch.cuda.is_available() else "cpu")
 
 
+class LocalExecutor:
+    """Runs a run's roles in this process (see the module's docstring); `ray_kd.run.executor_for` builds it."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    def start(self, checks: Callable[[], Dataset]) -> Dataset:
+        """Nothing to start: the driver's checks, and the dataset they load."""
+        return checks()
+
+    def execute(self, run: RunStorage, dataset: Dataset | None, mlflow_run: tuple[str, str] | None = None,
+                on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True) -> Path:
+        """Train every role in this process (logging to the MLflow run `(uri, run_id)` when given); returns the
+        folder of the last checkpoint. `on_epoch(record)` gets each epoch's metrics as its checkpoint lands."""
+        if mlflow_run is None:
+            return train_here(self.cfg, run, None, show_progress, dataset, on_epoch)
+        uri, run_id = mlflow_run
+        with system_metrics(uri, run_id, "local", self.cfg.tracking.system_metrics_interval):
+            return train_here(self.cfg, run, MetricSync(uri, run_id), show_progress, dataset, on_epoch)
+
+    def shutdown(self) -> None:
+        """Nothing started, nothing to stop."""
+
+
 def run_local(cfg: RunConfig, sync=None, show_progress: bool = True, dataset: Dataset | None = None) -> Path:
-    """Train every role in this process; returns the folder of the last checkpoint."""
+    """Train every role of `cfg` in this process, `sync` logging the epochs to MLflow; returns the folder of the
+    last checkpoint."""
+    return train_here(cfg, RunStorage.of(cfg), sync, show_progress, dataset)
+
+
+def train_here(cfg: RunConfig, run: RunStorage, sync=None, show_progress: bool = True,
+               dataset: Dataset | None = None, on_epoch: Callable[[dict], None] | None = None) -> Path:
     device = _device(cfg)
     roles = all_roles(cfg)
     exchange = LocalExchange()
@@ -34,8 +67,16 @@ def run_local(cfg: RunConfig, sync=None, show_progress: bool = True, dataset: Da
                           StepMetricLogger(sync.client, sync.run_id) if log_every else None,
                           ProgressDisplay(cfg.runtime.progress_every_s) if show_progress else None)
     session = Session(cfg, list(range(len(roles))), exchange, device, dataset, monitor=monitor)
-    store = checkpoint_store(cfg)
-    fit(session, store, sync, progress_line(cfg.optim.epochs) if show_progress else None)
+    store = run.checkpoints()
+    line = progress_line(cfg.optim.epochs) if show_progress else None
+
+    def each_epoch(record: dict) -> None:
+        if line is not None:
+            line(record)
+        if on_epoch is not None:
+            on_epoch(record)
+
+    fit(session, store, sync, each_epoch)
     return store.latest()
 
 

@@ -17,7 +17,7 @@ from ray_kd.config import ConfigError, RunConfig, uri_scheme
 from ray_kd.data import Dataset
 from ray_kd.errors import UserError
 from ray_kd.models.external import is_external, role_field
-from ray_kd.session import all_roles
+from ray_kd.roles import all_roles
 from ray_kd.weights import load_backbone
 
 ADDRESS_TIMEOUT_S = 5.0

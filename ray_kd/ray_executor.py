@@ -4,8 +4,9 @@ Rank r runs role r. Every worker builds its own role (the driver's in-memory dat
 reaches it through Ray's object store, one copy per node), draws the same batches,
 and calls the same `Session` code as the single-process executor; only the exchange
 (an all_gather in the group's torch.distributed process group) differs.
-Checkpoints: each rank writes its own `<role>.pt` into the epoch's folder of the
-run's `FolderStore`; re-running with the same run name resumes from the latest.
+Checkpoints: each rank writes its own roles' files into the epoch's folder of the
+run's checkpoint store (`ray_kd.run_storage`); re-running with the same run name
+resumes from the latest good one.
 
 The group is plain actors in one placement group, not Ray Train: a Train run starts
 a controller and four helper actors before the workers (its worker-group start took
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -29,14 +31,14 @@ import torch
 from ray_kd.checkpoint import CheckpointError
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, as_arrays, from_arrays
-from ray_kd.errors import UserError
+from ray_kd.errors import UserError, first_line
 from ray_kd.exchange import CollectiveExchange, LocalExchange
-from ray_kd.preflight import cluster_address, running_cluster
+from ray_kd.preflight import PreflightError, check_address, cluster_address, running_cluster
 from ray_kd.progress import ProgressDisplay, Status, StepMetricLogger, StepMonitor, group_status, this_process
 from ray_kd.replicas import Mesh, build_mesh, processes_per_replica, world_size
-from ray_kd import run_folder
-from ray_kd.run_folder import checkpoint_store, saved_checkpoints
-from ray_kd.session import Session, all_roles, fit, progress_line
+from ray_kd.roles import all_roles
+from ray_kd.run_storage import RunStorage
+from ray_kd.session import Session, fit, progress_line
 from ray_kd.worker_deaths import death_cause
 
 
@@ -48,7 +50,7 @@ def train_worker(config: dict, rank: int) -> None:
     """What every role worker runs: its role of the run, in lockstep with the others."""
     from ray_kd.tracking import MetricSync, system_metrics
 
-    cfg = RunConfig.model_validate(config["run"])
+    cfg, run = RunConfig.model_validate(config["run"]), config["storage"]
     torch.set_num_threads(cfg.runtime.threads_per_worker)
     roles = all_roles(cfg)
     mesh = build_mesh(cfg, rank, len(roles))
@@ -62,7 +64,7 @@ def train_worker(config: dict, rank: int) -> None:
     shared = config.get("dataset")  # the driver's in-memory dataset, held once per node by Ray's object store
     data = from_arrays(ray.get(shared[0])) if shared else None
     session = Session(cfg, mesh.roles, exchange, worker_device(config), data, monitor=monitor, mesh=mesh)
-    store = checkpoint_store(cfg, rank, barrier=lambda: exchange.gather_objects(None))
+    store = run.checkpoints(rank, exchange.gather_objects)
     node = worker_name(cfg, roles, mesh, sync.names if sync else {})
     with system_metrics(config["tracking_uri"], config.get("run_id"), node, cfg.tracking.system_metrics_interval):
         fit(session, store, sync)
@@ -339,7 +341,7 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
 def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking_uri: str | None = None,
               run_id: str | None = None, poll: Callable[[list], None] = lambda statuses: None,
               dataset: Dataset | None = None,
-              group: RoleGroup | None = None) -> list:
+              group: RoleGroup | None = None, run: RunStorage | None = None) -> list:
     """Every rank's `fn(config, rank)` (default: train_worker) on one worker per role, all in one process group.
 
     A worker that dies (killed, out of memory, its node lost) takes the group down and a new one starts, up to
@@ -347,12 +349,15 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
     ends the run with the worker's own message (a NaN loss, a bad checkpoint). Benchmarks pass their own `fn`.
     An in-memory `dataset` the driver loaded goes to the workers through the object store (`config["dataset"]`:
     one copy per node, mapped by its workers) instead of each worker loading and holding its own. A `group`
-    started beforehand (`start_group`, while the driver checked) runs the first attempt."""
+    started beforehand (`start_group`, while the driver checked) runs the first attempt. `run`: the run's storage
+    (by default the one `cfg` names), handed to every worker as `config["storage"]`."""
     fn = fn or train_worker
+    run = run or RunStorage.of(cfg)
     gpu = use_gpu(cfg)
     check_fits(cfg, gpu)
     backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if gpu else "gloo")
-    config = {"run": cfg.with_absolute_paths().model_dump(), "tracking_uri": tracking_uri, "run_id": run_id,
+    config = {"run": cfg.with_absolute_paths().model_dump(), "storage": run, "tracking_uri": tracking_uri,
+              "run_id": run_id,
               "gpu": gpu, "dataset": [ray.put(as_arrays(dataset))] if isinstance(dataset, Dataset) else None}
     roles = all_roles(cfg)
     deaths = []  # the newest checkpoint at each death: no progress between deaths means a resume dies too
@@ -362,21 +367,21 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
             return group.run(fn, config, backend, poll)
         except WorkerDied as died:
             role = rank_name(cfg, roles, died.rank)
-            newest = saved_checkpoints(cfg)
-            deaths.append(newest[-1].name if newest else None)
+            newest = run.checkpoints().latest()
+            deaths.append(newest.name if newest else None)
             if attempt == cfg.runtime.max_failures:
-                raise WorkerFailedError(_gave_up(cfg, role, died, deaths)) from None
+                raise WorkerFailedError(_gave_up(cfg, run, role, died, deaths)) from None
             print(f"{role} died ({died}); restarting the workers from the last checkpoint "
                   f"({attempt + 1} of runtime.max_failures={cfg.runtime.max_failures})", flush=True)
         except ray.exceptions.RayTaskError as err:
-            raise explain_failure(err, cfg) from None
+            raise explain_failure(err, run) from None
         finally:
             group.shutdown()
 
 
-def _gave_up(cfg: RunConfig, role: str, died: WorkerDied, deaths: list[str | None]) -> str:
+def _gave_up(cfg: RunConfig, run: RunStorage, role: str, died: WorkerDied, deaths: list[str | None]) -> str:
     """The last line of a run whose workers kept dying: why, and whether resuming can help."""
-    kept = f"checkpoints are kept in {run_folder.where(cfg)}"
+    kept = f"checkpoints are kept in {run.where()}"
     if len(deaths) > 1 and len(set(deaths)) == 1:
         where = f"after {deaths[0]}" if deaths[0] else "before the first checkpoint"
         return (f"{role} died {len(deaths)} times at the same point ({where}): {died}; resuming would die the "
@@ -394,43 +399,92 @@ def session_logs() -> Path | None:
         return None
 
 
+class RayExecutor:
+    """Runs a run's roles on a Ray cluster, one worker per role (see the module's docstring); built by
+    `ray_kd.run.executor_for`."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg, self.group = cfg, None
+
+    def start(self, checks: Callable[[], Dataset]) -> Dataset:
+        """The cluster joined or started and the role workers started while `checks` (the driver's preflight)
+        runs in a thread (a local cluster takes seconds to start, a worker seconds to import torch); returns the
+        dataset the checks loaded. A bad config or store is the error shown, even when the cluster failed too."""
+        check_address(cluster_address(self.cfg))  # a dead address is one line before anything else starts
+        with ThreadPoolExecutor(1) as pool:
+            checked = pool.submit(checks)
+            try:
+                connect_checked(self.cfg)
+                self.group = start_group(self.cfg)
+                return checked.result()
+            except BaseException:
+                self.shutdown()
+                checked.result()
+                raise
+
+    def execute(self, run: RunStorage, dataset: Dataset | None, mlflow_run: tuple[str, str] | None = None,
+                on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True) -> Path:
+        """Train on the cluster (logging to the MLflow run `(uri, run_id)` when given); returns the folder of the
+        last checkpoint. `on_epoch(record)` gets each epoch's metrics as its checkpoint lands (a Tune trial reports
+        them); `show_progress` prints what the local executor prints (see Console); `dataset`, the one the driver
+        loaded, is shared with the workers."""
+        connect(self.cfg)
+        console = Console(self.cfg, run) if show_progress else None
+
+        def each_epoch(record: dict) -> None:
+            if console is not None:
+                console.epoch(record)
+            if on_epoch is not None:
+                on_epoch(record)
+
+        new_epochs = NewEpochs(run, each_epoch)
+
+        def poll(statuses: list[Status | None]) -> None:
+            new_epochs()
+            if console is not None:
+                console.workers(statuses)
+
+        uri, run_id = mlflow_run or (None, None)
+        group, self.group = self.group, None  # the workers started beforehand run the first attempt
+        try:
+            run_roles(self.cfg, train_worker, uri, run_id, poll, dataset, group, run)
+        finally:
+            if console is not None:
+                console.display.close()
+        return run.checkpoints().latest()
+
+    def shutdown(self) -> None:
+        """The workers started beforehand and not used end here."""
+        if self.group is not None:
+            self.group.shutdown()
+            self.group = None
+
+
+def connect_checked(cfg: RunConfig) -> None:
+    """Join (or start) the Ray cluster now, so a dead or missing one is one line before anything starts."""
+    address = cluster_address(cfg)
+    try:
+        connect(cfg)
+    except ConnectionError as err:
+        raise PreflightError(f"no Ray cluster at runtime.address={address} ({first_line(err)}); start one (`ray "
+                             "start --head`) or unset runtime.address and RAY_ADDRESS to start a local one") from None
+
+
 def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None,
                on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True,
-               dataset: Dataset | None = None, group: RoleGroup | None = None) -> Path:
-    """Train on the cluster (logging to MLflow when given a run); returns the folder of the last checkpoint.
-
-    `on_epoch(record)` gets each epoch's metrics as its checkpoint lands (a Tune trial reports them);
-    `show_progress` prints what the local executor prints (see Console); `dataset`, the one the driver
-    loaded, is shared with the workers, and `group`, workers started beforehand, runs them (see run_roles)."""
-    connect(cfg)
-    console = Console(cfg) if show_progress else None
-
-    def each_epoch(record: dict) -> None:
-        if console is not None:
-            console.epoch(record)
-        if on_epoch is not None:
-            on_epoch(record)
-
-    new_epochs = NewEpochs(cfg, each_epoch)
-
-    def poll(statuses: list[Status | None]) -> None:
-        new_epochs()
-        if console is not None:
-            console.workers(statuses)
-
-    try:
-        run_roles(cfg, train_worker, tracking_uri, run_id, poll, dataset, group)
-    finally:
-        if console is not None:
-            console.display.close()
-    return saved_checkpoints(cfg)[-1]
+               dataset: Dataset | None = None) -> Path:
+    """`RayExecutor(cfg).execute` for the run `cfg` names (logging to MLflow when given a run); returns the folder
+    of the last checkpoint."""
+    return RayExecutor(cfg).execute(RunStorage.of(cfg), dataset, (tracking_uri, run_id) if run_id else None,
+                                    on_epoch, show_progress)
 
 
-def newest_history(cfg: RunConfig) -> list[dict] | None:
+def newest_history(run: RunStorage) -> list[dict] | None:
     """The epoch history of the run's newest checkpoint ([] before the first), None while it cannot be read
-    (pruned or replaced as it was read, or an object store that did not answer: the next look sees it)."""
+    (pruned or replaced as it was read, or an object store that did not answer: the next look sees it). The
+    run's opened store is reused: the driver polls this every half second."""
     try:
-        return checkpoint_store(cfg).latest_history()
+        return run.checkpoints().latest_history()
     except (CheckpointError, OSError):
         return None
 
@@ -438,11 +492,11 @@ def newest_history(cfg: RunConfig) -> list[dict] | None:
 class NewEpochs:
     """Passes each epoch of the newest checkpoint's history to `on_epoch` once, in order."""
 
-    def __init__(self, cfg: RunConfig, on_epoch: Callable[[dict], None]):
-        self.cfg, self.on_epoch, self.seen = cfg, on_epoch, 0
+    def __init__(self, run: RunStorage, on_epoch: Callable[[dict], None]):
+        self.run, self.on_epoch, self.seen = run, on_epoch, 0
 
     def __call__(self) -> None:
-        history = newest_history(self.cfg) or []
+        history = newest_history(self.run) or []
         for record in history[self.seen:]:
             self.on_epoch(record)
         self.seen = max(self.seen, len(history))
@@ -453,9 +507,9 @@ class Console:
     checkpoint holds (the epochs a resumed run starts after were shown by the start that ran them), and in
     between what the workers are doing (`group_status` of their statuses) on a `ProgressDisplay`."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, run: RunStorage | None = None):
         self.display, self.line = ProgressDisplay(cfg.runtime.progress_every_s), progress_line(cfg.optim.epochs)
-        self.shown = len(newest_history(cfg) or [])  # epochs with a line
+        self.shown = len(newest_history(run or RunStorage.of(cfg)) or [])  # epochs with a line
         self.last: Status | None = None
 
     def epoch(self, record: dict) -> None:
@@ -490,7 +544,7 @@ def worker_user_error(err: Exception) -> UserError | None:
     return None
 
 
-def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
+def explain_failure(err: Exception, run: RunStorage) -> UserError:
     """The one-line error a user can act on: the worker's own UserError if it raised one, else the worker's last
     line and how to resume."""
     own = worker_user_error(err)
@@ -499,4 +553,4 @@ def explain_failure(err: Exception, cfg: RunConfig) -> UserError:
     text = str(getattr(err, "cause", None) or err).strip()
     first = text.splitlines()[-1][:300] if text else type(err).__name__
     return WorkerFailedError(f"the run failed in a worker ({first}); checkpoints are kept in "
-                             f"{run_folder.where(cfg)}: run the same command to resume")
+                             f"{run.where()}: run the same command to resume")

@@ -1,10 +1,8 @@
-"""What a finished run leaves behind: summary.json, the curve plot, the best student's weights."""
+"""What a finished run's figures are: its summary (which student and epoch, their scores) and the curve plot."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from ray_kd.checkpoint import atomic_write_json
 
 
 def summarize(history: list[dict[str, float]], wall_seconds: float, run_id: str | None,
@@ -44,12 +42,6 @@ def headline_line(summary: dict) -> str | None:
     return (f"best: {summary['best_student']} at epoch {h['best_epoch']} of {summary['epochs']}, val top-1 "
             f"{h['val_acc_at_best']:.2f}, test top-1 {test} (last epoch: {h['last_val_acc']:.2f} / "
             f"{h['last_test_acc']:.2f})")
-
-
-def write_summary(summary: dict, run_dir: Path) -> Path:
-    path = run_dir / "summary.json"
-    atomic_write_json(summary, path)
-    return path
 
 
 def plot_curves(history: list[dict[str, float]], path: Path, title: str = "", names: dict[str, str] | None = None,

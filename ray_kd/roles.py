@@ -14,13 +14,23 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ray_kd.config import OptimConfig
+from ray_kd.config import OptimConfig, RunConfig
 from ray_kd.data import Dataset, eval_batches
 from ray_kd.errors import UserError
 from ray_kd.methods import Method, Outputs, Role, Step
 from ray_kd.models.folding import fold_batchnorm
 from ray_kd.recipe import Recipe
 from ray_kd.weights import load_backbone
+
+
+def all_roles(cfg: RunConfig) -> list[Role]:
+    """Rank order: the teacher (if any) first, then student_0, student_1, ..."""
+    def role(name, spec):
+        stages = None if spec.stages is None else tuple(spec.stages)
+        return Role(name, spec.model, spec.checkpoint, spec.model_kwargs, stages, spec.replace_head)
+
+    roles = [role("teacher", cfg.teacher)] if cfg.teacher else []
+    return roles + [role(f"student_{k}", s) for k, s in enumerate(cfg.students)]
 
 
 class NonFiniteLossError(UserError, RuntimeError):

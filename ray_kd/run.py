@@ -2,112 +2,114 @@
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from ray_kd.checkpoint import atomic_save, newest_good, read_history, safe_load, save_model_file
+from ray_kd.checkpoint import atomic_save, safe_load, save_model_file
 from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import Dataset, epoch_steps, eval_batches, load_dataset
-from ray_kd.errors import UserError, first_line
-from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
-                              check_sqlite_store, cluster_address)
-from ray_kd.session import all_roles
-from ray_kd.results import headline_line, plot_curves, summarize, write_summary
+from ray_kd.errors import UserError
+from ray_kd.preflight import check_folders, check_out_file, check_roles, check_sqlite_store
+from ray_kd.results import headline_line, plot_curves, summarize
+from ray_kd.run_storage import RunStorage, read_history
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from ray_kd.teacher_cache import describe_size
-from ray_kd import run_folder, storage, tracking
-
-if TYPE_CHECKING:  # imported where a Ray run needs it: it imports Ray
-    from ray_kd.ray_executor import RoleGroup
+from ray_kd import run_folder, tracking
 
 
 def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = None, restart: bool = False) -> dict:
-    """Run (or resume) `cfg` end to end; returns the summary written to `<run_dir>/summary.json`.
+    """Run (or resume) `cfg` end to end; returns the summary written to the run folder.
 
     `kind` is the run's `ray_kd.run_kind` tag (teacher, baseline, distillation, sweep_trial); by default
     baseline for the student alone (`ce`), else distillation. `restart` discards the run folder's
     checkpoints first (a new MLflow run too)."""
     uri = tracking.tracking_uri(cfg)
-    data, workers = checked_and_connected(cfg, uri)  # data loaded once on the driver: the finish uses it too
+    data, executor = checked_and_connected(cfg, uri)  # data loaded once on the driver: the finish uses it too
     if threading.current_thread() is threading.main_thread():
         install_handlers()
-    with _shut_down_after(workers), run_folder.run_lock(cfg):
-        if restart:
-            run_folder.clear(cfg)
-        elif cfg.remote_output:
-            storage.pull(cfg)
-        run_folder.check_store(cfg, uri)
-        run_folder.check_fingerprint(cfg, data)
-        resumed = newest_good_checkpoint(cfg)
-        run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind)
-        if cfg.remote_output:
-            storage.push(cfg)
-        mlflow = tracking.client(uri)
-        before = mlflow.get_run(run_id)
-        done = _already_finished(cfg, before, resumed)
-        if done is not None:
-            return done
-        if before.info.status != "RUNNING":  # a resumed run shows as running while it runs
-            mlflow.update_run(run_id, "RUNNING")
-        epochs_before = tracking.latest_epoch(mlflow, run_id)[0]
-        print(f"run {cfg.name}: folder {run_folder.where(cfg)}, MLflow run {run_id} in {uri}"
-              + (f", resuming after epoch {len(resumed[1])}" if resumed else ""), flush=True)
-        earlier, start = run_folder.wall_before(cfg), time.perf_counter()
-        try:
+    with _shut_down_after(executor):
+        cfg = _free_name(cfg, data, restart)
+        run = RunStorage.of(cfg)
+        with run.lock():
+            if restart:
+                run.clear()
+            else:
+                run.pull()
+            run_folder.check_store(run, uri)
+            run_folder.check_fingerprint(run, run_folder.fingerprint(cfg, data))
+            resumed = run.newest_good(print)
+            run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind, run)
+            run.push()
+            mlflow = tracking.client(uri)
+            before = mlflow.get_run(run_id)
+            done = _already_finished(cfg, run, before, resumed)
+            if done is not None:
+                return done
+            if before.info.status != "RUNNING":  # a resumed run shows as running while it runs
+                mlflow.update_run(run_id, "RUNNING")
+            epochs_before = tracking.latest_epoch(mlflow, run_id)[0]
+            print(f"run {cfg.name}: folder {run.where()}, MLflow run {run_id} in {uri}"
+                  + (f", resuming after epoch {len(resumed[1])}" if resumed else ""), flush=True)
+            earlier, start = run.wall_before(), time.perf_counter()
             try:
-                if cfg.runtime.executor == "local":
-                    from ray_kd.local_executor import run_local
-
-                    with tracking.system_metrics(uri, run_id, "local", cfg.tracking.system_metrics_interval):
-                        last = run_local(cfg, tracking.MetricSync(uri, run_id), dataset=data)
-                else:
-                    from ray_kd.ray_executor import run_on_ray
-
-                    last = run_on_ray(cfg, uri, run_id, dataset=data, group=workers)
-            except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
-                _mark_unfinished(uri, before, epochs_before, "KILLED")
-                stopped = newest_good_checkpoint(cfg, quiet=True)
-                raise RunStopped(f"run {cfg.name} stopped at epoch {len(stopped[1]) if stopped else 0}",
-                                 signal_of(err)) from None
-            except BaseException:  # the run shows as failed until a resume finishes it
-                _mark_unfinished(uri, before, epochs_before, "FAILED")
-                raise
-            return finish(cfg, last, uri, run_id, earlier + time.perf_counter() - start, data)
-        finally:  # every start's time counts, a stopped or failed one's too
-            run_folder.record_wall(cfg, earlier + time.perf_counter() - start)
-            if cfg.remote_output:
-                storage.push(cfg)
+                try:
+                    last = executor.execute(run, data, (uri, run_id))
+                except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
+                    _mark_unfinished(uri, before, epochs_before, "KILLED")
+                    stopped = run.newest_good()
+                    raise RunStopped(f"run {cfg.name} stopped at epoch {len(stopped[1]) if stopped else 0}",
+                                     signal_of(err)) from None
+                except BaseException:  # the run shows as failed until a resume finishes it
+                    _mark_unfinished(uri, before, epochs_before, "FAILED")
+                    raise
+                return finish(cfg, last, uri, run_id, earlier + time.perf_counter() - start, data, run)
+            finally:  # every start's time counts, a stopped or failed one's too
+                run.record_wall(earlier + time.perf_counter() - start)
+                run.push()
 
 
-def _already_finished(cfg: RunConfig, run, resumed) -> dict | None:
+def _free_name(cfg: RunConfig, data: Dataset, restart: bool) -> RunConfig:
+    """`cfg` under the name it runs as: the config's own; or, when that name came from the config file (no
+    `name=` given) and its folder holds checkpoints of another config, the first of `<name>-2`, `<name>-3`, ...
+    that is new or holds this config's run, said in one line. A `name=` given is kept (a changed config is then
+    refused, see run_folder.check_fingerprint)."""
+    if restart or cfg.name_given:
+        return cfg
+    now, name, n = run_folder.fingerprint(cfg, data), cfg.name, 1
+    while run_folder.made_otherwise(RunStorage.of(cfg), now):
+        n += 1
+        cfg = cfg.model_copy(update={"name": f"{name}-{n}"})
+    if n > 1:
+        print(f"run {name} was made with another config or data: this one runs as {cfg.name} (give name= to "
+              f"choose its name)", flush=True)
+    return cfg
+
+
+def _already_finished(cfg: RunConfig, run: RunStorage, mlflow_run, resumed) -> dict | None:
     """The summary of a FINISHED run whose checkpoints hold every epoch asked for: a rerun of it changes nothing
     (no second model, no final metrics logged again); None when there is training or finishing to do."""
-    summary_file = cfg.run_dir / "summary.json"
-    if (run.info.status != "FINISHED" or not resumed or len(resumed[1]) < cfg.optim.epochs
-            or not summary_file.is_file()):
+    if mlflow_run.info.status != "FINISHED" or not resumed or len(resumed[1]) < cfg.optim.epochs:
         return None
-    summary = json.loads(summary_file.read_text())
+    summary = run.read_summary()
+    if summary is None:
+        return None
     print(f"run {cfg.name}: already finished all {cfg.optim.epochs} epochs, nothing to do (raise optim.epochs to "
-          f"extend it, or add --restart to run it again); summary: {summary_file}", flush=True)
+          f"extend it, or add --restart to run it again); summary: {run.summary_file}", flush=True)
     return summary
 
 
 @contextmanager
-def _shut_down_after(workers):
+def _shut_down_after(executor):
     """The role workers started during the checks end with the run, even when it fails before training."""
     try:
         yield
     finally:
-        if workers is not None:
-            workers.shutdown()
+        executor.shutdown()
 
 
 def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
@@ -118,35 +120,30 @@ def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
     mlflow.set_terminated(before.info.run_id, status)
 
 
-def checked_and_connected(cfg: RunConfig, uri: str) -> tuple[Dataset, RoleGroup | None]:
-    """The preflight and the MLflow store's checks, and for the Ray executor the cluster joined or started and
-    the role workers started at the same time (a local cluster takes seconds to start, a worker seconds to
-    import torch: this process loads the data meanwhile). A bad config or store is the error shown, even when
-    the cluster failed too. Returns the dataset and the started workers (None for the local executor); the
-    caller shuts them down."""
+def executor_for(cfg: RunConfig):
+    """The executor `runtime.executor` names (Ray's module imported only for it): `start(checks) -> Dataset`,
+    `execute(run, dataset, mlflow_run, on_epoch, show_progress) -> last checkpoint`, `shutdown()`."""
+    if cfg.runtime.executor == "local":
+        from ray_kd.local_executor import LocalExecutor
+
+        return LocalExecutor(cfg)
+    from ray_kd.ray_executor import RayExecutor
+
+    return RayExecutor(cfg)
+
+
+def checked_and_connected(cfg: RunConfig, uri: str):
+    """The preflight and the MLflow store's checks, done while the executor starts (a Ray cluster joined or
+    started, its role workers started: see `RayExecutor.start`). Returns the dataset and the started executor;
+    the caller shuts it down."""
     def checks() -> Dataset:
         data = preflight(cfg)
         check_sqlite_store(uri)
         tracking.check_reachable(uri)
         return data
 
-    if cfg.runtime.executor != "ray":
-        return checks(), None
-    check_address(cluster_address(cfg))  # a dead address is one line before anything else starts
-    from ray_kd.ray_executor import start_group
-
-    group = None
-    with ThreadPoolExecutor(1) as pool:
-        checked = pool.submit(checks)
-        try:
-            connect_checked(cfg)
-            group = start_group(cfg)
-            return checked.result(), group
-        except BaseException:
-            if group is not None:
-                group.shutdown()
-            checked.result()
-            raise
+    executor = executor_for(cfg)
+    return executor.start(checks), executor
 
 
 def preflight(cfg: RunConfig) -> Dataset:
@@ -172,27 +169,6 @@ def preflight(cfg: RunConfig) -> Dataset:
     return data
 
 
-def connect_checked(cfg: RunConfig) -> None:
-    """Join (or start) the Ray cluster now, so a dead or missing one is one line before anything starts."""
-    from ray_kd.ray_executor import connect
-
-    address = cluster_address(cfg)
-    try:
-        connect(cfg)
-    except ConnectionError as err:
-        first = first_line(err)
-        raise PreflightError(f"no Ray cluster at runtime.address={address} ({first}); start one (`ray start "
-                             "--head`) or unset runtime.address and RAY_ADDRESS to start a local one") from None
-
-
-def newest_good_checkpoint(cfg: RunConfig, quiet: bool = False):
-    """(folder, history) of the checkpoint a resume starts from, or None; says so when it passes over a
-    corrupt one (the executors' stores make the same choice)."""
-    names = [r.name for r in all_roles(cfg)]
-    found = newest_good(run_folder.saved_checkpoints(cfg), names, None if quiet else print)
-    return None if found is None else (found[0], found[2])
-
-
 def train_teacher(cfg: RunConfig, out: Path, restart: bool = False, keep: str = "best") -> dict:
     """Train `cfg.students[0]` alone with cross-entropy and save it as a teacher file; returns the run's
     summary, with the file's path as `teacher_file`.
@@ -212,8 +188,10 @@ def train_teacher(cfg: RunConfig, out: Path, restart: bool = False, keep: str = 
     kept = {"kept": keep, "epoch": head["best_epoch"], "val_acc": head["val_acc_at_best"],
             "test_acc": head["test_acc_at_best_val"]}
     if keep == "last":
-        folder, _ = newest_good_checkpoint(cfg, quiet=True)
-        net = safe_load(folder / f"{summary['best_role']}.pt")["net"]
+        ran_as = Path(summary["best_student_file"]).parent.name  # the run's folder: its name, if it took a new one
+        run = RunStorage.of(cfg.model_copy(update={"name": ran_as}))
+        folder, _ = run.newest_good()
+        net = run.role_state(folder, summary["best_role"])["net"]
         blob["state_dict"] = {k.removeprefix("backbone."): v for k, v in net.items() if k.startswith("backbone.")}
         kept.update(epoch=summary["epochs"], val_acc=head["last_val_acc"], test_acc=head["last_test_acc"])
     blob.update(kept)
@@ -241,25 +219,25 @@ def cache_teacher(cfg: RunConfig) -> dict[str, int]:
     return totals
 
 
-def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float, data: Dataset) -> dict:
-    """summary.json, the curve plot, the best student's weights and MLflow model, the final metrics and the
+def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float, data: Dataset,
+           run: RunStorage) -> dict:
+    """The summary, the curve plot, the best student's weights and MLflow model, the final metrics and the
     description: all from one summary, so every figure shown matches the weights saved."""
     history = read_history(checkpoint)
     mlflow = tracking.client(uri)
     kind = mlflow.get_run(run_id).data.tags.get("ray_kd.run_kind")
     names = tracking.role_names(kind)
     summary = summarize(history, wall, run_id, names)
-    run_dir = cfg.run_dir
     dataset = tracking.log_dataset(mlflow, run_id, cfg.data, data)
     model_id = None
     if summary["best_role"]:
         role = summary["best_role"]
-        best = safe_load(checkpoint / f"{role}.pt")["best"]
+        best = run.role_state(checkpoint, role)["best"]
         if best["epoch"] != summary["headline"]["best_epoch"]:  # the session and the summary choose alike
             raise RuntimeError(f"{role}: saved weights from epoch {best['epoch']} but the history's best "
                                f"validation epoch is {summary['headline']['best_epoch']}")
         arch = cfg.students[int(role.split("_")[1])].model
-        path = run_dir / "best_student.pt"
+        path = run.best_student_file
         save_model_file(path, arch, data.num_classes, data.in_channels, best["state_dict"],
                         role=summary["best_student"], **summary["headline"])
         mlflow.log_artifact(run_id, str(path))
@@ -272,8 +250,8 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float,
     students = ", ".join(s.model for s in cfg.students)
     title = f"{cfg.method.name}: {cfg.teacher.model + ' -> ' if cfg.teacher else ''}{students} on {cfg.data.dataset}, seed {cfg.seed}"
     chosen = (summary["best_role"], summary["headline"]["best_epoch"]) if summary["best_role"] else None
-    mlflow.log_artifact(run_id, str(plot_curves(history, run_dir / "accuracy.png", title, names, chosen)))
-    path = write_summary(summary, run_dir)
+    mlflow.log_artifact(run_id, str(plot_curves(history, run.plot_file, title, names, chosen)))
+    path = run.write_summary(summary)
     mlflow.log_artifact(run_id, str(path))
     mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, kind, summary))
     mlflow.set_terminated(run_id, "FINISHED")

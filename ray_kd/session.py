@@ -18,29 +18,16 @@ import torch
 
 from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import BatchChecksum, Dataset, epoch_steps, load_dataset, seeded_batches
-from ray_kd.evaluation import SPLITS, Evaluator
+from ray_kd.evaluation import OBJECTIVE, SPLITS, Evaluator
 from ray_kd.methods import Role
 from ray_kd.progress import StepMonitor
 from ray_kd.replicas import Mesh, synchronise_batchnorm
-from ray_kd.roles import RoleRunner
+from ray_kd.roles import RoleRunner, all_roles
 from ray_kd.stopping import held
 from ray_kd.teacher_cache import TeacherCache, cache_key
 
-OBJECTIVE = "best_student_val_acc"
-"""Per epoch: the val top-1 of the best student that epoch."""
-
 History = list[dict[str, float]]
 """One dict of merged metrics (every role's) per completed epoch; entry i has 'epoch' == i + 1."""
-
-
-def all_roles(cfg: RunConfig) -> list[Role]:
-    """Rank order: the teacher (if any) first, then student_0, student_1, ..."""
-    def role(name, spec):
-        stages = None if spec.stages is None else tuple(spec.stages)
-        return Role(name, spec.model, spec.checkpoint, spec.model_kwargs, stages, spec.replace_head)
-
-    roles = [role("teacher", cfg.teacher)] if cfg.teacher else []
-    return roles + [role(f"student_{k}", s) for k, s in enumerate(cfg.students)]
 
 
 class Session:

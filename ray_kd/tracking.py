@@ -22,9 +22,10 @@ from pathlib import Path
 
 import yaml
 
-from ray_kd.checkpoint import atomic_write_json
 from ray_kd.config import RunConfig, flatten, shown_uri
 from ray_kd.errors import UserError, first_line
+from ray_kd.evaluation import OBJECTIVE
+from ray_kd.run_storage import RunStorage
 
 
 class TrackingError(UserError, RuntimeError):
@@ -157,12 +158,14 @@ def training_experiment(mlflow, name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
-def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, kind: str | None = None) -> str:
-    """The run id kept in the run folder (a resumed run continues it), or a new run with the config as
+def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, kind: str | None = None,
+                    run: RunStorage | None = None) -> str:
+    """The run id kept in the run folder `run` (a resumed run continues it), or a new run with the config as
     params, its tags and description, and its teacher's lineage."""
-    marker = cfg.run_dir / "mlflow_run.json"
-    if marker.is_file():
-        return json.loads(marker.read_text())["run_id"]
+    run = run or RunStorage.of(cfg)
+    marker = run.mlflow_run(f"run {run.name}")
+    if marker is not None:
+        return marker["run_id"]
     mlflow = client(uri)
     exp_id = training_experiment(mlflow, cfg.tracking.experiment, uri)
     tags = run_tags(cfg, kind or default_kind(cfg))
@@ -179,7 +182,7 @@ def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, 
     mlflow.log_text(run_id, yaml.safe_dump(shown_config(cfg), sort_keys=False), "config.yaml")
     if tags.get("ray_kd.teacher_model_id") and kind != "sweep":  # a sweep's result is its trials', not the teacher
         _link_model_input(mlflow, run_id, tags["ray_kd.teacher_model_id"])
-    atomic_write_json({"run_id": run_id, "tracking_uri": uri}, marker)
+    run.record_mlflow_run(run_id, uri)
     return run_id
 
 
@@ -224,8 +227,6 @@ def epoch_metrics(entry: dict[str, float], names: dict[str, str]) -> dict[str, f
     `throughput/<role>/...` (its own chart section, after accuracy). Left out: the epoch (it is the step),
     the per-epoch best-student figures (the final metrics say which student and epoch count), and the
     accuracy of a role that does not train (a frozen teacher), logged once among the final metrics."""
-    from ray_kd.session import OBJECTIVE
-
     roles = {k.split("/")[0] for k in entry if k.endswith("/samples_per_s")}
     frozen = roles - {k.split("/")[0] for k in entry if "/loss_" in k}
     out = {}

@@ -29,13 +29,13 @@ from typing import Iterator
 import yaml
 
 from ray_kd import run_folder, tracking
-from ray_kd.checkpoint import atomic_write_json, read_history
 from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, shown_uri, validate_config
 from ray_kd.errors import UserError
-from ray_kd.evaluation import require_val_every_epoch
+from ray_kd.evaluation import OBJECTIVE, require_val_every_epoch
 from ray_kd.replicas import world_size
-from ray_kd.results import summarize, write_summary
-from ray_kd.session import OBJECTIVE, all_roles
+from ray_kd.results import summarize
+from ray_kd.roles import all_roles
+from ray_kd.run_storage import RunFolderError, RunStorage, read_history
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from tuning.space import SweepSpace, check_space, tune_domain
 
@@ -60,13 +60,14 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
 
     from ray import tune
 
-    from ray_kd.ray_executor import run_on_ray
+    from ray_kd.ray_executor import RayExecutor
 
     trial_id = tune.get_context().get_trial_id()
     tree = apply_overrides(copy.deepcopy(base), params)  # typed values, never through YAML strings
     tree.update(name=f"{base['name']}-{trial_id}", output_dir=str(Path(sweep_dir) / "trials"))
     cfg = validate_config(tree)
-    run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind="sweep_trial")
+    run = RunStorage.of(cfg)
+    run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind="sweep_trial", run=run)
     mlflow = tracking.client(uri)
     if mlflow.get_run(run_id).info.status != "RUNNING":  # resumed after the sweep was stopped
         mlflow.delete_tag(run_id, STOPPED_TAG)
@@ -78,10 +79,10 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
             tune.report(record)
 
     start = time.perf_counter()
-    last = run_on_ray(cfg, uri, run_id, on_epoch=report_but_last, show_progress=False)
+    last = RayExecutor(cfg).execute(run, None, (uri, run_id), on_epoch=report_but_last, show_progress=False)
     history = read_history(last)
     summary = summarize(history, time.perf_counter() - start, run_id)
-    write_summary(summary, cfg.run_dir)
+    run.write_summary(summary)
     tracking.log_final(mlflow, run_id, summary, None, None)
     mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, "sweep_trial", summary))
     mlflow.set_terminated(run_id, "FINISHED")
@@ -102,16 +103,17 @@ def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
     parent_cfg = cfg.model_copy(update={"name": f"{cfg.name}-sweep"})
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
-    with run_folder.run_lock(parent_cfg):
+    sweep_run = RunStorage.of(parent_cfg)
+    with sweep_run.lock():
         if restart:
-            run_folder.clear(parent_cfg)
-        run_folder.check_store(parent_cfg, uri)
-        check_fingerprint(parent_cfg, sweep_fingerprint(cfg, space))
+            sweep_run.clear()
+        run_folder.check_store(sweep_run, uri)
+        check_fingerprint(sweep_run, sweep_fingerprint(cfg, space))
         connect(cfg)
         if threading.current_thread() is threading.main_thread():
             install_handlers()  # after ray.init, which installs its own SIGTERM handler
         check_fits(cfg, use_gpu(cfg))
-        parent_id = tracking.start_or_resume(parent_cfg, uri, kind="sweep")
+        parent_id = tracking.start_or_resume(parent_cfg, uri, kind="sweep", run=sweep_run)
         mlflow = tracking.client(uri)
         if mlflow.get_run(parent_id).info.status != "RUNNING":  # a resumed sweep shows as running while it runs
             mlflow.set_tag(parent_id, "mlflow.note.content", tracking.describe(parent_cfg, "sweep"))
@@ -126,26 +128,23 @@ def sweep_fingerprint(cfg: RunConfig, space: SweepSpace) -> dict:
             **json.loads(json.dumps(flatten({"space": space.model_dump()})))}
 
 
-def check_fingerprint(parent_cfg: RunConfig, now: dict) -> None:
+def check_fingerprint(sweep_run: RunStorage, now: dict) -> None:
     """Refuse to resume a started sweep (one with Tune state) made with another fingerprint: its trials and
     results belong to that one. A sweep not started yet takes the new one, as a new MLflow parent run."""
     from ray import tune
 
-    name, folder = parent_cfg.name, parent_cfg.run_dir
-    path = folder / run_folder.FINGERPRINT
-    before = run_folder.read_fingerprint(path, f"sweep {name}")
+    name, folder = sweep_run.name, sweep_run.run_dir
+    before = sweep_run.read_fingerprint(f"sweep {name}")
     if before is not None and not run_folder.changed_fields(before, now):
         return
     if tune.Tuner.can_restore(str(folder / "tune")):
-        raise run_folder.RunFolderError(f"sweep {name} in {folder} was made with another config, space or epochs: "
-                                        f"{_changes(before, now)}; to keep it, start this one under another "
-                                        "name=; to discard it and start over, add --restart")
-    marker = folder / run_folder.MLFLOW_RUN
-    if marker.is_file():
-        marker.unlink()
+        raise RunFolderError(f"sweep {name} in {folder} was made with another config, space or epochs: "
+                             f"{_changes(before, now)}; to keep it, start this one under another "
+                             "name=; to discard it and start over, add --restart")
+    if sweep_run.forget_mlflow_run():
         print(f"sweep {name}: no trial of the earlier start, made with another config or space: starting over "
               "as a new MLflow run", flush=True)
-    atomic_write_json(now, path)
+    sweep_run.write_fingerprint(now)
 
 
 def _changes(before: dict | None, now: dict) -> str:
