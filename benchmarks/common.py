@@ -85,7 +85,7 @@ def random_teacher(config: str, overrides: list[str], model: str) -> str:
     """A randomly initialised teacher file for `config`'s data (speed and memory do not depend on its quality)."""
     from ray_kd.checkpoint import save_model_file
     from ray_kd.config import load_config
-    from ray_kd.data import load_dataset
+    from ray_kd.datasets import load_dataset
     from ray_kd.models import create_model
 
     data = load_dataset(load_config(config, overrides).data)

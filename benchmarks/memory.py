@@ -80,7 +80,7 @@ def measure_ray(case: str, tmp: Path, steps: int, shared: bool) -> list[dict]:
     """Each rank's figures; `shared`: the driver's dataset through the object store (what `ray-kd train`
     does), else every worker loads its own."""
     from ray_kd.config import load_config
-    from ray_kd.data import load_dataset
+    from ray_kd.datasets import load_dataset
     from ray_kd.ray_executor import connect, run_roles
     from ray_kd.session import all_roles
 

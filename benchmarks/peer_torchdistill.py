@@ -150,7 +150,7 @@ def export_data(overrides: list[str], path: Path) -> None:
     import torch
 
     from ray_kd.config import load_config
-    from ray_kd.data import load_dataset
+    from ray_kd.datasets import load_dataset
 
     data = load_dataset(load_config(CONFIG, overrides).data)
     blob = {"mean": data.mean, "std": data.std}

@@ -49,7 +49,8 @@ def timed_worker(out: str):
         import torch
 
         from ray_kd.config import RunConfig
-        from ray_kd.data import from_arrays, load_dataset
+        from ray_kd.data import from_arrays
+        from ray_kd.datasets import load_dataset
         from ray_kd.exchange import CollectiveExchange
         from ray_kd.ray_executor import worker_device
         from ray_kd.session import Session, all_roles

@@ -115,7 +115,8 @@ def child(what: str, tree: Path, mode: str, cache: Path, steps: int, out: Path) 
         last = run_local(cfg, show_progress=False)
         img_s = json.loads((last / "history.json").read_text())[-1]["student_0/samples_per_s"]
     else:
-        from ray_kd.data import load_dataset, seeded_batches
+        from ray_kd.data import seeded_batches
+        from ray_kd.datasets import load_dataset
 
         data = load_dataset(cfg.data)
         batches = seeded_batches(data, BATCH, 0, 0, steps + 1)

@@ -5,7 +5,7 @@ from a permutation seeded by (seed, epoch), with augmentation drawn from the
 same generator, so no image ever travels between workers. Small datasets are
 decoded once and cached as one tensor file. Sets larger than memory, or of mixed
 image sizes, stream from disk instead (`data.mode=stream`, `ray_kd.streaming`),
-behind the same `load_dataset` / `seeded_batches` / `eval_batches`.
+behind the same `load_dataset` (ray_kd.datasets) / `seeded_batches` / `eval_batches`.
 """
 
 from __future__ import annotations
@@ -88,14 +88,9 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load_dataset(cfg: DataConfig, seed: int = 0):
-    """Train/val/test of `cfg.dataset`; val is a fixed stratified share of train (seed 0, not the run seed).
-
-    A `Dataset` in memory, or with `data.mode=stream` a `ray_kd.streaming.StreamDataset` reading from disk."""
-    if cfg.mode == "stream":
-        from ray_kd.streaming import load_stream
-
-        return load_stream(cfg)
+def load_in_memory(cfg: DataConfig) -> Dataset:
+    """Train/val/test of `cfg.dataset` in memory; val is a fixed stratified share of train (seed 0, not the run
+    seed). `ray_kd.datasets.load_dataset` picks this or streaming."""
     loaders = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder,
                "synthetic": _synthetic}
     train, test, num_classes = loaders[cfg.dataset](cfg)

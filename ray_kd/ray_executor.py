@@ -509,7 +509,11 @@ class Console:
 
     def __init__(self, cfg: RunConfig, run: RunStorage | None = None):
         self.display, self.line = ProgressDisplay(cfg.runtime.progress_every_s), progress_line(cfg.optim.epochs)
-        self.shown = len(newest_history(run or RunStorage.of(cfg)) or [])  # epochs with a line
+        try:  # the epochs of the checkpoint the workers resume from have their lines
+            resumed = (run or RunStorage.of(cfg)).newest_good()
+        except CheckpointError:
+            resumed = None
+        self.shown = len(resumed[1]) if resumed else 0
         self.last: Status | None = None
 
     def epoch(self, record: dict) -> None:

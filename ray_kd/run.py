@@ -12,7 +12,8 @@ import torch
 
 from ray_kd.checkpoint import atomic_save, safe_load, save_model_file
 from ray_kd.config import ConfigError, RunConfig
-from ray_kd.data import Dataset, epoch_steps, eval_batches, load_dataset
+from ray_kd.data import Dataset, epoch_steps, eval_batches
+from ray_kd.datasets import load_dataset
 from ray_kd.errors import UserError
 from ray_kd.preflight import check_folders, check_out_file, check_roles, check_sqlite_store
 from ray_kd.results import headline_line, plot_curves, summarize
@@ -35,7 +36,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
     with _shut_down_after(executor):
         cfg = _free_name(cfg, data, restart)
         run = RunStorage.of(cfg)
-        with run.lock():
+        with run.hold_lock():
             if restart:
                 run.clear()
             else:

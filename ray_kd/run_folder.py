@@ -2,7 +2,7 @@
 
 A run folder (`ray_kd.run_storage`) holds checkpoints that a later start with the same name
 resumes. Three things stop two computations from mixing there:
-- its lock, held by the one process running the name (`RunStorage.lock`);
+- its lock, held by the one process running the name (`RunStorage.hold_lock`);
 - its fingerprint: every field that changes what the run computes (the teacher and
   other weight files by content, the data by its split sizes and labels); a resume that
   differs is refused, naming the fields. A start with another config before the first

@@ -452,7 +452,7 @@ class RunStorage:
     # --- the lock, restart, and the object store's copy -------------------------------------------------------
 
     @contextmanager
-    def lock(self) -> Iterator[None]:
+    def hold_lock(self) -> Iterator[None]:
         """Hold the run's lock while the body runs; a second start of the same name is refused in one line."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / LOCK

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from ray_kd.config import ConfigError, RunConfig
-from ray_kd.data import BatchChecksum, Dataset, epoch_steps, load_dataset, seeded_batches
+from ray_kd.data import BatchChecksum, Dataset, epoch_steps, seeded_batches
+from ray_kd.datasets import load_dataset
 from ray_kd.evaluation import OBJECTIVE, SPLITS, Evaluator
 from ray_kd.methods import Role
 from ray_kd.progress import StepMonitor

@@ -10,7 +10,8 @@ from conftest import CIFAR_ARCHIVE
 from PIL import Image
 
 from ray_kd.config import DataConfig
-from ray_kd.data import DataError, load_dataset, seeded_batches
+from ray_kd.data import DataError, seeded_batches
+from ray_kd.datasets import load_dataset
 
 
 def test_digits_split_is_fixed_and_stratified():

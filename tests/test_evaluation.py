@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ray_kd.config import ConfigError, load_config
-from ray_kd.data import load_dataset
+from ray_kd.datasets import load_dataset
 from ray_kd.evaluation import Evaluator, is_frozen, require_val_every_epoch, splits_at
 from ray_kd.roles import RoleRunner
 from ray_kd.run import train

@@ -10,7 +10,8 @@ from test_streaming import make_tree
 
 from ray_kd.checkpoint import CheckpointError, save_model_file
 from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
-from ray_kd.data import eval_batches, load_dataset
+from ray_kd.data import eval_batches
+from ray_kd.datasets import load_dataset
 from ray_kd.methods import Role
 from ray_kd.methods.mtkd_ssr import MTKDParams, MTKDSSR
 from ray_kd.methods.sokd import SOKD, SOKDParams

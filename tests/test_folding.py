@@ -9,7 +9,8 @@ from torch import nn
 
 from ray_kd.checkpoint import save_model_file
 from ray_kd.config import DataConfig, OptimConfig
-from ray_kd.data import load_dataset, seeded_batches
+from ray_kd.data import seeded_batches
+from ray_kd.datasets import load_dataset
 from ray_kd.methods import Role
 from ray_kd.methods.kd import KD, KDParams
 from ray_kd.methods.sokd import SOKD, SOKDParams

@@ -16,7 +16,8 @@ import pytest
 
 from ray_kd.cli import main
 from ray_kd.config import DataConfig, load_config
-from ray_kd.data import DataError, load_dataset
+from ray_kd.data import DataError
+from ray_kd.datasets import load_dataset
 from ray_kd.run_storage import RunStorage
 from ray_kd.tracking import check_reachable, client
 from test_bad_input import image_folder
@@ -71,7 +72,7 @@ def test_second_start_of_a_running_name_is_refused(tmp_path, mlflow_uri, capsys)
     cfg = load_config(None, [f"output_dir={tmp_path / 'runs'}", "name=r"])
     check_reachable(mlflow_uri)  # the store exists already, as after any earlier run (MLflow logs its creation)
     capsys.readouterr()
-    with RunStorage.of(cfg).lock():  # the first start, still running
+    with RunStorage.of(cfg).hold_lock():  # the first start, still running
         assert _train(tmp_path, "optim.epochs=1") == 2
         err = _one_line(capsys)
         assert f"run r is already running (host {os.uname().nodename}, pid {os.getpid()}, started " in err, err

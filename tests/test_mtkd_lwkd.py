@@ -13,7 +13,8 @@ from formulas import STEP, build_role, direct_ce, direct_st
 from ray_kd import synthetic
 from ray_kd.checkpoint import save_model_file, safe_load
 from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
-from ray_kd.data import load_dataset, seeded_batches
+from ray_kd.data import seeded_batches
+from ray_kd.datasets import load_dataset
 from ray_kd.methods import Role
 from ray_kd.methods.kd import KD, KDParams
 from ray_kd.methods.lwkd import LWKD, LWKDParams, SyntheticDraws

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ray_kd.config import DataConfig, OptimConfig, load_config
-from ray_kd.data import load_dataset, seeded_batches
+from ray_kd.data import seeded_batches
+from ray_kd.datasets import load_dataset
 from ray_kd.local_executor import run_local
 from ray_kd.methods import Role, Step, method_class
 from ray_kd.methods.losses import cross_entropy

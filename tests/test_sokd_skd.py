@@ -12,7 +12,8 @@ from test_losses import Y, Z_S, Z_T
 
 from ray_kd.checkpoint import safe_load
 from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
-from ray_kd.data import load_dataset, seeded_batches
+from ray_kd.data import seeded_batches
+from ray_kd.datasets import load_dataset
 from ray_kd.local_executor import run_local
 from ray_kd.methods import Role, method_class
 from ray_kd.methods.sokd import SOKD, SOKDParams

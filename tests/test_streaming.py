@@ -10,7 +10,8 @@ from equivalence import assert_same_run, run_both
 from PIL import Image
 
 from ray_kd.config import ConfigError, DataConfig, load_config
-from ray_kd.data import DataError, epoch_order, eval_batches, load_dataset, seeded_batches
+from ray_kd.data import DataError, epoch_order, eval_batches, seeded_batches
+from ray_kd.datasets import load_dataset
 from ray_kd.streaming import StreamDataset
 
 

@@ -42,7 +42,7 @@ def test_a_second_start_of_a_sweep_is_refused(tmp_path, mlflow_uri, capsys):
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"searcher": "grid", "params": {"optim.lr": {"type": "grid", "values": [0.05]}}}))
     held = load_config("configs/digits_dml.yaml", ["name=t6-sweep", f"output_dir={tmp_path}"])
-    with RunStorage.of(held).lock():  # another `ray-kd tune ... name=t6` is running
+    with RunStorage.of(held).hold_lock():  # another `ray-kd tune ... name=t6` is running
         code = main(["tune", "-c", "configs/digits_dml.yaml", "--space", str(space), "name=t6",
                      f"output_dir={tmp_path}"])
     err = [line for line in capsys.readouterr().err.splitlines() if "mlflow" not in line.lower()]

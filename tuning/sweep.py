@@ -104,7 +104,7 @@ def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
     sweep_run = RunStorage.of(parent_cfg)
-    with sweep_run.lock():
+    with sweep_run.hold_lock():
         if restart:
             sweep_run.clear()
         run_folder.check_store(sweep_run, uri)
