@@ -38,7 +38,7 @@ def collective_worker(shapes, steps: int, warmup: int, out: str):
 
         from ray_kd.config import RunConfig
         from ray_kd.exchange import CollectiveExchange
-        from ray_kd.session import all_roles
+        from ray_kd.roles import all_roles
 
         torch.set_num_threads(1)
         names = [r.name for r in all_roles(RunConfig.model_validate(config["run"]))]

@@ -57,7 +57,7 @@ def sampled_worker(out: str):
 
         from ray_kd.config import RunConfig
         from ray_kd.ray_executor import train_worker
-        from ray_kd.session import all_roles
+        from ray_kd.roles import all_roles
 
         sampler = PeakRSS()
         train_worker(config, rank)
@@ -82,7 +82,7 @@ def measure_ray(case: str, tmp: Path, steps: int, shared: bool) -> list[dict]:
     from ray_kd.config import load_config
     from ray_kd.datasets import load_dataset
     from ray_kd.ray_executor import connect, run_roles
-    from ray_kd.session import all_roles
+    from ray_kd.roles import all_roles
 
     config, overrides = overrides_for(case, "ray", tmp, steps)
     n = len(all_roles(load_config(config, overrides)))
@@ -99,7 +99,7 @@ def child(case: str, executor: str, steps: int, out: Path) -> None:
     `local` samples the single-process executor here; `shared` / `own` run the Ray workers."""
     from ray_kd.config import load_config
     from ray_kd.local_executor import run_local
-    from ray_kd.session import all_roles
+    from ray_kd.roles import all_roles
 
     if executor != "local":
         import ray

@@ -49,7 +49,8 @@ def pinned_worker(out: str, warmup: int, steps: int):
 
         from ray_kd.config import RunConfig
         from ray_kd.exchange import CollectiveExchange
-        from ray_kd.session import Session, all_roles
+        from ray_kd.roles import all_roles
+        from ray_kd.session import Session
 
         os.sched_setaffinity(0, {rank % os.cpu_count()})  # this role's own core
         torch.set_num_threads(1)
@@ -67,7 +68,8 @@ def child(case: str, mode: str, out: Path, teacher: str, warmup: int, steps: int
 
     from ray_kd.config import load_config
     from ray_kd.exchange import LocalExchange
-    from ray_kd.session import Session, all_roles
+    from ray_kd.roles import all_roles
+    from ray_kd.session import Session
 
     config, overrides = CASES[case]
     overrides = [*absolute_paths(config), *overrides, f"output_dir={out.parent}", "runtime.threads_per_worker=1",

@@ -53,7 +53,8 @@ def timed_worker(out: str):
         from ray_kd.datasets import load_dataset
         from ray_kd.exchange import CollectiveExchange
         from ray_kd.ray_executor import worker_device
-        from ray_kd.session import Session, all_roles
+        from ray_kd.roles import all_roles
+        from ray_kd.session import Session
 
         cfg = RunConfig.model_validate(config["run"])
         torch.set_num_threads(cfg.runtime.threads_per_worker)
@@ -84,7 +85,8 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
     from ray_kd.exchange import LocalExchange
     from ray_kd.ray_executor import run_roles
     from ray_kd.run import checked_and_connected
-    from ray_kd.session import Session, all_roles
+    from ray_kd.roles import all_roles
+    from ray_kd.session import Session
 
     t["imports"] = time.time()
     config, overrides = case_overrides(case, out.parent)

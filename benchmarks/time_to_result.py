@@ -82,9 +82,9 @@ def timed_worker(out: str):
 
 
 def store_save(*modules, log: list) -> None:
-    """Time the checkpoint store's save, whichever class a checkout has (FolderStore, or the older ones)."""
+    """Time the checkpoint store's save, whichever class a checkout has (CheckpointStore, or the older ones)."""
     for module in modules:
-        for name in ("FolderStore", "RayTrainStore", "DirectoryStore"):
+        for name in ("CheckpointStore", "FolderStore", "RayTrainStore", "DirectoryStore"):
             if hasattr(module, name):
                 _timed(getattr(module, name), "save", log, lambda *a: "checkpoint save")
 
@@ -103,7 +103,7 @@ def child(executor: str, out: Path, overrides: list[str]) -> None:
     _timed(run, "finish", log, lambda *a: "summary, plot, best student, MLflow model")
     if executor == "local":
         instrument(log)
-        store_save(checkpoint, local_executor, log=log)
+        store_save(*(m for m in (checkpoint, local_executor, sys.modules.get("ray_kd.run_storage")) if m), log=log)
     else:
         workers = out.parent / "workers"
         workers.mkdir()

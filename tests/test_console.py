@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ray_kd.checkpoint import read_history
+from ray_kd.run_storage import read_history
 from ray_kd.config import load_config
 from ray_kd.ray_executor import run_on_ray
 

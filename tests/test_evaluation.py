@@ -8,10 +8,10 @@ import torch
 
 from ray_kd.config import ConfigError, load_config
 from ray_kd.datasets import load_dataset
-from ray_kd.evaluation import Evaluator, is_frozen, require_val_every_epoch, splits_at
+from ray_kd.evaluation import OBJECTIVE, Evaluator, is_frozen, require_val_every_epoch, splits_at
 from ray_kd.roles import RoleRunner
 from ray_kd.run import train
-from ray_kd.session import OBJECTIVE, all_roles
+from ray_kd.roles import all_roles
 from ray_kd.tracking import client, describe
 
 QUICK = ["runtime.executor=local", "optim.steps_per_epoch=4", "optim.milestones=[1]"]

@@ -90,7 +90,7 @@ def test_replicas_on_ray_publish_through_the_store_and_a_killed_worker_restarts_
     assert sorted(int(m.step) for m in logged) == list(range(1, epochs + 1))  # no gap, no duplicate
     files = stored(bucket_uri, "dml-r2/checkpoints")
     assert set(files) == {f"epoch_000{e}/{f}" for e in (epochs - 1, epochs)
-                          for f in ("history.json", "student_0.pt", "student_1.pt")}
+                          for f in ("history.json", "manifest.json", "student_0.pt", "student_1.pt")}
     shutil.rmtree(tmp_path / "mirror")
     assert api.train(None, overrides + [f"optim.epochs={epochs + 1}"])["epochs"] == epochs + 1
 
