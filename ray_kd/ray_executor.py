@@ -65,12 +65,12 @@ def train_worker(config: dict, rank: int) -> None:
     data = from_arrays(ray.get(shared[0])) if shared else None
     session = Session(cfg, mesh.roles, exchange, worker_device(config), data, monitor=monitor, mesh=mesh)
     store = run.checkpoints(rank, exchange.gather_objects)
-    node = worker_name(cfg, roles, mesh, sync.names if sync else {})
+    node = worker_name(roles, mesh, sync.names if sync else {})
     with system_metrics(config["tracking_uri"], config.get("run_id"), node, cfg.tracking.system_metrics_interval):
         fit(session, store, sync)
 
 
-def worker_name(cfg: RunConfig, roles: list, mesh: Mesh, names: dict[str, str]) -> str:
+def worker_name(roles: list, mesh: Mesh, names: dict[str, str]) -> str:
     """How a worker's system metrics are named: its role (as the run shows it), and its replica when several."""
     role = names.get(roles[mesh.roles[0]].name, roles[mesh.roles[0]].name) if mesh.processes > 1 else "roles"
     return role if mesh.replicas == 1 else f"{role}-replica{mesh.replica}"

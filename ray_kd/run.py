@@ -7,6 +7,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -23,13 +24,17 @@ from ray_kd.teacher_cache import describe_size
 from ray_kd import run_folder, tracking
 
 
-def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = None, restart: bool = False) -> dict:
+def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = None, restart: bool = False,
+          on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True,
+          tracking_uri: str | None = None) -> dict:
     """Run (or resume) `cfg` end to end; returns the summary written to the run folder.
 
     `kind` is the run's `ray_kd.run_kind` tag (teacher, baseline, distillation, sweep_trial); by default
     baseline for the student alone (`ce`), else distillation. `restart` discards the run folder's
-    checkpoints first (a new MLflow run too)."""
-    uri = tracking.tracking_uri(cfg)
+    checkpoints first (a new MLflow run too). A sweep's trial is a run like any other, with a parent run (in
+    the MLflow store `tracking_uri`, the parent's), its epochs passed to `on_epoch` as their checkpoints land,
+    and no epoch lines (`show_progress`)."""
+    uri = tracking_uri or tracking.tracking_uri(cfg)
     data, executor = checked_and_connected(cfg, uri)  # data loaded once on the driver: the finish uses it too
     if threading.current_thread() is threading.main_thread():
         install_handlers()
@@ -51,15 +56,14 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
             done = _already_finished(cfg, run, before, resumed)
             if done is not None:
                 return done
-            if before.info.status != "RUNNING":  # a resumed run shows as running while it runs
-                mlflow.update_run(run_id, "RUNNING")
+            tracking.mark_running(mlflow, before, cfg, kind)
             epochs_before = tracking.latest_epoch(mlflow, run_id)[0]
             print(f"run {cfg.name}: folder {run.where()}, MLflow run {run_id} in {uri}"
                   + (f", resuming after epoch {len(resumed[1])}" if resumed else ""), flush=True)
             earlier, start = run.wall_before(), time.perf_counter()
             try:
                 try:
-                    last = executor.execute(run, data, (uri, run_id))
+                    last = executor.execute(run, data, (uri, run_id), on_epoch, show_progress)
                 except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
                     _mark_unfinished(uri, before, epochs_before, "KILLED")
                     stopped = run.newest_good()
@@ -229,9 +233,10 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float,
     kind = mlflow.get_run(run_id).data.tags.get("ray_kd.run_kind")
     names = tracking.role_names(kind)
     summary = summarize(history, wall, run_id, names)
-    dataset = tracking.log_dataset(mlflow, run_id, cfg.data, data)
+    trial = kind == "sweep_trial"  # a sweep's trial is scored, not delivered: no model, plot or dataset input
+    dataset = None if trial else tracking.log_dataset(mlflow, run_id, cfg.data, data)
     model_id = None
-    if summary["best_role"]:
+    if summary["best_role"] and not trial:
         role = summary["best_role"]
         best = run.role_state(checkpoint, role)["best"]
         if best["epoch"] != summary["headline"]["best_epoch"]:  # the session and the summary choose alike
@@ -251,9 +256,11 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float,
     students = ", ".join(s.model for s in cfg.students)
     title = f"{cfg.method.name}: {cfg.teacher.model + ' -> ' if cfg.teacher else ''}{students} on {cfg.data.dataset}, seed {cfg.seed}"
     chosen = (summary["best_role"], summary["headline"]["best_epoch"]) if summary["best_role"] else None
-    mlflow.log_artifact(run_id, str(plot_curves(history, run.plot_file, title, names, chosen)))
+    if not trial:
+        mlflow.log_artifact(run_id, str(plot_curves(history, run.plot_file, title, names, chosen)))
     path = run.write_summary(summary)
-    mlflow.log_artifact(run_id, str(path))
+    if not trial:
+        mlflow.log_artifact(run_id, str(path))
     mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, kind, summary))
     mlflow.set_terminated(run_id, "FINISHED")
     headline = headline_line(summary)

@@ -70,6 +70,8 @@ FINAL_METRICS = ("best_epoch", "val_acc_at_best", "test_acc_at_best_val", "last_
 """Per role (`<role>/<metric>`) and, unprefixed, for the best student (the one whose weights are saved)."""
 THROUGHPUT = ("samples_per_s", "compute_ms", "exchange_ms", "wait_ms", "allreduce_ms", "eval_s",
               "images_scored_waiting", "steps_ahead", "cache_hits", "cache_misses")
+STOPPED_TAG = "ray_kd.stopped"
+"""On a run that did not finish (a sweep's trial): why (stopped early by the scheduler, failed, the sweep stopped)."""
 NOT_PROTOCOL = ("name", "seed", "output_dir", "runtime.", "tracking.", "data.cache_dir", "teacher.ahead")
 """Config params that do not change what a run measures: left out of its protocol hash."""
 
@@ -184,6 +186,17 @@ def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, 
         _link_model_input(mlflow, run_id, tags["ray_kd.teacher_model_id"])
     run.record_mlflow_run(run_id, uri)
     return run_id
+
+
+def mark_running(mlflow, run, cfg: RunConfig, kind: str | None) -> None:
+    """A resumed run shows as running while it runs; one closed as stopped (a sweep's trial) loses that mark and
+    its note says running again."""
+    if run.info.status == "RUNNING":
+        return
+    if STOPPED_TAG in run.data.tags:
+        mlflow.delete_tag(run.info.run_id, STOPPED_TAG)
+        mlflow.set_tag(run.info.run_id, "mlflow.note.content", describe(cfg, kind or default_kind(cfg)))
+    mlflow.update_run(run.info.run_id, "RUNNING")
 
 
 def teacher_origin(checkpoint: str) -> dict[str, str]:

@@ -29,20 +29,18 @@ from typing import Iterator
 import yaml
 
 from ray_kd import run_folder, tracking
-from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, shown_uri, validate_config
+from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, load_config, shown_uri
 from ray_kd.errors import UserError
 from ray_kd.evaluation import OBJECTIVE, require_val_every_epoch
 from ray_kd.replicas import world_size
-from ray_kd.results import summarize
 from ray_kd.roles import all_roles
-from ray_kd.run_storage import RunFolderError, RunStorage, read_history
+from ray_kd.run_storage import RunFolderError, RunStorage
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
+from ray_kd.tracking import STOPPED_TAG
 from tuning.space import SweepSpace, check_space, tune_domain
 
 TEST_METRIC = "best_student_test_acc"
 TRIAL_DRIVER_CPU = 0.01
-STOPPED_TAG = "ray_kd.stopped"
-"""On a trial's run that did not finish: why (stopped early by the scheduler, failed, the sweep stopped)."""
 SCORED = ("ok", "stopped early")
 """Trial statuses that are final: what the best config is chosen from. The others: error, unfinished."""
 
@@ -52,41 +50,27 @@ class SweepError(UserError, RuntimeError):
 
 
 def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id: str) -> None:
-    """One trial: the base run spec with this trial's values, trained on the cluster, logged as a child run.
+    """One trial: the base run spec with this trial's values, a run (`ray_kd.run.train`) on the cluster's workers
+    whose MLflow run is a child of the sweep's.
 
     Its last epoch goes to Tune only once the run is closed (summary, final metrics, FINISHED): the
     scheduler stops a trial as soon as it reports its last epoch, which would cut the closing short."""
-    import time
-
     from ray import tune
 
-    from ray_kd.ray_executor import RayExecutor
+    from ray_kd.run import train
 
     trial_id = tune.get_context().get_trial_id()
     tree = apply_overrides(copy.deepcopy(base), params)  # typed values, never through YAML strings
-    tree.update(name=f"{base['name']}-{trial_id}", output_dir=str(Path(sweep_dir) / "trials"))
-    cfg = validate_config(tree)
-    run = RunStorage.of(cfg)
-    run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind="sweep_trial", run=run)
-    mlflow = tracking.client(uri)
-    if mlflow.get_run(run_id).info.status != "RUNNING":  # resumed after the sweep was stopped
-        mlflow.delete_tag(run_id, STOPPED_TAG)
-        mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, "sweep_trial"))
-        mlflow.update_run(run_id, "RUNNING")
+    tree.update(name=f"{base['name']}-{trial_id}", output_dir=str(Path(sweep_dir) / "trials"),
+                runtime={**tree["runtime"], "executor": "ray"})
+    cfg = load_config(tree)  # a name the sweep chose: a trial is never moved to another folder
 
     def report_but_last(record: dict) -> None:
         if record["epoch"] < cfg.optim.epochs:
             tune.report(record)
 
-    start = time.perf_counter()
-    last = RayExecutor(cfg).execute(run, None, (uri, run_id), on_epoch=report_but_last, show_progress=False)
-    history = read_history(last)
-    summary = summarize(history, time.perf_counter() - start, run_id)
-    run.write_summary(summary)
-    tracking.log_final(mlflow, run_id, summary, None, None)
-    mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, "sweep_trial", summary))
-    mlflow.set_terminated(run_id, "FINISHED")
-    tune.report(history[-1])
+    train(cfg, parent_run_id, "sweep_trial", on_epoch=report_but_last, show_progress=False, tracking_uri=uri)
+    tune.report(RunStorage.of(cfg).checkpoints().latest_history()[-1])
 
 
 def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
@@ -340,8 +324,8 @@ def _close_children(mlflow, parent_id: str, rows: dict[str, dict]) -> None:
     scheduler, failed, or cut short by a stop (`rows` by run name; a run without a row was cut short)."""
     parent = mlflow.get_run(parent_id)
     children = mlflow.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
-    for child in children:
-        if child.info.status != "RUNNING":
+    for child in children:  # a trial's own failure marked it FAILED; one closed before has its reason tagged
+        if child.info.status == "FINISHED" or STOPPED_TAG in child.data.tags:
             continue
         row = rows.get(child.data.tags.get("mlflow.runName"), {"status": "unfinished"})
         status, why = {
