@@ -320,7 +320,8 @@ class RunStorage:
     def of(cls, cfg: "RunConfig") -> "RunStorage":
         from ray_kd.roles import all_roles
 
-        return cls(cfg.name, cfg.output_dir, [r.name for r in all_roles(cfg)], cfg.runtime.keep_checkpoints)
+        output_dir = cfg.with_absolute_paths().output_dir  # the same folder from a worker's working directory
+        return cls(cfg.name, output_dir, [r.name for r in all_roles(cfg)], cfg.runtime.keep_checkpoints)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_remote": None, "_epochs": None}  # an open filesystem stays in its process
