@@ -39,7 +39,8 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
     if threading.current_thread() is threading.main_thread():
         install_handlers()
     with _shut_down_after(executor):
-        cfg = _free_name(cfg, data, restart)
+        now = run_folder.fingerprint(cfg, data)
+        cfg = _free_name(cfg, now, restart)
         run = RunStorage.of(cfg)
         with run.hold_lock():
             if restart:
@@ -47,7 +48,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
             else:
                 run.pull()
             run_folder.check_store(run, uri)
-            run_folder.check_fingerprint(run, run_folder.fingerprint(cfg, data))
+            run_folder.check_fingerprint(run, now)
             resumed = run.newest_good(print)
             run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind, run)
             run.push()
@@ -78,14 +79,14 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
                 run.push()
 
 
-def _free_name(cfg: RunConfig, data: Dataset, restart: bool) -> RunConfig:
+def _free_name(cfg: RunConfig, now: dict, restart: bool) -> RunConfig:
     """`cfg` under the name it runs as: the config's own; or, when that name came from the config file (no
     `name=` given) and its folder holds checkpoints of another config, the first of `<name>-2`, `<name>-3`, ...
-    that is new or holds this config's run, said in one line. A `name=` given is kept (a changed config is then
-    refused, see run_folder.check_fingerprint)."""
+    that is new or holds this config's run (`now`: its fingerprint), said in one line. A `name=` given is kept (a
+    changed config is then refused, see run_folder.check_fingerprint)."""
     if restart or cfg.name_given:
         return cfg
-    now, name, n = run_folder.fingerprint(cfg, data), cfg.name, 1
+    name, n = cfg.name, 1
     while run_folder.made_otherwise(RunStorage.of(cfg), now):
         n += 1
         cfg = cfg.model_copy(update={"name": f"{name}-{n}"})

@@ -8,7 +8,7 @@ resumes. Three things stop two computations from mixing there:
   differs is refused, naming the fields. A start with another config before the first
   checkpoint is a new run: it gets a new MLflow run, so nothing of the earlier config
   (params, description, method) is reported as this one's. A start whose name came from
-  the config file, not from the command, goes to a new folder instead (`free_name`);
+  the config file, not from the command, goes to a new folder instead (`ray_kd.run`);
 - its MLflow marker: the run's MLflow store and run id; a resume against another store is refused.
 """
 
