@@ -8,7 +8,7 @@ of it (plain files as for a local output_dir), and the store holds the truth:
   run resumes on whichever node or machine its ranks land on.
 - The driver's own files (fingerprint, MLflow run marker, wall time, summary, best student, plot) are pulled
   when a run starts and pushed as they change.
-The run lock stays local: it stops one machine from running a name twice, not two machines sharing a store.
+The run's lock stays local: it stops one machine from running a name twice, not two machines sharing a store.
 
 `folder(location)` gives a local folder or a store's the same few whole-file operations, for what reads and
 writes files by name (`teacher.cache`).
