@@ -96,3 +96,24 @@ def test_without_name_a_changed_config_takes_a_new_folder_and_with_name_it_is_re
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "run digits-dml in" in err and "was made with another config" in err, err
     assert not (runs / "digits-dml-4").exists()
+
+
+def test_corrupt_run_folder_records_are_a_safe_default_or_one_line(tmp_path, mlflow_uri, capsys):
+    """A damaged summary or wall-time record is rewritten by the next start; a damaged MLflow marker or
+    fingerprint is one line naming the file and --restart."""
+    folder = tmp_path / "runs" / "c"
+    assert _train(tmp_path, "local", "name=c", "optim.epochs=1") == 0
+    (folder / "summary.json").write_text("{")
+    (folder / "wall.json").write_text("[1")
+    assert _train(tmp_path, "local", "name=c", "optim.epochs=1") == 0
+    assert json.loads((folder / "summary.json").read_text())["epochs"] == 1
+    assert json.loads((folder / "wall.json").read_text())["seconds"] > 0
+    capsys.readouterr()
+
+    for record in ("mlflow_run.json", "fingerprint.json"):
+        kept = (folder / record).read_text()
+        (folder / record).write_text('{"run_id": 5}' if record == "mlflow_run.json" else "{")
+        assert _train(tmp_path, "local", "name=c", "optim.epochs=2") == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{folder / record} is corrupt" in err and "--restart" in err, err
+        (folder / record).write_text(kept)
