@@ -57,6 +57,11 @@ class DataConfig(Strict):
     checksum: bool = Field(False, description="record a crc32 of every batch each role drew, as "
                                               "<role>/data_checksum (proves the roles saw the same pixels)")
 
+    @field_validator("root", "cache_dir")
+    @classmethod
+    def _local_folder(cls, path: str | None, info) -> str | None:
+        return None if path is None else local_storage_path(path, f"data.{info.field_name}")
+
     @model_validator(mode="after")
     def _mode_fits_dataset(self) -> "DataConfig":
         if self.mode == "stream" and self.dataset != "imagefolder":
@@ -100,6 +105,11 @@ class RoleConfig(Strict):
                                      "(e.g. [layer1, layer2, layer3, layer4]); None finds them")
     replace_head: bool = Field(False, description="a checkpoint whose classifier has another class count gets "
                                "a fresh head instead of being refused")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _local_file(cls, path: str | None) -> str | None:
+        return None if path is None else local_storage_path(path, "checkpoint")
 
     @field_validator("model")
     @classmethod
@@ -262,7 +272,7 @@ def local_storage_path(path: str, field: str = "output_dir", remote_ok: bool = F
             return path
         accepted = ("a local path, a file:// URI or an object store ("
                     + ", ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES) + ")")
-        raise ValueError(f"{scheme}:// is not supported ({path.split('?')[0]}): {field} is "
+        raise ValueError(f"{scheme}:// is not supported ({shown_uri(path)}): {field} is "
                          + (accepted if remote_ok else "a local path or a file:// URI, on a cluster a folder every "
                             "node mounts (NFS, a shared disk)"))
     from pyarrow import ArrowInvalid
@@ -271,7 +281,8 @@ def local_storage_path(path: str, field: str = "output_dir", remote_ok: bool = F
     try:
         _, local = FileSystem.from_uri(path)
     except ArrowInvalid as err:
-        raise ValueError(f"{path!r} is not a local file URI ({err}); write file:///absolute/path") from None
+        raise ValueError(f"{field}={shown_uri(path)} is not a local file URI ({type(err).__name__}); write "
+                         "file:///absolute/path") from None
     return local
 
 
@@ -284,12 +295,31 @@ def storage_mirror(uri: str) -> Path:
 
 
 def shown_uri(uri: str) -> str:
-    """`uri` without credentials or options, for messages and MLflow params."""
-    parts = urlsplit(uri)
-    if uri_scheme(uri) in (None, "file"):
+    """`uri` as every output shows it (a message, an MLflow param, tag or text, a file of the run folder): without
+    the credentials, query options and fragment a URI may carry (`s3://KEY:SECRET@bucket/p?secret_key=...` ->
+    `s3://bucket/p`). A plain path is kept whole. The one place a URI is made fit to show: `shown_config` passes
+    every string of a config through it, so a URI-valued field added later is covered too."""
+    if uri_scheme(uri) is None:
         return uri
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return f"{parts.scheme}://{host}{parts.path}"
+    parts = urlsplit(uri)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: nothing of it is shown
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def shown_config(cfg: "RunConfig") -> dict:
+    """The config as it is printed, logged to MLflow and written to the run folder: every string through
+    `shown_uri`."""
+    def shown(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: shown(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [shown(v) for v in node]
+        return shown_uri(node) if isinstance(node, str) else node
+
+    return shown(cfg.model_dump())
 
 
 class RunConfig(Strict):

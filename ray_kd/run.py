@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ray_kd.checkpoint import atomic_save, newest_good, read_history, safe_load, save_model_file
-from ray_kd.config import ConfigError, RunConfig
+from ray_kd.config import ConfigError, RunConfig, shown_uri
 from ray_kd.data import Dataset, epoch_steps, eval_batches, load_dataset
 from ray_kd.errors import UserError, first_line
 from ray_kd.preflight import (PreflightError, check_address, check_folders, check_out_file, check_roles,
@@ -165,7 +165,7 @@ def preflight(cfg: RunConfig) -> Dataset:
     if cfg.teacher is not None and cfg.teacher.cache is not None:
         size_line = describe_size(min(n, steps * size), data.num_classes, cfg.teacher.cache_topk, cfg.optim.epochs,
                                   cfg.teacher.cache_dtype)
-        print(f"teacher.cache {cfg.teacher.cache}: {size_line}", flush=True)
+        print(f"teacher.cache {shown_uri(cfg.teacher.cache)}: {size_line}", flush=True)
     if cfg.data.batch_size > n:
         print(f"note: data.batch_size={cfg.data.batch_size} is larger than the {n:,} training images: every epoch "
               f"is one step of {n:,} images", flush=True)
@@ -237,7 +237,7 @@ def cache_teacher(cfg: RunConfig) -> dict[str, int]:
                           "(e.g. method kd) and set teacher.cache")
     data = preflight(cfg)
     totals = fill_teacher_cache(cfg, data)
-    print(f"teacher.cache {cfg.teacher.cache}: {totals['computed']} steps computed, {totals['read']} read", flush=True)
+    print(f"teacher.cache {shown_uri(cfg.teacher.cache)}: {totals['computed']} steps computed, {totals['read']} read", flush=True)
     return totals
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, get_args
 from pydantic import BaseModel
 
 from ray_kd.checkpoint import FolderStore, atomic_write_json
-from ray_kd.config import RunConfig, flatten
+from ray_kd.config import RunConfig, flatten, shown_config
 from ray_kd.errors import UserError
 from ray_kd.session import all_roles
 
@@ -82,7 +82,7 @@ def _read_holder(path: Path) -> str:
 def fingerprint(cfg: RunConfig, data=None) -> dict[str, Any]:
     """The fields that change what the run computes, flat; weight files by the sha256 of their content; the
     loaded dataset `data` (when given) by its split sizes and a digest of its labels."""
-    flat = flatten(cfg.model_dump())
+    flat = flatten(shown_config(cfg))  # credentials in a URI are not what the run computes, nor for a file
     if data is not None:
         from ray_kd.data import dataset_identity
 

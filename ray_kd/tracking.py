@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ray_kd.checkpoint import atomic_write_json
-from ray_kd.config import RunConfig, flatten, shown_uri
+from ray_kd.config import RunConfig, flatten, shown_config
 from ray_kd.errors import UserError, first_line
 
 
@@ -80,11 +80,6 @@ def default_kind(cfg: RunConfig) -> str:
 def role_names(kind: str | None) -> dict[str, str]:
     """How roles are shown in MLflow: a `train-teacher` run trains student_0, but it is the teacher."""
     return {"student_0": "teacher"} if kind == "teacher" else {}
-
-
-def shown_config(cfg: RunConfig) -> dict:
-    """The config as MLflow records it: an object-store output_dir without its credentials or options."""
-    return {**cfg.model_dump(), "output_dir": shown_uri(cfg.output_dir)}
 
 
 def config_params(cfg: RunConfig) -> dict[str, str]:

@@ -198,7 +198,7 @@ def _fill_teacher_cache(cfg: RunConfig) -> None:
     from ray_kd.ray_executor import use_gpu, worker_user_error
 
     task = ray.remote(num_cpus=cfg.runtime.cpus_per_worker, num_gpus=1 if use_gpu(cfg) else 0)(fill_teacher_cache)
-    print(f"teacher.cache {cfg.teacher.cache}: the teacher's outputs for every step, before the trials", flush=True)
+    print(f"teacher.cache {shown_uri(cfg.teacher.cache)}: the teacher's outputs for every step, before the trials", flush=True)
     try:
         totals = ray.get(task.remote(cfg.with_absolute_paths(), None, False))
     except ray.exceptions.RayTaskError as err:
