@@ -5,6 +5,8 @@ A frozen teacher's output for a step depends only on its weights and that step's
 the data, its augmentation, the batch size, the seed, the epoch and the step. The cache's key hashes all of
 those that the step's address (epoch, step, replica) does not name, so a changed teacher file, dataset, split,
 augmentation, batch size, seed, precision or replica count finds a folder of its own and never stale entries.
+The data is keyed by its content (`ray_kd.data.content_digest`): images overwritten in place under the same names,
+or two class folders swapped, are other data.
 What the key leaves out: the method's params (a frozen teacher's forward does not read them), so every trial
 of a sweep over temperatures and weights, and KD and KD+SKD, share one teacher's outputs.
 
@@ -84,15 +86,15 @@ def _size(n: float) -> str:
 def cache_key(cfg, runner, dataset, replicas: int) -> dict:
     """Everything a frozen teacher's output for (epoch, step, replica) depends on, besides those three (as JSON
     holds it: what the folder's key.json shows is what its name digests)."""
-    from ray_kd.data import dataset_identity
+    from ray_kd.data import content_digest, dataset_identity
 
     spec = cfg.teacher
     data = cfg.data.model_dump(exclude={"workers", "cache_dir", "checksum", "download", "root"})
-    return json.loads(json.dumps({"format": 1,
+    return json.loads(json.dumps({"format": 2,
             "teacher": {"model": spec.model, "model_kwargs": spec.model_kwargs, "stages": spec.stages,
                         "replace_head": spec.replace_head, "module": type(runner.net).__qualname__,
                         "weights": weights_digest(runner.state_dict()["net"])},
-            "data": {"identity": dataset_identity(cfg.data, dataset)[3], **data},
+            "data": {"identity": dataset_identity(cfg.data, dataset)[3], "content": content_digest(dataset), **data},
             "seed": cfg.seed, "steps_per_epoch": cfg.optim.steps_per_epoch, "replicas": replicas,
             "precision": {"amp": cfg.optim.amp, "channels_last": cfg.runtime.channels_last,
                           "fold_frozen_batchnorm": cfg.runtime.fold_frozen_batchnorm},

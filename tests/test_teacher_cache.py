@@ -196,3 +196,55 @@ def test_the_ray_executor_reads_the_cache_the_local_one_wrote(ray_cluster, tmp_p
     assert api.cache_teacher(replicas) == {"read": 0, "computed": 2 * 2 * STEPS}
     history = json.loads((run_on_ray(replicas) / "history.json").read_text())
     assert [(h["teacher/cache_hits"], h["teacher/cache_misses"]) for h in history] == [(STEPS, 0), (STEPS, 0)]
+
+
+def digits_folder(root):
+    """The digits as an ImageFolder of 8x8 grey PNGs named alike in every class (0000.png...)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    counts = {}
+    for image, label in zip((bunch.images * (255 / 16)).round().astype(np.uint8), bunch.target):
+        i = counts[label] = counts.get(label, -1) + 1
+        if i >= 16:
+            continue
+        folder = root / ("test" if i < 4 else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_images_changed_under_the_same_names_are_never_read_stale(tmp_path, mlflow_uri, mode):
+    """Images overwritten in place, then two class folders swapped: the cache reads none of the old outputs, and
+    the run equals one with a fresh cache on the same data."""
+    from ray_kd.checkpoint import save_model_file
+    from ray_kd.models import create_model
+
+    root = digits_folder(tmp_path / "digits")
+    torch.manual_seed(0)  # an untrained RGB teacher (an ImageFolder is read as RGB): a fixed function of the images
+    teacher = tmp_path / "rgb_teacher.pt"
+    save_model_file(teacher, "digits_cnn_l", 10, 3, create_model("digits_cnn_l", 10, 3).state_dict())
+    stream = ["data.image_size=8", "data.workers=0", "data.augment=none"] if mode == "stream" else []
+
+    def folder_kd(name, cache):
+        return kd(tmp_path, teacher, name, "data.dataset=imagefolder", f"data.root={root}",
+                  f"data.mode={mode}", *stream, f"data.cache_dir={tmp_path / 'data-cache'}",
+                  f"teacher.cache={tmp_path / cache}", "optim.steps_per_epoch=2", "data.batch_size=16")
+
+    assert [h["teacher/cache_misses"] for h in run(folder_kd("first", "cache"))] == [2, 2]
+    for path in sorted((root / "train" / "3").glob("*.png")):  # the 3s overwritten by 8s, under their names
+        path.write_bytes((root / "train" / "8" / path.name).read_bytes())
+    changed, fresh = run(folder_kd("changed", "cache")), run(folder_kd("fresh", "fresh"))
+    assert [h["teacher/cache_hits"] for h in changed] == [0, 0]
+    assert losses(changed) == losses(fresh)
+    (root / "train" / "1").rename(root / "train" / "swap")  # 1 <-> 7: every name is in both
+    (root / "train" / "7").rename(root / "train" / "1")
+    (root / "train" / "swap").rename(root / "train" / "7")
+    swapped, fresh = run(folder_kd("swapped", "cache")), run(folder_kd("fresh-swapped", "fresh-swapped"))
+    assert [h["teacher/cache_hits"] for h in swapped] == [0, 0]
+    assert losses(swapped) == losses(fresh)
+    again = run(folder_kd("again", "cache"))  # the same data a second time: read
+    assert [h["teacher/cache_hits"] for h in again] == [2, 2] and losses(again) == losses(swapped)
