@@ -16,7 +16,7 @@ from ray_kd.exchange import LocalExchange
 from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor
 from ray_kd.replicas import Mesh
 from ray_kd.run_folder import checkpoint_store
-from ray_kd.session import Session, all_roles, fit, progress_line
+from ray_kd.session import Session, all_roles, corrupt_chunks, fit, progress_line
 
 
 def _device(cfg: RunConfig) -> torch.device:
@@ -61,8 +61,10 @@ def fill_teacher_cache(cfg: RunConfig, dataset: Dataset | None = None, show_prog
             totals["read"] += read
             totals["computed"] += computed
             shard = f" (replica {replica + 1}/{replicas})" if replicas > 1 else ""
-            print(f"teacher.cache epoch {epoch + 1}/{cfg.optim.epochs}{shard}: {computed} steps computed, {read} read",
-                  flush=True)
+            corrupt = f" ({corrupt_chunks(metrics['teacher/cache_corrupt'])} computed again)" \
+                if metrics["teacher/cache_corrupt"] else ""
+            print(f"teacher.cache epoch {epoch + 1}/{cfg.optim.epochs}{shard}: {computed} steps computed, {read} read"
+                  f"{corrupt}", flush=True)
         if replica == 0:
             session.evaluate(cfg.optim.epochs)  # the teacher's scores, kept beside its outputs
     return totals

@@ -207,7 +207,8 @@ class Session:
             if name in self.caches:  # steps read from teacher.cache, and computed (then stored)
                 cache = self.caches[name]
                 metrics[f"{name}/cache_hits"], metrics[f"{name}/cache_misses"] = float(cache.hits), float(cache.misses)
-                cache.hits = cache.misses = 0
+                metrics[f"{name}/cache_corrupt"] = float(cache.corrupt)
+                cache.hits = cache.misses = cache.corrupt = 0
             if self.ahead:  # how far ahead of the others this frozen role got (its queue was full at teacher.ahead)
                 metrics[f"{name}/steps_ahead"] = float(most_ahead)
             if self.mesh.replicas > 1 and r.trains:  # the gradient all-reduce across the replicas
@@ -289,10 +290,16 @@ def teacher_note(m: dict[str, float]) -> str:
     if "teacher/cache_hits" in m:
         hits, misses = m["teacher/cache_hits"], m["teacher/cache_misses"]
         notes.append(f"cache {hits:.0f}/{hits + misses:.0f} steps read")
+        if m.get("teacher/cache_corrupt"):
+            notes.append(f"{corrupt_chunks(m['teacher/cache_corrupt'])} of teacher.cache computed again")
     waits = [v for k, v in m.items() if k.startswith("student_") and k.endswith("/wait_ms")]
     if notes and waits:
         notes.append(f"students waited {max(waits):.1f} ms/step")
     return "".join(f", {n}" for n in notes)
+
+
+def corrupt_chunks(count: float) -> str:
+    return f"{count:.0f} corrupt chunk{'s' if count != 1 else ''}"
 
 
 def fit(session: Session, store, sync=None, progress: ProgressFn | None = None) -> History:

@@ -68,7 +68,7 @@ RUN_KINDS = ("teacher", "baseline", "distillation", "sweep", "sweep_trial", "rep
 FINAL_METRICS = ("best_epoch", "val_acc_at_best", "test_acc_at_best_val", "last_test_acc")
 """Per role (`<role>/<metric>`) and, unprefixed, for the best student (the one whose weights are saved)."""
 THROUGHPUT = ("samples_per_s", "compute_ms", "exchange_ms", "wait_ms", "allreduce_ms", "eval_s",
-              "images_scored_waiting", "steps_ahead", "cache_hits", "cache_misses")
+              "images_scored_waiting", "steps_ahead", "cache_hits", "cache_misses", "cache_corrupt")
 NOT_PROTOCOL = ("name", "seed", "output_dir", "runtime.", "tracking.", "data.cache_dir", "teacher.ahead")
 """Config params that do not change what a run measures: left out of its protocol hash."""
 
