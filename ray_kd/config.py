@@ -231,6 +231,12 @@ class RuntimeConfig(Strict):
     sync_bn: bool = Field(False, description="with replicas: BatchNorm over the global batch (as one process), "
                           "not each shard's; costs collectives per BatchNorm layer")
 
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_boolean(cls, value: Any) -> Any:
+        """YAML reads an unquoted yes/no (and true/false) as a boolean."""
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _replicas_need_ray(self) -> "RuntimeConfig":
         if self.replicas > 1 and self.executor != "ray":
@@ -246,6 +252,20 @@ class TrackingConfig(Strict):
     register_model: str | None = Field(None, description="register the best student under this name in the model registry")
     system_metrics_interval: float = Field(10.0, ge=0, description="seconds between CPU/memory/GPU samples of "
                                            "each worker, logged to the run; 0 turns them off")
+
+    @field_validator("register_model")
+    @classmethod
+    def _model_name(cls, name: str | None) -> str | None:
+        """MLflow's own rule for a registered model's name, checked before the run trains rather than after."""
+        if name is not None:
+            from mlflow.exceptions import MlflowException
+            from mlflow.utils.validation import _validate_model_name
+
+            try:
+                _validate_model_name(name)
+            except MlflowException as err:
+                raise ValueError(err.message.splitlines()[0]) from None
+        return name
 
 
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(//)?")
@@ -269,6 +289,8 @@ def local_storage_path(path: str, field: str = "output_dir", remote_ok: bool = F
         return path  # a path (a relative one is resolved by with_absolute_paths)
     if scheme != "file":
         if remote_ok and scheme in OBJECT_STORE_SCHEMES:
+            if scheme in ("s3", "gs", "gcs") and not urlsplit(path).hostname:
+                raise ValueError(f"{shown_uri(path)} names no bucket: write {field}={scheme}://bucket/prefix")
             return path
         accepted = ("a local path, a file:// URI or an object store ("
                     + ", ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES) + ")")
@@ -322,6 +344,10 @@ def shown_config(cfg: "RunConfig") -> dict:
     return shown(cfg.model_dump())
 
 
+MAX_NAME = 200
+"""Of a run's name: a folder name holds 255 bytes, and a sweep adds `-sweep`, its trials `-<trial id>`."""
+
+
 class RunConfig(Strict):
     name: str = Field("digits-dml", pattern=r"^[A-Za-z0-9_.-]+$", description="one folder name under output_dir")
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -342,6 +368,9 @@ class RunConfig(Strict):
     def _one_folder(cls, name: str) -> str:
         if name in (".", ".."):
             raise ValueError(f"name {name!r} is not a folder of its own; use letters, digits, '_', '-', '.'")
+        if len(name) > MAX_NAME:
+            raise ValueError(f"name is {len(name)} characters long; keep it to {MAX_NAME} (a folder name, with room "
+                             "for a sweep's -sweep and trial suffixes)")
         return name
 
     @field_validator("output_dir")

@@ -24,7 +24,7 @@ from ray_kd.progress import StepMonitor
 from ray_kd.replicas import Mesh, synchronise_batchnorm
 from ray_kd.roles import RoleRunner
 from ray_kd.stopping import held
-from ray_kd.teacher_cache import TeacherCache, cache_key
+from ray_kd.teacher_cache import CACHE_NEEDS_FROZEN, TeacherCache, cache_key
 
 OBJECTIVE = "best_student_val_acc"
 """Per epoch: the val top-1 of the best student that epoch."""
@@ -81,8 +81,7 @@ class Session:
                 continue
             frozen = self.evaluator.frozen.get(runner.role.name)
             if frozen is None:
-                raise ConfigError(f"config error: teacher.cache keeps a frozen teacher's outputs, but {self.cfg.method.name}'s "
-                                  "teacher trains (a bridge, heads, or BN in train mode): remove teacher.cache")
+                raise ConfigError(CACHE_NEEDS_FROZEN.format(method=self.cfg.method.name))
             cache = TeacherCache(self.cfg.teacher.cache, cache_key(self.cfg, runner, self.dataset, self.mesh.replicas),
                                  self.steps_per_epoch, (self.mesh.replica, self.mesh.replicas),
                                  self.cfg.teacher.cache_topk, self.cfg.teacher.cache_dtype)

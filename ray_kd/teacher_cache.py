@@ -40,6 +40,8 @@ CHUNK = 64
 """Steps per file: ImageNet's 5,005 steps of 256 make 79 files an epoch instead of 5,005."""
 FILL_BELOW = 1e6
 """How far below a row's largest logit a class outside the top k is put."""
+CACHE_NEEDS_FROZEN = ("config error: teacher.cache keeps a frozen teacher's outputs, but {method}'s teacher trains "
+                      "(a bridge, heads, or BN in train mode): remove teacher.cache")
 SEAL = b"ray-kd teacher.cache chunk sha256\n"
 """What a chunk file starts with, before the sha256 of the rest."""
 
