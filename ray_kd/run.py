@@ -58,9 +58,10 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
         if before.info.status != "RUNNING":  # a resumed run shows as running while it runs
             mlflow.update_run(run_id, "RUNNING")
         epochs_before = tracking.latest_epoch(mlflow, run_id)[0]
-        print(f"run {cfg.name}: folder {run_folder.where(cfg)}, MLflow run {run_id} in {uri}"
+        print(f"run {cfg.name}: folder {run_folder.where(cfg)}, MLflow run {run_id} in {shown_uri(uri)}"
               + (f", resuming after epoch {len(resumed[1])}" if resumed else ""), flush=True)
         earlier, start = run_folder.wall_before(cfg), time.perf_counter()
+        last = None
         try:
             try:
                 if cfg.runtime.executor == "local":
@@ -72,15 +73,17 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
                     from ray_kd.ray_executor import run_on_ray
 
                     last = run_on_ray(cfg, uri, run_id, dataset=data, group=workers)
+                return finish(cfg, last, uri, run_id, earlier + time.perf_counter() - start, data)
             except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
                 _mark_unfinished(uri, before, epochs_before, "KILLED")
                 stopped = newest_good_checkpoint(cfg, quiet=True)
-                raise RunStopped(f"run {cfg.name} stopped at epoch {len(stopped[1]) if stopped else 0}",
-                                 signal_of(err)) from None
+                epochs = len(stopped[1]) if stopped else 0
+                raise RunStopped(f"run {cfg.name} stopped at epoch {epochs}" if last is None else
+                                 f"run {cfg.name} stopped while finishing after its last epoch ({epochs}): the same "
+                                 "command finishes it", signal_of(err)) from None
             except BaseException:  # the run shows as failed until a resume finishes it
                 _mark_unfinished(uri, before, epochs_before, "FAILED")
                 raise
-            return finish(cfg, last, uri, run_id, earlier + time.perf_counter() - start, data)
         finally:  # every start's time counts, a stopped or failed one's too
             run_folder.record_wall(cfg, earlier + time.perf_counter() - start)
             if cfg.remote_output:

@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ray_kd.checkpoint import atomic_write_json
-from ray_kd.config import RunConfig, flatten, shown_config
+from ray_kd.config import RunConfig, flatten, shown_config, shown_uri
 from ray_kd.errors import UserError, first_line
 
 
@@ -60,7 +60,7 @@ def check_reachable(uri: str) -> None:
         client(uri).search_experiments(max_results=1)
     except Exception as err:
         first = first_line(err)
-        raise TrackingError(f"MLflow store {uri} is not reachable ({first}); start the tracking server "
+        raise TrackingError(f"MLflow store {shown_uri(uri)} is not reachable ({first}); start the tracking server "
                             "or set MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None
 
 
@@ -339,6 +339,6 @@ def ui_hint(uri: str, run_id: str) -> str:
     link goes straight to the run), and how to start a UI on loopback for a local store."""
     experiment = client(uri).get_run(run_id).info.experiment_id
     if uri.startswith(("http://", "https://")):
-        return f"the run in MLflow: {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return f"the run in MLflow: {shown_uri(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return (f"the run in MLflow: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}\n"
             f"  (start the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)")

@@ -69,3 +69,37 @@ def test_a_uniform_search_over_an_integer_field_is_refused_before_any_trial():
         check_space(space, base)
     check_space(load_space({"params": {"data.batch_size": {"type": "randint", "low": 16, "high": 64},
                                        "optim.lr": {"type": "loguniform", "low": 0.01, "high": 0.1}}}), base)
+
+
+def test_a_signal_while_finishing_leaves_a_run_the_same_command_finishes(tmp_path, mlflow_uri, monkeypatch, capsys):
+    """SIGTERM after the last epoch, while the run writes its summary and logs its model: exit 143, a line that
+    says so, the MLflow run KILLED; the same command then finishes it without training again."""
+    import json
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from ray_kd import run
+
+    argv = ["train", f"output_dir={tmp_path}", "name=fin", "runtime.executor=local", "optim.epochs=2",
+            "optim.milestones=[1]", "optim.steps_per_epoch=2"]
+    plot = run.plot_curves
+
+    def plot_then_terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return plot(*args, **kwargs)
+
+    monkeypatch.setattr(run, "plot_curves", plot_then_terminated)
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert "ray-kd: run fin stopped while finishing after its last epoch (2): the same command finishes it; resume " \
+           "with: ray-kd train" in err, err
+    run_id = json.loads((tmp_path / "fin" / "mlflow_run.json").read_text())["run_id"]
+    mlflow = MlflowClient(mlflow_uri)
+    assert mlflow.get_run(run_id).info.status == "KILLED" and not (tmp_path / "fin" / "summary.json").exists()
+    monkeypatch.setattr(run, "plot_curves", plot)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "fin" / "summary.json").read_text())["epochs"] == 2
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    assert [int(m.step) for m in mlflow.get_metric_history(run_id, "student_0/val_acc")] == [1, 2]
