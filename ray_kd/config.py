@@ -303,8 +303,7 @@ def local_storage_path(path: str, field: str = "output_dir", remote_ok: bool = F
     try:
         _, local = FileSystem.from_uri(path)
     except ArrowInvalid as err:
-        raise ValueError(f"{field}={shown_uri(path)} is not a local file URI ({type(err).__name__}); write "
-                         "file:///absolute/path") from None
+        raise ValueError(f"{path!r} is not a local file URI ({err}); write file:///absolute/path") from None
     return local
 
 
@@ -319,9 +318,9 @@ def storage_mirror(uri: str) -> Path:
 def shown_uri(uri: str) -> str:
     """`uri` as every output shows it (a message, an MLflow param, tag or text, a file of the run folder): without
     the credentials, query options and fragment a URI may carry (`s3://KEY:SECRET@bucket/p?secret_key=...` ->
-    `s3://bucket/p`). A plain path is kept whole. The one place a URI is made fit to show: `shown_config` passes
+    `s3://bucket/p`). A plain path or a file: URI (no credentials there) is kept whole. The one place a URI is made fit to show: `shown_config` passes
     every string of a config through it, so a URI-valued field added later is covered too."""
-    if uri_scheme(uri) is None:
+    if uri_scheme(uri) in (None, "file"):
         return uri
     parts = urlsplit(uri)
     try:
