@@ -43,10 +43,18 @@ def atomic_write_json(obj, path: str | Path) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True)))
 
 
+def require_file(path: Path) -> None:
+    """A weights file's path must name a regular file: not a missing one, a folder or a device (/dev/null)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "a device or pipe"
+        raise CheckpointError(f"checkpoint {path} is not a file ({kind}); give the path of the weights file")
+
+
 def safe_load(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    require_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for a damaged or hostile file

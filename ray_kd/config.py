@@ -57,6 +57,11 @@ class DataConfig(Strict):
     checksum: bool = Field(False, description="record a crc32 of every batch each role drew, as "
                                               "<role>/data_checksum (proves the roles saw the same pixels)")
 
+    @field_validator("root", "cache_dir")
+    @classmethod
+    def _local_folder(cls, path: str | None, info) -> str | None:
+        return None if path is None else local_storage_path(path, f"data.{info.field_name}")
+
     @model_validator(mode="after")
     def _mode_fits_dataset(self) -> "DataConfig":
         if self.mode == "stream" and self.dataset != "imagefolder":
@@ -100,6 +105,11 @@ class RoleConfig(Strict):
                                      "(e.g. [layer1, layer2, layer3, layer4]); None finds them")
     replace_head: bool = Field(False, description="a checkpoint whose classifier has another class count gets "
                                "a fresh head instead of being refused")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _local_file(cls, path: str | None) -> str | None:
+        return None if path is None else local_storage_path(path, "checkpoint")
 
     @field_validator("model")
     @classmethod
@@ -221,6 +231,12 @@ class RuntimeConfig(Strict):
     sync_bn: bool = Field(False, description="with replicas: BatchNorm over the global batch (as one process), "
                           "not each shard's; costs collectives per BatchNorm layer")
 
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yaml_boolean(cls, value: Any) -> Any:
+        """YAML reads an unquoted yes/no (and true/false) as a boolean."""
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+
     @model_validator(mode="after")
     def _replicas_need_ray(self) -> "RuntimeConfig":
         if self.replicas > 1 and self.executor != "ray":
@@ -236,6 +252,20 @@ class TrackingConfig(Strict):
     register_model: str | None = Field(None, description="register the best student under this name in the model registry")
     system_metrics_interval: float = Field(10.0, ge=0, description="seconds between CPU/memory/GPU samples of "
                                            "each worker, logged to the run; 0 turns them off")
+
+    @field_validator("register_model")
+    @classmethod
+    def _model_name(cls, name: str | None) -> str | None:
+        """MLflow's own rule for a registered model's name, checked before the run trains rather than after."""
+        if name is not None:
+            from mlflow.exceptions import MlflowException
+            from mlflow.utils.validation import _validate_model_name
+
+            try:
+                _validate_model_name(name)
+            except MlflowException as err:
+                raise ValueError(err.message.splitlines()[0]) from None
+        return name
 
 
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(//)?")
@@ -259,10 +289,12 @@ def local_storage_path(path: str, field: str = "output_dir", remote_ok: bool = F
         return path  # a path (a relative one is resolved by with_absolute_paths)
     if scheme != "file":
         if remote_ok and scheme in OBJECT_STORE_SCHEMES:
+            if scheme in ("s3", "gs", "gcs") and not urlsplit(path).hostname:
+                raise ValueError(f"{shown_uri(path)} names no bucket: write {field}={scheme}://bucket/prefix")
             return path
         accepted = ("a local path, a file:// URI or an object store ("
                     + ", ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES) + ")")
-        raise ValueError(f"{scheme}:// is not supported ({path.split('?')[0]}): {field} is "
+        raise ValueError(f"{scheme}:// is not supported ({shown_uri(path)}): {field} is "
                          + (accepted if remote_ok else "a local path or a file:// URI, on a cluster a folder every "
                             "node mounts (NFS, a shared disk)"))
     from pyarrow import ArrowInvalid
@@ -290,12 +322,35 @@ def run_folder_path(output_dir: str, name: str) -> Path:
 
 
 def shown_uri(uri: str) -> str:
-    """`uri` without credentials or options, for messages and MLflow params."""
-    parts = urlsplit(uri)
+    """`uri` as every output shows it (a message, an MLflow param, tag or text, a file of the run folder): without
+    the credentials, query options and fragment a URI may carry (`s3://KEY:SECRET@bucket/p?secret_key=...` ->
+    `s3://bucket/p`). A plain path or a file: URI (no credentials there) is kept whole. The one place a URI is made fit to show: `shown_config` passes
+    every string of a config through it, so a URI-valued field added later is covered too."""
     if uri_scheme(uri) in (None, "file"):
         return uri
-    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    return f"{parts.scheme}://{host}{parts.path}"
+    parts = urlsplit(uri)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:  # not a number: nothing of it is shown
+        port = ""
+    return f"{parts.scheme}://{parts.hostname or ''}{port}{parts.path}"
+
+
+def shown_config(cfg: "RunConfig") -> dict:
+    """The config as it is printed, logged to MLflow and written to the run folder: every string through
+    `shown_uri`."""
+    def shown(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: shown(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [shown(v) for v in node]
+        return shown_uri(node) if isinstance(node, str) else node
+
+    return shown(cfg.model_dump())
+
+
+MAX_NAME = 200
+"""Of a run's name: a folder name holds 255 bytes, and a sweep adds `-sweep`, its trials `-<trial id>`."""
 
 
 class RunConfig(Strict):
@@ -326,6 +381,9 @@ class RunConfig(Strict):
     def _one_folder(cls, name: str) -> str:
         if name in (".", ".."):
             raise ValueError(f"name {name!r} is not a folder of its own; use letters, digits, '_', '-', '.'")
+        if len(name) > MAX_NAME:
+            raise ValueError(f"name is {len(name)} characters long; keep it to {MAX_NAME} (a folder name, with room "
+                             "for a sweep's -sweep and trial suffixes)")
         return name
 
     @field_validator("output_dir")

@@ -224,17 +224,16 @@ CACHE_VERSION = 2
 def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     """`root/train/<class>/*` and `root/test/<class>/*` (a .tar.gz of that tree is unpacked first).
 
-    The decoded tensors are cached under a key made of the class folders and every file's path, size and
-    mtime (and the cache version and `bad_images`), so adding, removing or replacing an image decodes again;
+    The decoded tensors are cached under a key made of the class folders and every file's `files_identity`
+    (and the cache version and `bad_images`), so adding, removing, replacing or moving an image decodes again;
     for an archive, of the archive's path, size and mtime (listing 60,000 files costs seconds)."""
     root = imagefolder_root(cfg)
     if Path(cfg.root).is_file():  # an unpacked archive changes only with the archive: no walk of its files
         files, manifest = None, [CACHE_VERSION, cfg.bad_images, archive_identity(Path(cfg.root))]
     else:
         files = _split_files(root)
-        manifest = [CACHE_VERSION, cfg.bad_images, list(files["train"])] + [
-            (str(f.relative_to(root)), st.st_size, st.st_mtime_ns)
-            for split in files.values() for paths in split.values() for f in paths for st in [f.stat()]]
+        paths = [f for split in files.values() for names in split.values() for f in names]
+        manifest = [CACHE_VERSION, cfg.bad_images, list(files["train"]), files_identity(paths, root)]
     cache = Path(cfg.cache_dir) / f"imagefolder-{digest(repr(manifest))}.pt"
     if cache.is_file():
         blob = torch.load(cache, weights_only=True)
@@ -247,6 +246,52 @@ def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
     num_classes = len(blob["train"]["classes"])
     return (Split(blob["train"]["images"], blob["train"]["labels"]),
             Split(blob["test"]["images"], blob["test"]["labels"]), num_classes)
+
+
+SAMPLE_BYTES = 4096
+"""Of each file's start and of its end, what `files_identity` digests (the whole of a smaller file)."""
+
+
+def files_identity(paths: list[Path], root: Path) -> str:
+    """A digest of every file's path under `root`, size, mtime_ns and a sample of its content (its first and last
+    `SAMPLE_BYTES`): what the decoded ImageFolder cache and a streamed set's `content_digest` are keyed by.
+
+    Why that is enough: writing a file in place sets its mtime (only a deliberate reset such as `touch -d` or
+    `cp -p` keeps it), and a file moved to another path (two class folders swapped) brings its own size, mtime and
+    bytes to that path; the content sample catches what a reset mtime and an equal size would hide, unless two
+    compressed images also share their first and last 4 KB. Reading every byte of a large set at each start would
+    cost minutes; this costs a stat and two small reads per file, done by a few threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path: Path) -> bytes:
+        with open(path, "rb") as f:
+            size, mtime = os.fstat(f.fileno()).st_size, os.fstat(f.fileno()).st_mtime_ns
+            head = f.read(SAMPLE_BYTES)
+            if size > 2 * SAMPLE_BYTES:
+                f.seek(-SAMPLE_BYTES, os.SEEK_END)
+            tail = f.read(SAMPLE_BYTES)
+        sample = hashlib.blake2b(head + tail, digest_size=16).hexdigest()
+        return f"{os.path.relpath(path, root)}|{size}|{mtime}|{sample}\n".encode()
+
+    h = hashlib.sha256()
+    with ThreadPoolExecutor(8) as pool:
+        for line in pool.map(one, paths):
+            h.update(line)
+    return h.hexdigest()[:20]
+
+
+def content_digest(data) -> str:
+    """A digest of the content a run's batches are made of: of every split's decoded images and labels for a set
+    in memory (exact), of every listed file's `files_identity` and its label for a streamed one."""
+    h = hashlib.sha256()
+    for split in (data.train, data.val, data.test):
+        if hasattr(split, "images"):
+            h.update(np.ascontiguousarray(np.asarray(split.images)))
+        else:
+            paths = [Path(os.fsdecode(f)) for f in split.files]
+            h.update(files_identity(paths, Path("/")).encode())
+        h.update(np.ascontiguousarray(np.asarray(split.labels)))
+    return h.hexdigest()[:20]
 
 
 def _split_files(root: Path) -> dict[str, dict[str, list[Path]]]:

@@ -47,11 +47,16 @@ def is_frozen(runner) -> bool:
     """Nothing of the role trains and nothing of it runs in training mode: its outputs for an image
     never change (a frozen KD teacher). A teacher with a trained bridge or heads (SOKD, MTKD-SSR), with
     BN in train mode, or with a stateful input sampler (LW-KD's draws, a leaf left in train mode) is not."""
-    if runner.trains:
+    return not runner.trains and frozen_module(runner.net)
+
+
+def frozen_module(net: nn.Module) -> bool:
+    """`is_frozen` of a role's module, before a runner (and its optimiser) is built for it (the preflight)."""
+    if any(p.requires_grad for p in net.parameters()):
         return False
-    runner.net.train()  # as every training step does: a frozen backbone stays in eval mode
+    net.train()  # as every training step does: a frozen backbone stays in eval mode
     containers = (nn.ModuleDict, nn.ModuleList, nn.Sequential)
-    leaves = [m for m in runner.net.modules() if not list(m.children()) and not isinstance(m, containers)]
+    leaves = [m for m in net.modules() if not list(m.children()) and not isinstance(m, containers)]
     return not any(m.training for m in leaves)
 
 

@@ -18,7 +18,7 @@ from ray_kd.progress import ProgressDisplay, StepMetricLogger, StepMonitor
 from ray_kd.replicas import Mesh
 from ray_kd.roles import all_roles
 from ray_kd.run_storage import RunStorage
-from ray_kd.session import Session, fit, progress_line
+from ray_kd.session import Session, corrupt_chunks, fit, progress_line
 from ray_kd.tracking import MetricSync, system_metrics
 
 
@@ -102,8 +102,10 @@ def fill_teacher_cache(cfg: RunConfig, dataset: Dataset | None = None, show_prog
             totals["read"] += read
             totals["computed"] += computed
             shard = f" (replica {replica + 1}/{replicas})" if replicas > 1 else ""
-            print(f"teacher.cache epoch {epoch + 1}/{cfg.optim.epochs}{shard}: {computed} steps computed, {read} read",
-                  flush=True)
+            corrupt = f" ({corrupt_chunks(metrics['teacher/cache_corrupt'])} computed again)" \
+                if metrics["teacher/cache_corrupt"] else ""
+            print(f"teacher.cache epoch {epoch + 1}/{cfg.optim.epochs}{shard}: {computed} steps computed, {read} read"
+                  f"{corrupt}", flush=True)
         if replica == 0:
             session.evaluate(cfg.optim.epochs)  # the teacher's scores, kept beside its outputs
     return totals

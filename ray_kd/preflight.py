@@ -16,8 +16,10 @@ from pathlib import Path
 from ray_kd.config import ConfigError, RunConfig, uri_scheme
 from ray_kd.data import Dataset
 from ray_kd.errors import UserError
+from ray_kd.evaluation import frozen_module
 from ray_kd.models.external import is_external, role_field
 from ray_kd.roles import all_roles
+from ray_kd.teacher_cache import CACHE_NEEDS_FROZEN
 from ray_kd.weights import load_backbone
 
 ADDRESS_TIMEOUT_S = 5.0
@@ -37,11 +39,22 @@ def check_roles(cfg: RunConfig, data: Dataset) -> None:
     for role in roles:  # an external model is built once here too: a 1-channel dataset or bad kwargs fail now
         if role.checkpoint is not None or is_external(role.model):
             try:
-                load_backbone(role, data.num_classes, method.input_channels(role, data.in_channels))
+                backbone = load_backbone(role, data.num_classes, method.input_channels(role, data.in_channels))
             except UserError:
                 raise
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"config error at {role_field(role)}: {str(err).splitlines()[0]}") from None
+            if role.is_teacher and cfg.teacher.cache is not None:
+                check_cacheable(cfg, method.build_role(role, backbone, data.num_classes), data.num_classes)
+
+
+def check_cacheable(cfg: RunConfig, teacher, num_classes: int) -> None:
+    """teacher.cache keeps a frozen teacher's outputs (all of them, or the top-k of the classes there are)."""
+    if not frozen_module(teacher):
+        raise ConfigError(CACHE_NEEDS_FROZEN.format(method=cfg.method.name))
+    if cfg.teacher.cache_topk is not None and cfg.teacher.cache_topk > num_classes:
+        raise ConfigError(f"config error at teacher.cache_topk: {cfg.teacher.cache_topk} is more than the data's "
+                          f"{num_classes} classes; set it below {num_classes} or remove it")
 
 
 def check_writable(folder: str | Path, field: str) -> None:

@@ -324,6 +324,10 @@ def loopback_only() -> None:
 def check_fits(cfg: RunConfig, gpu: bool) -> None:
     """Fail now, not hang forever, when the cluster can never place the run's workers (one per role per replica
     apart, one per replica together)."""
+    if cfg.runtime.backend == "nccl" and not gpu:
+        raise ClusterError(f"runtime.backend=nccl runs on GPUs, but this run's workers get none (runtime.use_gpu="
+                           f"{cfg.runtime.use_gpu}, the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs); "
+                           "set runtime.backend=gloo (or auto), or run where there are GPUs")
     roles, replicas = len(all_roles(cfg)), cfg.runtime.replicas
     n = world_size(cfg, roles)
     layout = (f"{roles} roles x {replicas} replicas, placed {cfg.runtime.placement}: " if replicas > 1 else "")

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ray_kd.checkpoint import atomic_save, safe_load, save_model_file
-from ray_kd.config import ConfigError, RunConfig
+from ray_kd.config import ConfigError, RunConfig, shown_uri
 from ray_kd.data import Dataset, epoch_steps, eval_batches
 from ray_kd.datasets import load_dataset
 from ray_kd.errors import UserError
@@ -59,21 +59,24 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
                 return done
             tracking.mark_running(mlflow, before, cfg, kind)
             epochs_before = tracking.latest_epoch(mlflow, run_id)[0]
-            print(f"run {cfg.name}: folder {run.where()}, MLflow run {run_id} in {uri}"
+            print(f"run {cfg.name}: folder {run.where()}, MLflow run {run_id} in {shown_uri(uri)}"
                   + (f", resuming after epoch {len(resumed[1])}" if resumed else ""), flush=True)
             earlier, start = run.wall_before(), time.perf_counter()
+            last = None
             try:
                 try:
                     last = executor.execute(run, data, (uri, run_id), on_epoch, show_progress)
+                    return finish(cfg, last, uri, run_id, earlier + time.perf_counter() - start, data, run)
                 except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see ray_kd.stopping)
                     _mark_unfinished(uri, before, epochs_before, "KILLED")
                     stopped = run.newest_good()
-                    raise RunStopped(f"run {cfg.name} stopped at epoch {len(stopped[1]) if stopped else 0}",
-                                     signal_of(err)) from None
+                    epochs = len(stopped[1]) if stopped else 0
+                    raise RunStopped(f"run {cfg.name} stopped at epoch {epochs}" if last is None else
+                                     f"run {cfg.name} stopped while finishing after its last epoch ({epochs}): the "
+                                     "same command finishes it", signal_of(err)) from None
                 except BaseException:  # the run shows as failed until a resume finishes it
                     _mark_unfinished(uri, before, epochs_before, "FAILED")
                     raise
-                return finish(cfg, last, uri, run_id, earlier + time.perf_counter() - start, data, run)
             finally:  # every start's time counts, a stopped or failed one's too
                 run.record_wall(earlier + time.perf_counter() - start)
                 run.push()
@@ -168,7 +171,7 @@ def preflight(cfg: RunConfig) -> Dataset:
     if cfg.teacher is not None and cfg.teacher.cache is not None:
         size_line = describe_size(min(n, steps * size), data.num_classes, cfg.teacher.cache_topk, cfg.optim.epochs,
                                   cfg.teacher.cache_dtype)
-        print(f"teacher.cache {cfg.teacher.cache}: {size_line}", flush=True)
+        print(f"teacher.cache {shown_uri(cfg.teacher.cache)}: {size_line}", flush=True)
     if cfg.data.batch_size > n:
         print(f"note: data.batch_size={cfg.data.batch_size} is larger than the {n:,} training images: every epoch "
               f"is one step of {n:,} images", flush=True)
@@ -221,7 +224,7 @@ def cache_teacher(cfg: RunConfig) -> dict[str, int]:
                           "(e.g. method kd) and set teacher.cache")
     data = preflight(cfg)
     totals = fill_teacher_cache(cfg, data)
-    print(f"teacher.cache {cfg.teacher.cache}: {totals['computed']} steps computed, {totals['read']} read", flush=True)
+    print(f"teacher.cache {shown_uri(cfg.teacher.cache)}: {totals['computed']} steps computed, {totals['read']} read", flush=True)
     return totals
 
 

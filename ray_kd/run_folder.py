@@ -21,7 +21,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from ray_kd.config import RunConfig, flatten
+from ray_kd.config import RunConfig, flatten, shown_config
 from ray_kd.run_storage import RunFolderError, RunStorage
 
 MAY_CHANGE_ON_RESUME = ("name", "output_dir", "optim.epochs", "data.cache_dir", "data.download", "runtime.*",
@@ -32,7 +32,7 @@ MAY_CHANGE_ON_RESUME = ("name", "output_dir", "optim.epochs", "data.cache_dir", 
 def fingerprint(cfg: RunConfig, data=None) -> dict[str, Any]:
     """The fields that change what the run computes, flat; weight files by the sha256 of their content; the
     loaded dataset `data` (when given) by its split sizes and a digest of its labels."""
-    flat = flatten(cfg.model_dump())
+    flat = flatten(shown_config(cfg))  # credentials in a URI are not what the run computes, nor for a file
     if data is not None:
         from ray_kd.data import dataset_identity
 

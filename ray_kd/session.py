@@ -25,7 +25,7 @@ from ray_kd.progress import StepMonitor
 from ray_kd.replicas import Mesh, synchronise_batchnorm
 from ray_kd.roles import RoleRunner, all_roles
 from ray_kd.stopping import held
-from ray_kd.teacher_cache import TeacherCache, cache_key
+from ray_kd.teacher_cache import CACHE_NEEDS_FROZEN, TeacherCache, cache_key
 
 History = list[dict[str, float]]
 """One dict of merged metrics (every role's) per completed epoch; entry i has 'epoch' == i + 1."""
@@ -69,8 +69,7 @@ class Session:
                 continue
             frozen = self.evaluator.frozen.get(runner.role.name)
             if frozen is None:
-                raise ConfigError(f"config error: teacher.cache keeps a frozen teacher's outputs, but {self.cfg.method.name}'s "
-                                  "teacher trains (a bridge, heads, or BN in train mode): remove teacher.cache")
+                raise ConfigError(CACHE_NEEDS_FROZEN.format(method=self.cfg.method.name))
             cache = TeacherCache(self.cfg.teacher.cache, cache_key(self.cfg, runner, self.dataset, self.mesh.replicas),
                                  self.steps_per_epoch, (self.mesh.replica, self.mesh.replicas),
                                  self.cfg.teacher.cache_topk, self.cfg.teacher.cache_dtype)
@@ -195,7 +194,8 @@ class Session:
             if name in self.caches:  # steps read from teacher.cache, and computed (then stored)
                 cache = self.caches[name]
                 metrics[f"{name}/cache_hits"], metrics[f"{name}/cache_misses"] = float(cache.hits), float(cache.misses)
-                cache.hits = cache.misses = 0
+                metrics[f"{name}/cache_corrupt"] = float(cache.corrupt)
+                cache.hits = cache.misses = cache.corrupt = 0
             if self.ahead:  # how far ahead of the others this frozen role got (its queue was full at teacher.ahead)
                 metrics[f"{name}/steps_ahead"] = float(most_ahead)
             if self.mesh.replicas > 1 and r.trains:  # the gradient all-reduce across the replicas
@@ -277,10 +277,16 @@ def teacher_note(m: dict[str, float]) -> str:
     if "teacher/cache_hits" in m:
         hits, misses = m["teacher/cache_hits"], m["teacher/cache_misses"]
         notes.append(f"cache {hits:.0f}/{hits + misses:.0f} steps read")
+        if m.get("teacher/cache_corrupt"):
+            notes.append(f"{corrupt_chunks(m['teacher/cache_corrupt'])} of teacher.cache computed again")
     waits = [v for k, v in m.items() if k.startswith("student_") and k.endswith("/wait_ms")]
     if notes and waits:
         notes.append(f"students waited {max(waits):.1f} ms/step")
     return "".join(f", {n}" for n in notes)
+
+
+def corrupt_chunks(count: float) -> str:
+    return f"{count:.0f} corrupt chunk{'s' if count != 1 else ''}"
 
 
 def fit(session: Session, store, sync=None, progress: ProgressFn | None = None) -> History:

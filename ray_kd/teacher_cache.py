@@ -5,11 +5,16 @@ A frozen teacher's output for a step depends only on its weights and that step's
 the data, its augmentation, the batch size, the seed, the epoch and the step. The cache's key hashes all of
 those that the step's address (epoch, step, replica) does not name, so a changed teacher file, dataset, split,
 augmentation, batch size, seed, precision or replica count finds a folder of its own and never stale entries.
+The data is keyed by its content (`ray_kd.data.content_digest`): images overwritten in place under the same names,
+or two class folders swapped, are other data.
 What the key leaves out: the method's params (a frozen teacher's forward does not read them), so every trial
 of a sweep over temperatures and weights, and KD and KD+SKD, share one teacher's outputs.
 
 Entries are chunks of `CHUNK` steps, each written whole (through a temporary file and a rename in a folder; an
-object appears whole in a store), so concurrent trials with one key never read half a file; a chunk that does not load is recomputed, with one warning.
+object appears whole in a store), so concurrent trials with one key never read half a file. Each chunk carries the
+sha256 of its bytes (`seal`): torch.load does not check a zip's CRCs, so a flipped byte would otherwise load. A
+chunk whose digest does not match, that does not load, or that holds an inf or NaN is corrupt: it is computed
+again, and the epoch's line on the driver's console counts it (`teacher/cache_corrupt`).
 With the cache on, the students always train on the stored values (`cache_dtype`, and the top-k), on the run
 that writes them as on every run that reads them, so those runs compute the same numbers; with float32 and no
 top-k those are the numbers of a run without the cache.
@@ -35,6 +40,21 @@ CHUNK = 64
 """Steps per file: ImageNet's 5,005 steps of 256 make 79 files an epoch instead of 5,005."""
 FILL_BELOW = 1e6
 """How far below a row's largest logit a class outside the top k is put."""
+CACHE_NEEDS_FROZEN = ("config error: teacher.cache keeps a frozen teacher's outputs, but {method}'s teacher trains "
+                      "(a bridge, heads, or BN in train mode): remove teacher.cache")
+SEAL = b"ray-kd teacher.cache chunk sha256\n"
+"""What a chunk file starts with, before the sha256 of the rest."""
+
+
+def seal(payload: bytes) -> bytes:
+    """A chunk file: `SEAL`, the sha256 of `payload`, then `payload`."""
+    return SEAL + hashlib.sha256(payload).digest() + payload
+
+
+def unseal(data: bytes) -> bytes | None:
+    """The payload of a chunk file, or None when it is not one or its digest does not match (a changed byte)."""
+    head, digest, payload = data[:len(SEAL)], data[len(SEAL):len(SEAL) + 32], data[len(SEAL) + 32:]
+    return payload if head == SEAL and hashlib.sha256(payload).digest() == digest else None
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -84,19 +104,28 @@ def _size(n: float) -> str:
 def cache_key(cfg, runner, dataset, replicas: int) -> dict:
     """Everything a frozen teacher's output for (epoch, step, replica) depends on, besides those three (as JSON
     holds it: what the folder's key.json shows is what its name digests)."""
-    from ray_kd.data import dataset_identity
+    from ray_kd.data import content_digest, dataset_identity
 
     spec = cfg.teacher
     data = cfg.data.model_dump(exclude={"workers", "cache_dir", "checksum", "download", "root"})
-    return json.loads(json.dumps({"format": 1,
+    return json.loads(json.dumps({"format": 2,
             "teacher": {"model": spec.model, "model_kwargs": spec.model_kwargs, "stages": spec.stages,
                         "replace_head": spec.replace_head, "module": type(runner.net).__qualname__,
                         "weights": weights_digest(runner.state_dict()["net"])},
-            "data": {"identity": dataset_identity(cfg.data, dataset)[3], **data},
+            "data": {"identity": dataset_identity(cfg.data, dataset)[3], "content": content_digest(dataset), **data},
             "seed": cfg.seed, "steps_per_epoch": cfg.optim.steps_per_epoch, "replicas": replicas,
             "precision": {"amp": cfg.optim.amp, "channels_last": cfg.runtime.channels_last,
                           "fold_frozen_batchnorm": cfg.runtime.fold_frozen_batchnorm},
             "dtype": cfg.teacher.cache_dtype, "topk": cfg.teacher.cache_topk}, default=str))
+
+
+def _finite(entries: dict[int, dict]) -> bool:
+    """Every stored value finite: an inf or NaN read back is a corrupt chunk (a teacher that computes one is
+    not stored)."""
+    def values(stored) -> torch.Tensor:
+        return stored["values"] if isinstance(stored, dict) else stored
+
+    return all(torch.isfinite(values(stored)).all() for entry in entries.values() for stored in entry.values())
 
 
 class TeacherCache:
@@ -110,6 +139,7 @@ class TeacherCache:
         self.steps_per_epoch, self.topk, self.dtype = steps_per_epoch, topk, DTYPES[dtype]
         self.shard = f"r{replica[0]}of{replica[1]}"
         self.hits = self.misses = 0
+        self.corrupt = 0  # chunks found corrupt and computed again, since the count was last taken
         self.writable = True
         self._scores: dict[str, dict[str, float]] | None = None  # the teacher's, as stored (read once)
         self._loaded: tuple[int, int] | None = None
@@ -153,7 +183,7 @@ class TeacherCache:
         """Write the pending chunk if it is whole (a run stopped mid-chunk leaves it to be computed again)."""
         if self._pending_chunk is not None:
             epoch, chunk = self._pending_chunk
-            if self.writable and sorted(self._pending) == list(self._steps(chunk)):
+            if self.writable and sorted(self._pending) == list(self._steps(chunk)) and _finite(self._pending):
                 self._write(self._name(epoch, chunk))
         self._pending, self._pending_chunk = {}, None
 
@@ -163,27 +193,28 @@ class TeacherCache:
         try:
             buffer = io.BytesIO()
             torch.save(self._pending, buffer)
-            self.store.write_bytes(name, buffer.getvalue())
+            self.store.write_bytes(name, seal(buffer.getvalue()))
         except OSError as err:
             self.writable = False
             warnings.warn(f"teacher.cache: cannot write {self.store.show(name)} ({err.strerror or err}); this run "
                           "stores nothing more there and goes on", stacklevel=3)
 
     def _read(self, epoch: int, chunk: int) -> dict[int, dict]:
+        """The chunk's steps; {} when it is not there, or when it is corrupt (then deleted, and counted)."""
         name = self._name(epoch, chunk)
         data = self.store.read_bytes(name)
         if data is None:
             return {}
+        payload = unseal(data)
         try:
-            entries = torch.load(io.BytesIO(data), weights_only=True)
-            if not isinstance(entries, dict):
-                raise ValueError("not a dict of steps")
-            return entries
-        except Exception as err:  # noqa: BLE001 - any unreadable file is recomputed
-            warnings.warn(f"teacher.cache: {self.store.show(name)} does not load ({type(err).__name__}); "
-                          "computing those steps again", stacklevel=2)
+            entries = None if payload is None else torch.load(io.BytesIO(payload), weights_only=True)
+        except Exception:  # noqa: BLE001 - a payload whose digest matched yet does not load (another writer's)
+            entries = None
+        if not isinstance(entries, dict) or not _finite(entries):
+            self.corrupt += 1
             self.store.delete(name)
             return {}
+        return entries
 
     def _encode(self, published: Outputs) -> dict:
         entry = {}

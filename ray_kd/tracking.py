@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from ray_kd.config import RunConfig, flatten, shown_uri
+from ray_kd.config import RunConfig, flatten, shown_config, shown_uri
 from ray_kd.errors import UserError, first_line
 from ray_kd.evaluation import OBJECTIVE
 from ray_kd.run_storage import RunStorage
@@ -61,7 +61,7 @@ def check_reachable(uri: str) -> None:
         client(uri).search_experiments(max_results=1)
     except Exception as err:
         first = first_line(err)
-        raise TrackingError(f"MLflow store {uri} is not reachable ({first}); start the tracking server "
+        raise TrackingError(f"MLflow store {shown_uri(uri)} is not reachable ({first}); start the tracking server "
                             "or set MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None
 
 
@@ -69,7 +69,7 @@ RUN_KINDS = ("teacher", "baseline", "distillation", "sweep", "sweep_trial", "rep
 FINAL_METRICS = ("best_epoch", "val_acc_at_best", "test_acc_at_best_val", "last_test_acc")
 """Per role (`<role>/<metric>`) and, unprefixed, for the best student (the one whose weights are saved)."""
 THROUGHPUT = ("samples_per_s", "compute_ms", "exchange_ms", "wait_ms", "allreduce_ms", "eval_s",
-              "images_scored_waiting", "steps_ahead", "cache_hits", "cache_misses")
+              "images_scored_waiting", "steps_ahead", "cache_hits", "cache_misses", "cache_corrupt")
 STOPPED_TAG = "ray_kd.stopped"
 """On a run that did not finish (a sweep's trial): why (stopped early by the scheduler, failed, the sweep stopped)."""
 NOT_PROTOCOL = ("name", "seed", "output_dir", "runtime.", "tracking.", "data.cache_dir", "teacher.ahead")
@@ -83,11 +83,6 @@ def default_kind(cfg: RunConfig) -> str:
 def role_names(kind: str | None) -> dict[str, str]:
     """How roles are shown in MLflow: a `train-teacher` run trains student_0, but it is the teacher."""
     return {"student_0": "teacher"} if kind == "teacher" else {}
-
-
-def shown_config(cfg: RunConfig) -> dict:
-    """The config as MLflow records it: an object-store output_dir without its credentials or options."""
-    return {**cfg.model_dump(), "output_dir": shown_uri(cfg.output_dir)}
 
 
 def config_params(cfg: RunConfig) -> dict[str, str]:
@@ -358,6 +353,6 @@ def ui_hint(uri: str, run_id: str) -> str:
     link goes straight to the run), and how to start a UI on loopback for a local store."""
     experiment = client(uri).get_run(run_id).info.experiment_id
     if uri.startswith(("http://", "https://")):
-        return f"the run in MLflow: {uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+        return f"the run in MLflow: {shown_uri(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return (f"the run in MLflow: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}\n"
             f"  (start the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ray_kd.checkpoint import CheckpointError, load_model_file, safe_load
+from ray_kd.checkpoint import CheckpointError, load_model_file, require_file, safe_load
 from ray_kd.models import create_model
 from ray_kd.models.external import ExternalNet, role_field
 
@@ -70,8 +70,7 @@ def read_state_dict(path: Path, model_name: str, num_classes: int, in_channels: 
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist")
+        require_file(path)
         try:
             return load_file(path)
         except Exception as err:  # safetensors raises its own error types for a damaged file

@@ -1,6 +1,7 @@
 """`teacher.cache`: a second KD run with the same teacher, data and seed reads every teacher output, computes the
 same numbers, and a changed teacher file or augmentation gets no hit."""
 
+import io
 import json
 import warnings
 
@@ -10,7 +11,7 @@ from equivalence import assert_same_run
 
 from ray_kd.config import ConfigError, load_config
 from ray_kd.local_executor import run_local
-from ray_kd.teacher_cache import CHUNK, FILL_BELOW, TeacherCache, describe_size
+from ray_kd.teacher_cache import CHUNK, FILL_BELOW, SEAL, TeacherCache, describe_size, seal, unseal
 
 STEPS = 5
 
@@ -95,18 +96,54 @@ def test_a_changed_teacher_file_or_augmentation_gets_no_hit(tmp_path, mlflow_uri
         assert [h["teacher/cache_hits"] for h in history] == [0, 0], name
 
 
-def test_a_corrupt_entry_is_recomputed_with_one_warning(tmp_path, mlflow_uri, digits_teacher):
+def corrupt_run(tmp_path, teacher, name, capsys):
+    """A run whose epoch lines are kept: (history, its console output)."""
+    capsys.readouterr()
+    history = json.loads((run_local(kd(tmp_path, teacher, name)) / "history.json").read_text())
+    return history, capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["not a torch file", "a flipped byte that still loads"])
+def test_a_corrupt_entry_is_recomputed_and_counted_on_the_epoch_line(tmp_path, mlflow_uri, digits_teacher, capsys,
+                                                                      damage):
     first = run(kd(tmp_path, digits_teacher, "first"))
     (chunk,) = sorted((tmp_path / "cache").glob("*/e0000/*.pt"))
-    chunk.write_bytes(b"not a torch file")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        second = run(kd(tmp_path, digits_teacher, "second"))
-    assert [str(w.message) for w in caught if "teacher.cache" in str(w.message)] == [
-        f"teacher.cache: {chunk} does not load (UnpicklingError); computing those steps again"]
+    data = bytearray(chunk.read_bytes())
+    if damage == "not a torch file":
+        data = b"not a torch file"
+    else:  # inside the first step's logits: the file still loads, with another value there
+        entries = torch.load(io.BytesIO(unseal(bytes(data))), weights_only=True)
+        at = bytes(data).find(entries[0]["logits"].numpy().tobytes()[:32])
+        assert at > 0
+        data[at + 1] ^= 0x40
+        torch.load(io.BytesIO(bytes(data[len(SEAL) + 32:])), weights_only=True)  # it does load
+    chunk.write_bytes(bytes(data))
+    second, out = corrupt_run(tmp_path, digits_teacher, "second", capsys)
     assert [h["teacher/cache_hits"] for h in second] == [0, STEPS]
+    assert [h["teacher/cache_corrupt"] for h in second] == [1, 0]
+    lines = [line for line in out.splitlines() if "val/test top-1" in line]  # the epoch lines
+    assert "1 corrupt chunk of teacher.cache computed again" in lines[0] and "corrupt" not in lines[1]
     assert losses(second) == losses(first)
-    assert torch.load(chunk, weights_only=True).keys() == set(range(STEPS))  # written again, whole
+    assert torch.load(io.BytesIO(unseal(chunk.read_bytes())), weights_only=True).keys() == set(range(STEPS))
+
+
+def test_an_inf_or_nan_read_from_the_cache_is_corrupt(tmp_path):
+    cache = TeacherCache(tmp_path, {"k": 1}, steps_per_epoch=CHUNK, topk=2)
+    for step in range(CHUNK):
+        cache.put(0, step, {"logits": torch.arange(6.0).view(2, 3)})
+    name = cache._name(0, 0)
+    assert TeacherCache(tmp_path, {"k": 1}, steps_per_epoch=CHUNK, topk=2).get(0, 5, torch.device("cpu")) is not None
+    entries = torch.load(io.BytesIO(unseal(cache.store.read_bytes(name))), weights_only=True)
+    entries[5]["logits"]["values"][0, 0] = float("nan")  # sealed as it is: the digest matches
+    buffer = io.BytesIO()
+    torch.save(entries, buffer)
+    cache.store.write_bytes(name, seal(buffer.getvalue()))
+    reader = TeacherCache(tmp_path, {"k": 1}, steps_per_epoch=CHUNK, topk=2)
+    assert reader.get(0, 0, torch.device("cpu")) is None and reader.corrupt == 1
+    assert cache.store.read_bytes(name) is None  # deleted, to be written again
+    for step in range(CHUNK):  # a teacher computing an inf is not stored
+        reader.put(0, step, {"logits": torch.full((2, 3), float("inf"))})
+    assert cache.store.read_bytes(name) is None
 
 
 def test_a_cache_that_cannot_be_written_warns_once_and_the_run_goes_on(tmp_path, monkeypatch):
@@ -182,7 +219,8 @@ def test_the_size_line_for_imagenet():
         "10.2 GB for 100 epochs")
 
 
-def test_the_ray_executor_reads_the_cache_the_local_one_wrote(ray_cluster, tmp_path, mlflow_uri, digits_teacher):
+def test_the_ray_executor_reads_the_cache_the_local_one_wrote(ray_cluster, tmp_path, mlflow_uri, digits_teacher,
+                                                             capsys):
     from ray_kd import api
     from ray_kd.ray_executor import run_on_ray
 
@@ -194,5 +232,63 @@ def test_the_ray_executor_reads_the_cache_the_local_one_wrote(ray_cluster, tmp_p
     replicas = kd(tmp_path, digits_teacher, "replicas", "runtime.executor=ray", "runtime.replicas=2",
                   "runtime.placement=together", "runtime.cpus_per_worker=0.5")
     assert api.cache_teacher(replicas) == {"read": 0, "computed": 2 * 2 * STEPS}
+    (chunk,) = (tmp_path / "cache").glob("*/e0000/r0of2-*.pt")  # a byte flipped in replica 0's first chunk
+    data = bytearray(chunk.read_bytes())
+    data[-100] ^= 1
+    chunk.write_bytes(bytes(data))
+    capsys.readouterr()
     history = json.loads((run_on_ray(replicas) / "history.json").read_text())
-    assert [(h["teacher/cache_hits"], h["teacher/cache_misses"]) for h in history] == [(STEPS, 0), (STEPS, 0)]
+    assert [(h["teacher/cache_hits"], h["teacher/cache_misses"]) for h in history] == [(0, STEPS), (STEPS, 0)]
+    assert "1 corrupt chunk of teacher.cache computed again" in capsys.readouterr().out  # on the driver's console
+
+
+def digits_folder(root):
+    """The digits as an ImageFolder of 8x8 grey PNGs named alike in every class (0000.png...)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    counts = {}
+    for image, label in zip((bunch.images * (255 / 16)).round().astype(np.uint8), bunch.target):
+        i = counts[label] = counts.get(label, -1) + 1
+        if i >= 16:
+            continue
+        folder = root / ("test" if i < 4 else "train") / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.mark.parametrize("mode", ["memory", "stream"])
+def test_images_changed_under_the_same_names_are_never_read_stale(tmp_path, mlflow_uri, mode):
+    """Images overwritten in place, then two class folders swapped: the cache reads none of the old outputs, and
+    the run equals one with a fresh cache on the same data."""
+    from ray_kd.checkpoint import save_model_file
+    from ray_kd.models import create_model
+
+    root = digits_folder(tmp_path / "digits")
+    torch.manual_seed(0)  # an untrained RGB teacher (an ImageFolder is read as RGB): a fixed function of the images
+    teacher = tmp_path / "rgb_teacher.pt"
+    save_model_file(teacher, "digits_cnn_l", 10, 3, create_model("digits_cnn_l", 10, 3).state_dict())
+    stream = ["data.image_size=8", "data.workers=0", "data.augment=none"] if mode == "stream" else []
+
+    def folder_kd(name, cache):
+        return kd(tmp_path, teacher, name, "data.dataset=imagefolder", f"data.root={root}",
+                  f"data.mode={mode}", *stream, f"data.cache_dir={tmp_path / 'data-cache'}",
+                  f"teacher.cache={tmp_path / cache}", "optim.steps_per_epoch=2", "data.batch_size=16")
+
+    assert [h["teacher/cache_misses"] for h in run(folder_kd("first", "cache"))] == [2, 2]
+    for path in sorted((root / "train" / "3").glob("*.png")):  # the 3s overwritten by 8s, under their names
+        path.write_bytes((root / "train" / "8" / path.name).read_bytes())
+    changed, fresh = run(folder_kd("changed", "cache")), run(folder_kd("fresh", "fresh"))
+    assert [h["teacher/cache_hits"] for h in changed] == [0, 0]
+    assert losses(changed) == losses(fresh)
+    (root / "train" / "1").rename(root / "train" / "swap")  # 1 <-> 7: every name is in both
+    (root / "train" / "7").rename(root / "train" / "1")
+    (root / "train" / "swap").rename(root / "train" / "7")
+    swapped, fresh = run(folder_kd("swapped", "cache")), run(folder_kd("fresh-swapped", "fresh-swapped"))
+    assert [h["teacher/cache_hits"] for h in swapped] == [0, 0]
+    assert losses(swapped) == losses(fresh)
+    again = run(folder_kd("again", "cache"))  # the same data a second time: read
+    assert [h["teacher/cache_hits"] for h in again] == [2, 2] and losses(again) == losses(swapped)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -94,6 +95,12 @@ def check_space(space: SweepSpace, base: dict) -> None:
                 validate_config(apply_overrides(copy.deepcopy(base), {name: value}))
             except ConfigError as err:
                 raise ConfigError(f"search space param {name}={value!r} does not make a valid run: {err}") from None
+        if param.type in ("uniform", "loguniform"):  # its draws between the bounds are fractions
+            try:
+                validate_config(apply_overrides(copy.deepcopy(base), {name: math.nextafter(param.low, param.high)}))
+            except ConfigError:
+                raise ConfigError(f"search space param {name}: {param.type} draws fractions, but {name} takes whole "
+                                  "numbers; search it with randint, choice or grid") from None
 
 
 def tune_domain(param: Param):

@@ -29,7 +29,7 @@ from typing import Iterator
 import yaml
 
 from ray_kd import run_folder, tracking
-from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, load_config, shown_uri
+from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, load_config, shown_config, shown_uri, validate_config
 from ray_kd.errors import UserError
 from ray_kd.evaluation import OBJECTIVE, require_val_every_epoch
 from ray_kd.replicas import world_size
@@ -144,7 +144,7 @@ def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, 
     sweep_dir = parent_cfg.run_dir
     try:
         mlflow.log_text(parent_id, yaml.safe_dump(space.model_dump(), sort_keys=False), "space.yaml")
-        print(f"sweep {parent_cfg.name}: folder {sweep_dir}, MLflow parent run {parent_id} in {uri}", flush=True)
+        print(f"sweep {parent_cfg.name}: folder {sweep_dir}, MLflow parent run {parent_id} in {shown_uri(uri)}", flush=True)
         with _stop_on_signal() as caught:
             if cfg.teacher is not None and cfg.teacher.cache is not None:
                 _fill_teacher_cache(cfg)
@@ -181,7 +181,7 @@ def _fill_teacher_cache(cfg: RunConfig) -> None:
     from ray_kd.ray_executor import use_gpu, worker_user_error
 
     task = ray.remote(num_cpus=cfg.runtime.cpus_per_worker, num_gpus=1 if use_gpu(cfg) else 0)(fill_teacher_cache)
-    print(f"teacher.cache {cfg.teacher.cache}: the teacher's outputs for every step, before the trials", flush=True)
+    print(f"teacher.cache {shown_uri(cfg.teacher.cache)}: the teacher's outputs for every step, before the trials", flush=True)
     try:
         totals = ray.get(task.remote(cfg.with_absolute_paths(), None, False))
     except ray.exceptions.RayTaskError as err:
@@ -362,7 +362,7 @@ def _report(cfg: RunConfig, space: SweepSpace, rows: list[dict], sweep_dir: Path
     if not scored:
         raise SweepError(f"no trial of the sweep finished; see {table} and {sweep_dir / 'tune'} for their errors")
     best = max(scored, key=lambda r: r["best_val_acc"])
-    best_tree = apply_overrides(cfg.model_dump(), {k: best[k] for k in space.params})
+    best_tree = apply_overrides(shown_config(cfg), {k: best[k] for k in space.params})  # no credentials in a file
     best_tree["name"] = f"{cfg.name}-best"
     best_file = sweep_dir / "best_config.yaml"
     best_file.write_text(yaml.safe_dump(best_tree, sort_keys=False))

@@ -61,7 +61,7 @@ class Step:
 class MethodParams(BaseModel):
     """Hyper-parameters of a method; each method subclasses this with its own fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # temperature=inf is an error, not a NaN run
 
 
 class RoleModule(nn.Module):

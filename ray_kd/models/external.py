@@ -56,6 +56,9 @@ def check_name(name: str) -> None:
         _builder(name)
     elif not FACTORY_NAME.fullmatch(name):
         raise ValueError(f"unknown model {name!r}: name torchvision:<name>, timm:<name> or package.module:factory")
+    elif kind == "builtins":
+        raise ValueError(f"model {name!r}: builtins holds Python's own functions, not a model factory; name "
+                         "package.module:factory")
     else:
         check_allowed(kind, f"model {name!r}")
 
@@ -129,7 +132,7 @@ def _call_factory(name: str, factory: Callable[..., nn.Module], num_classes: int
             kwargs[arg] = in_channels
     try:
         model = factory(**kwargs)
-    except Exception as err:  # the factory is the user's code: its failure is theirs to see, in one line
+    except (Exception, SystemExit) as err:  # the factory is the user's code: its failure is theirs to see, in one line
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
         raise ValueError(f"model {name!r}: its factory raised {type(err).__name__}: {first}") from None
     if not isinstance(model, nn.Module):
