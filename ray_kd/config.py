@@ -248,7 +248,7 @@ class RuntimeConfig(Strict):
 class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, else sqlite:///mlflow.db")
     experiment: str = "ray-kd"
-    log_every_steps: int = Field(50, ge=0, description="step-level loss/lr/throughput to MLflow this often; 0: off")
+    log_every_steps: int = Field(50, ge=0, description="step-level loss terms and lr to MLflow this often; 0: off")
     register_model: str | None = Field(None, description="register the best student under this name in the model registry")
     system_metrics_interval: float = Field(10.0, ge=0, description="seconds between CPU/memory/GPU samples of "
                                            "each worker, logged to the run; 0 turns them off")

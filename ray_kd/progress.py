@@ -6,9 +6,10 @@ it scores its roles after an epoch:
 
 - every `tracking.log_every_steps` global steps it gathers each role's loss terms
   and lr (one small collective on the Ray executor) and the lead rank logs them to
-  MLflow at step = global step, under names of their own (`<role>/step_loss_<term>`,
-  `<role>/step_lr`, `progress/*`) so they never collide with the per-epoch
-  metrics, which are logged at step = epoch;
+  MLflow at step = global step, as `<role>/steps/loss_<term>` and `<role>/steps/lr`:
+  a chart section of their own, after the role's per-epoch curves (logged at
+  step = epoch). Where the run is (epoch, step, ETA, images/s) is for the
+  console only: in MLflow it would only be charts of counters;
 - it hands each step's `StepStatus` and each scoring batch's `ScoringStatus` to its
   display: where this process owns the console (the single-process executor) a
   `ProgressDisplay` (a tqdm bar on a terminal, else a plain line every
@@ -29,7 +30,7 @@ from typing import TextIO
 
 from ray_kd.stopping import held
 
-_STEP = "progress/"
+_STEPS = "/steps/"
 
 
 @dataclass
@@ -46,12 +47,11 @@ class StepStatus:
     lrs: dict[str, float] = field(default_factory=dict)  # role -> lr of this step
 
     def metrics(self) -> dict[str, float]:
-        """The MLflow form (logged at step = global step)."""
-        out = {f"{_STEP}epoch": self.epoch, f"{_STEP}step": self.step, f"{_STEP}steps": self.steps,
-               f"{_STEP}samples_per_s": self.samples_per_s, f"{_STEP}eta_s": self.eta_s}
+        """The MLflow form (logged at step = global step): each role's loss terms and lr."""
+        out = {}
         for role, terms in self.losses.items():
-            out.update({f"{role}/step_loss_{term}": v for term, v in terms.items()})
-        out.update({f"{role}/step_lr": lr for role, lr in self.lrs.items()})
+            out.update({f"{role}{_STEPS}loss_{term}": v for term, v in terms.items()})
+        out.update({f"{role}{_STEPS}lr": lr for role, lr in self.lrs.items()})
         return {k: float(v) for k, v in out.items()}
 
     def details(self) -> str:
@@ -170,15 +170,21 @@ class StepMetricLogger:
 
     def __init__(self, client, run_id: str):
         self.client, self.run_id = client, run_id
-        self.logged_up_to = max((int(m.step) for m in client.get_metric_history(run_id, f"{_STEP}step")), default=0)
+        self.logged_up_to: int | None = None  # read from the run's first step curve, once there is one
 
     def log(self, global_step: int, status: StepStatus) -> None:
         from mlflow.entities import Metric
 
+        values = status.metrics()
+        if not values:
+            return
+        if self.logged_up_to is None:  # every logged step holds every training role's curves: one tells
+            history = self.client.get_metric_history(self.run_id, min(values))
+            self.logged_up_to = max((int(m.step) for m in history), default=0)
         if global_step <= self.logged_up_to:
             return
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, global_step) for k, v in status.metrics().items()]
+        metrics = [Metric(k, v, now, global_step) for k, v in values.items()]
         with held():
             for i in range(0, len(metrics), 200):
                 self.client.log_batch(self.run_id, metrics=metrics[i:i + 200])

@@ -129,7 +129,18 @@ def to_markdown(table, experiment: str) -> str:
 
 
 def plot(table, path: Path) -> Path:
-    """Left: each group's test top-1 at best val (mean ± std); right: its paired gain over the student alone."""
+    """report.png: the `figure`."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(table)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def figure(table):
+    """Left: each group's test top-1 at best val (mean ± std), right: its paired gain over the student alone; points
+    with error bars on axes that span the data (bars from 0 would make groups a point apart look alike)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,21 +152,20 @@ def plot(table, path: Path) -> Path:
     y = list(range(len(rows)))
     fig, (acc, gain) = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * len(rows)), sharey=True,
                                     gridspec_kw={"width_ratios": [3, 2]})
-    acc.barh(y, [r["test_acc_at_best_val_mean"] for r in rows], xerr=[0 if math.isnan(r["test_acc_at_best_val_std"])
-             else r["test_acc_at_best_val_std"] for r in rows], color="C0", alpha=0.8, capsize=3)
+    acc.errorbar([r["test_acc_at_best_val_mean"] for r in rows], y, fmt="o", color="C0", capsize=3,
+                 xerr=[0 if math.isnan(r["test_acc_at_best_val_std"]) else r["test_acc_at_best_val_std"] for r in rows])
     acc.set(yticks=y, yticklabels=labels, xlabel="test top-1 at best val (%)", title="accuracy, mean ± std over seeds")
-    acc.invert_yaxis()
-    gains = [r["gain_vs_alone_mean"] if r["gain_vs_alone_n"] else 0.0 for r in rows]
-    errs = [0 if math.isnan(r["gain_vs_alone_std"]) else r["gain_vs_alone_std"] for r in rows]
-    gain.barh(y, gains, xerr=errs, color=["C2" if g >= 0 else "C3" for g in gains], alpha=0.8, capsize=3)
-    gain.axvline(0, color="k", linewidth=0.8)
+    acc.set_ylim(len(rows) - 0.5, -0.5)  # the first group on top
+    paired = [r for r in rows if r["gain_vs_alone_n"]]
+    gain.errorbar([r["gain_vs_alone_mean"] for r in paired], [y[rows.index(r)] for r in paired], fmt="o",
+                  color="C2", capsize=3,
+                  xerr=[0 if math.isnan(r["gain_vs_alone_std"]) else r["gain_vs_alone_std"] for r in paired])
+    gain.axvline(0, color="k", linewidth=0.8)  # the student alone: the reference a gain is read against
     gain.set(xlabel="gain vs student alone (points, paired)", title="paired gain over the student alone")
     for ax in (acc, gain):
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _log(mlflow, experiment_id: str, files: dict[str, Path], markdown: str, table, n_runs: int) -> str:

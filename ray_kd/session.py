@@ -20,7 +20,6 @@ from ray_kd.config import ConfigError, RunConfig
 from ray_kd.data import BatchChecksum, Dataset, epoch_steps, seeded_batches
 from ray_kd.datasets import load_dataset
 from ray_kd.evaluation import OBJECTIVE, SPLITS, Evaluator
-from ray_kd.methods import Role
 from ray_kd.progress import StepMonitor
 from ray_kd.replicas import Mesh, synchronise_batchnorm
 from ray_kd.roles import RoleRunner, all_roles

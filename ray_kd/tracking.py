@@ -67,7 +67,9 @@ def check_reachable(uri: str) -> None:
 
 RUN_KINDS = ("teacher", "baseline", "distillation", "sweep", "sweep_trial", "report")
 FINAL_METRICS = ("best_epoch", "val_acc_at_best", "test_acc_at_best_val", "last_test_acc")
-"""Per role (`<role>/<metric>`) and, unprefixed, for the best student (the one whose weights are saved)."""
+"""Per role (`<role>/final/<metric>`: a chart section after the role's curves) and, unprefixed, for the best
+student (the one whose weights are saved). Logged once at step 0, which MLflow's UI draws as a bar (a metric
+whose latest step is 1 or more is drawn as a line: a lone dot)."""
 THROUGHPUT = ("samples_per_s", "compute_ms", "exchange_ms", "wait_ms", "allreduce_ms", "eval_s",
               "images_scored_waiting", "steps_ahead", "cache_hits", "cache_misses", "cache_corrupt")
 STOPPED_TAG = "ray_kd.stopped"
@@ -126,7 +128,8 @@ def run_tags(cfg: RunConfig, kind: str) -> dict[str, str]:
 
 
 def describe(cfg: RunConfig, kind: str, summary: dict | None = None) -> str:
-    """The run's one-line markdown description: what it is, and its result once it has one."""
+    """The run's one-line markdown description: what it is, and its result once it has one (the best student's
+    figures, then each other role's test top-1 at its best-val epoch: the final metrics, in words)."""
     students = ", ".join(s.model for s in cfg.students)
     what = (f"**{kind}** `{cfg.method.name}`: {cfg.teacher.model + ' → ' if cfg.teacher else ''}{students} "
             f"on {cfg.data.dataset}, seed {cfg.seed}")
@@ -137,12 +140,19 @@ def describe(cfg: RunConfig, kind: str, summary: dict | None = None) -> str:
         figure, aside = f"val top-1 **{h['val_acc_at_best']:.2f}**", "test not scored there"
     else:
         figure, aside = f"test top-1 **{h['test_acc_at_best_val']:.2f}**", f"val {h['val_acc_at_best']:.2f}"
+    others = "".join(f"; {role} test {scores['test_acc_at_best_val']:.2f}"
+                     for role, scores in summary["roles"].items()
+                     if role != summary["best_student"] and scores["test_acc_at_best_val"] is not None)
     return (f"{what}: {summary['best_student']} {figure} at its best-val epoch {h['best_epoch']} of "
-            f"{summary['epochs']} ({aside}; last epoch test {h['last_test_acc']:.2f})")
+            f"{summary['epochs']} ({aside}; last epoch test {h['last_test_acc']:.2f}){others}")
 
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-"""The tag that makes MLflow 3's UI open an experiment on its training runs rather than its GenAI view."""
+"""The experiment tag saying it holds model training, which MLflow 3.0-3.x UIs before the GenAI/Model training
+switch read. MLflow 3.17's UI ignores it: its view is the `workflowType` URL parameter (TRAINING_VIEW), else the
+switch last chosen in that browser, else GenAI."""
+TRAINING_VIEW = "workflowType=machine_learning"
+"""The URL parameter that opens MLflow 3.17's UI in its Model training view (runs, models; not traces)."""
 
 
 def training_experiment(mlflow, name: str, uri: str) -> str:
@@ -285,13 +295,13 @@ def latest_epoch(mlflow, run_id: str) -> tuple[int, dict[str, float]]:
 
 
 def log_final(mlflow, run_id: str, summary: dict, model_id: str | None, dataset: tuple[str, str] | None) -> None:
-    """The final metrics, once, from the summary: per role, and unprefixed for the best student, those
+    """The final metrics, once (step 0), from the summary: per role, and unprefixed for the best student, those
     also attached to its logged model (and to the dataset it was evaluated on)."""
     from mlflow.entities import Metric
 
-    now, step = int(time.time() * 1000), summary["epochs"]
+    now, step = int(time.time() * 1000), 0
     name, digest = dataset or (None, None)
-    metrics = [Metric(metric_key(f"{role}/{k}"), float(scores[k]), now, step)
+    metrics = [Metric(metric_key(f"{role}/final/{k}"), float(scores[k]), now, step)
                for role, scores in summary["roles"].items() for k in FINAL_METRICS
                if scores[k] is not None]  # None: test not scored at the best epoch (eval.splits)
     if summary.get("headline"):
@@ -349,10 +359,13 @@ def system_metrics(uri: str | None, run_id: str | None, node_id: str, interval: 
 
 
 def ui_hint(uri: str, run_id: str) -> str:
-    """Where to look at a run: its page in the UI (MLflow 3 opens an experiment in its GenAI view; this
-    link goes straight to the run), and how to start a UI on loopback for a local store."""
+    """Where to look at a run: its page in the UI's Model training view (TRAINING_VIEW; without it MLflow 3.17
+    opens in its GenAI view), its experiment's runs, and for a local store how to start a UI on loopback."""
     experiment = client(uri).get_run(run_id).info.experiment_id
-    if uri.startswith(("http://", "https://")):
-        return f"the run in MLflow: {shown_uri(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
-    return (f"the run in MLflow: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}\n"
-            f"  (start the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)")
+    local = not uri.startswith(("http://", "https://"))
+    base = "http://127.0.0.1:5000" if local else shown_uri(uri).rstrip("/")
+    lines = [f"the run in MLflow: {base}/#/experiments/{experiment}/runs/{run_id}?{TRAINING_VIEW}",
+             f"  its experiment: {base}/#/experiments/{experiment}/runs?{TRAINING_VIEW}"]
+    if local:
+        lines.append(f"  (start the UI with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)")
+    return "\n".join(lines)

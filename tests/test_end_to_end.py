@@ -37,7 +37,7 @@ def test_dml_run_lands_in_mlflow_and_resumes(ray_cluster, mlflow_uri, tmp_path):
     steps = [m.step for m in mlflow.get_metric_history(run.info.run_id, "student_0/val_acc")]
     assert steps == [1, 2, 3]
     # Step metrics (every tracking.log_every_steps=50 of the 21 steps per epoch): rank 0 logs every role's.
-    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "student_1/step_loss_total")] == [50]
+    assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "student_1/steps/loss_total")] == [50]
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):

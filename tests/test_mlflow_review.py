@@ -53,10 +53,11 @@ def test_final_metrics_match_the_saved_model_and_summary(store):
     headline = summary["headline"]
     saved = torch.load(root / "runs" / "kd-s0" / "best_student.pt", weights_only=True)
     assert saved["best_epoch"] == headline["best_epoch"] == metrics["best_epoch"]
-    for name in FINAL_METRICS:
+    for name in FINAL_METRICS:  # once each (step 0: a bar in the UI, not a one-dot line), after the curves
         assert metrics[name] == pytest.approx(headline[name]), name
+        assert [m.step for m in mlflow.get_metric_history(run.info.run_id, name)] == [0], name
         for role, scores in summary["roles"].items():
-            assert metrics[f"{role}/{name}"] == pytest.approx(scores[name]), (role, name)
+            assert metrics[f"{role}/final/{name}"] == pytest.approx(scores[name]), (role, name)
     # The chosen epoch's curve values are the headline: the saved weights come from that epoch.
     test_curve = {m.step: m.value for m in mlflow.get_metric_history(run.info.run_id, "student_0/test_acc")}
     assert test_curve[headline["best_epoch"]] == pytest.approx(headline["test_acc_at_best_val"])
@@ -86,7 +87,10 @@ def test_final_metrics_match_the_saved_model_and_summary(store):
 
     # Curves: clear names, no epoch metric, the frozen teacher's accuracy once (final), throughput apart.
     assert "epoch" not in metrics and "best_student_test_acc" not in metrics
-    assert "teacher/val_acc" not in metrics and "teacher/test_acc_at_best_val" in metrics
+    assert "teacher/val_acc" not in metrics and "teacher/final/test_acc_at_best_val" in metrics
+    # The description states the final figures: the best student's, then the teacher's.
+    teacher_test = summary["roles"]["teacher"]["test_acc_at_best_val"]
+    assert run.data.tags["mlflow.note.content"].endswith(f"; teacher test {teacher_test:.2f}")
     assert {"throughput/student_0/samples_per_s", "student_0/loss_kd", "student_0/val_acc"} <= set(metrics)
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "student_0/val_acc")] == [1, 2, 3]
 
@@ -180,6 +184,15 @@ def test_report_over_two_methods_and_two_seeds(store, tmp_path, capsys):
     assert math.isnan(rows["ce"]["gain_vs_alone_mean"])
     for name in ("report.md", "report.csv", "report.png"):
         assert (out / name).stat().st_size > 0
+    # report.png's accuracy axis spans the data (points ± std), not 0 to 100.
+    import pandas as pd
+
+    from ray_kd.reporting import figure
+
+    low, high = figure(pd.DataFrame(result["rows"])).axes[0].get_xlim()
+    ends = [r["test_acc_at_best_val_mean"] + sign * r["test_acc_at_best_val_std"] for r in result["rows"]
+            for sign in (-1, 1)]
+    assert min(ends) - 0.1 * (max(ends) - min(ends)) <= low <= min(ends) and max(ends) <= high, (low, high, ends)
     assert f"{statistics.mean(gains):+.2f}" in (out / "report.md").read_text()
 
     mlflow = client(store["uri"])
@@ -197,7 +210,8 @@ def test_report_over_two_methods_and_two_seeds(store, tmp_path, capsys):
     newest = mlflow.search_runs([run.info.experiment_id], "tags.ray_kd.run_kind = 'report'",
                                 order_by=["attributes.start_time DESC"])[0]
     assert "| kd | digits_cnn_l | digits_cnn_s |" in printed
-    assert f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{newest.info.run_id}" in printed
+    link = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{newest.info.run_id}"
+    assert f"{link}?workflowType=machine_learning\n" in printed  # MLflow 3.17's Model training view
     assert f"mlflow ui --backend-store-uri {store['uri']} --host 127.0.0.1 --port 5000" in printed
 
 

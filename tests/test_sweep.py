@@ -148,3 +148,53 @@ def test_there_is_a_space_for_every_method():
     built_in = {name for name, origin, _ in list_methods() if origin == "built-in" and not name.startswith("+")}
     shipped = {p.stem for p in Path("tuning/spaces").glob("*.yaml")}
     assert built_in and built_in | {"kd_skd"} <= shipped  # plugins loaded by other tests bring their own
+
+
+def test_a_sweep_speaks_once_and_its_best_config_repeats_its_trial(ray_cluster, mlflow_uri, tmp_path, capfd):
+    """Tune's tables are off: a line per trial as it ends and a closing line, all with the best that results.csv
+    marks and best_config.yaml holds; `train` of that file gives the trial's per-epoch validation numbers."""
+    from ray_kd.checkpoint import read_history
+    from ray_kd.run import train
+
+    space = SweepSpace.model_validate({"searcher": "grid", "scheduler": {"type": "none"},
+                                       "params": {"optim.lr": {"type": "grid", "values": [0.01, 0.05, 0.2]}}})
+    cfg = load_config("configs/digits_dml.yaml", [f"output_dir={tmp_path}", "name=once", "optim.epochs=2",
+                                                  "optim.milestones=[1]", "optim.steps_per_epoch=5",
+                                                  "runtime.executor=local"])  # trials run on Ray all the same
+    capfd.readouterr()
+    best = sweep(cfg, space)
+    out = capfd.readouterr().out
+    lines = out.strip().splitlines()
+    assert not [t for t in ("Trial status", "Current best trial", "╭", "+---") if t in out], out
+    folder = tmp_path / "once-sweep"
+    rows = {r["trial_id"]: r for r in csv.DictReader((folder / "results.csv").open())}
+    said = {line.split()[1]: line for line in lines if line.startswith("trial ")}
+    assert said.keys() == rows.keys() and len(lines) <= len(rows) + 5, out  # + opening, closing and link lines
+    for trial_id, row in rows.items():
+        assert said[trial_id].startswith(f"trial {trial_id} ok (2 of 2 epochs): val {float(row['best_val_acc']):.2f} "
+                                         f"at epoch {row['best_epoch']} (test "), said[trial_id]
+    (marked,) = [r for r in rows.values() if r["best"] == "yes"]
+    assert marked["trial_id"] == best["trial_id"]
+    assert float(marked["best_val_acc"]) == max(float(r["best_val_acc"]) for r in rows.values())
+    (closing,) = [line for line in lines if line.startswith("best trial ")]
+    assert closing.startswith(f"best trial {best['trial_id']} of 3: val {best['best_val_acc']:.2f} at epoch "), closing
+    assert "?workflowType=machine_learning" in lines[lines.index(closing) + 1]  # the parent run's link
+
+    best_file = folder / "best_config.yaml"
+    assert best_file.read_text().startswith(f"# The best trial of sweep once-sweep (results.csv marks it): "
+                                            f"{best['trial_id']}, ok, 2 of 2 epochs")
+    best_cfg = load_config(best_file)
+    assert best_cfg.runtime.executor == "ray" and best_cfg.optim.lr == float(marked["optim.lr"])
+    again = train(best_cfg)
+    trial_run = folder / "trials" / f"once-{best['trial_id']}" / "checkpoints" / "epoch_0002"
+    keys = ("student_0/val_acc", "student_1/val_acc")
+    trial = [[e[k] for k in keys] for e in read_history(trial_run)]
+    repeat = [[e[k] for k in keys] for e in read_history(best_cfg.run_dir / "checkpoints" / "epoch_0002")]
+    assert repeat == trial and again["headline"]["val_acc_at_best"] == best["best_val_acc"]
+
+
+def test_a_bad_tune_verbosity_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAY_KD_TUNE_VERBOSE", "loud")
+    space = SweepSpace.model_validate({"searcher": "grid", "params": {"optim.lr": {"type": "grid", "values": [0.1]}}})
+    with pytest.raises(ConfigError, match=r"^config error: RAY_KD_TUNE_VERBOSE='loud': use 0"):
+        sweep(load_config("configs/digits_dml.yaml", [f"output_dir={tmp_path}"]), space)

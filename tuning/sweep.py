@@ -29,7 +29,7 @@ from typing import Iterator
 import yaml
 
 from ray_kd import run_folder, tracking
-from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, load_config, shown_config, shown_uri, validate_config
+from ray_kd.config import ConfigError, RunConfig, apply_overrides, flatten, load_config, shown_config, shown_uri
 from ray_kd.errors import UserError
 from ray_kd.evaluation import OBJECTIVE, require_val_every_epoch
 from ray_kd.replicas import world_size
@@ -37,12 +37,10 @@ from ray_kd.roles import all_roles
 from ray_kd.run_storage import RunFolderError, RunStorage
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
 from ray_kd.tracking import STOPPED_TAG
+from tuning.outcome import SCORED, best_trial, figures, finished_status, reason, trial_figures, tune_verbosity
 from tuning.space import SweepSpace, check_space, tune_domain
 
-TEST_METRIC = "best_student_test_acc"
 TRIAL_DRIVER_CPU = 0.01
-SCORED = ("ok", "stopped early")
-"""Trial statuses that are final: what the best config is chosen from. The others: error, unfinished."""
 
 
 class SweepError(UserError, RuntimeError):
@@ -60,9 +58,8 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
     from ray_kd.run import train
 
     trial_id = tune.get_context().get_trial_id()
-    tree = apply_overrides(copy.deepcopy(base), params)  # typed values, never through YAML strings
-    tree.update(name=f"{base['name']}-{trial_id}", output_dir=str(Path(sweep_dir) / "trials"),
-                runtime={**tree["runtime"], "executor": "ray"})
+    tree = trial_spec(base, params)
+    tree.update(name=f"{base['name']}-{trial_id}", output_dir=str(Path(sweep_dir) / "trials"))
     cfg = load_config(tree)  # a name the sweep chose: a trial is never moved to another folder
 
     def report_but_last(record: dict) -> None:
@@ -73,12 +70,21 @@ def run_trial(params: dict, base: dict, sweep_dir: str, uri: str, parent_run_id:
     tune.report(RunStorage.of(cfg).checkpoints().latest_history()[-1])
 
 
+def trial_spec(base: dict, params: dict) -> dict:
+    """What a trial runs: the sweep's run spec (paths absolute) with the trial's values, typed (never through
+    YAML strings), on the Ray executor (a trial is always a Ray run); best_config.yaml is the best one's."""
+    tree = apply_overrides(copy.deepcopy(base), params)
+    tree["runtime"]["executor"] = "ray"
+    return tree
+
+
 def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
     """Run (or resume) the sweep named `<cfg.name>-sweep`; returns the best trial's row. `restart` discards
     an earlier sweep of that name (its trials, Tune state and results) first."""
     from ray_kd.ray_executor import check_fits, connect, use_gpu
 
     require_val_every_epoch(cfg)
+    tune_verbosity()  # a bad RAY_KD_TUNE_VERBOSE: one line before anything starts
     if cfg.remote_output:
         raise ConfigError(f"config error: a sweep keeps its trials and Tune's state under output_dir, which must be a "
                           f"local path or file:// URI (on a cluster, a folder every node sees), not "
@@ -148,11 +154,12 @@ def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, 
         with _stop_on_signal() as caught:
             if cfg.teacher is not None and cfg.teacher.cache is not None:
                 _fill_teacher_cache(cfg)
-            _tuner(cfg, space, sweep_dir, uri, parent_id).fit()
+            with _env("RAY_AIR_NEW_OUTPUT", "0" if tune_verbosity() == 0 else None):  # its engine at verbose 0
+                _tuner(cfg, space, sweep_dir, uri, parent_id).fit()  # still prints a header and a table
         rows = _rows(cfg, space, sweep_dir)
         _close_children(mlflow, parent_id, {f"{cfg.name}-{r['trial_id']}": r for r in rows})
         if not caught:
-            return _report(cfg, space, rows, sweep_dir, mlflow, parent_id)
+            return _report(cfg, space, rows, sweep_dir, uri, parent_id)
         mlflow.log_artifact(parent_id, str(_write_table(rows, space, sweep_dir)))
         done = f"{sum(r['status'] in SCORED for r in rows)} of {len(rows)} trials done"
         _end_note(mlflow, mlflow.get_run(parent_id), f"stopped with {done}; the same command resumes it")
@@ -167,7 +174,7 @@ def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, 
     except RunStopped:
         raise
     except BaseException as err:
-        _end_note(mlflow, mlflow.get_run(parent_id), f"failed: {_reason(err)}")
+        _end_note(mlflow, mlflow.get_run(parent_id), f"failed: {reason(err)}")
         mlflow.set_terminated(parent_id, "FAILED")
         raise
 
@@ -196,6 +203,8 @@ def _tuner(cfg: RunConfig, space: SweepSpace, sweep_dir: Path, uri: str, parent_
     """A new Tuner, or the one saved in the sweep folder (resuming the trials that did not finish)."""
     from ray import tune
 
+    from tuning.trial_lines import TrialLines
+
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg.with_absolute_paths().model_dump(), sweep_dir=str(sweep_dir), uri=uri,
                              parent_run_id=parent_id),
@@ -207,7 +216,8 @@ def _tuner(cfg: RunConfig, space: SweepSpace, sweep_dir: Path, uri: str, parent_
         return tune.Tuner.restore(str(path), trainable, resume_errored=False)
     return tune.Tuner(trainable, param_space={k: tune_domain(p) for k, p in space.params.items()},
                       tune_config=_tune_config(cfg, space),
-                      run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                      run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=tune_verbosity(),
+                                                callbacks=[TrialLines(list(space.params), cfg.optim.epochs)],
                                                 failure_config=tune.FailureConfig(max_failures=0)))
 
 
@@ -270,19 +280,29 @@ def _stop_on_signal() -> Iterator[list[int]]:
         caught.append(signum)
         tune_stop(signum, frame)
 
-    env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        yield caught
+        with _env("TUNE_DISABLE_SIGINT_HANDLER", "1"):
+            yield caught
     finally:
         for s, handler in saved.items():
             signal.signal(s, handler)
-        if env is None:
-            del os.environ["TUNE_DISABLE_SIGINT_HANDLER"]
+
+
+@contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Environment variable `name` set to `value` (None: as it is) for the block, then as it was."""
+    before = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
         else:
-            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = env
+            os.environ[name] = before
 
 
 def _rows(cfg: RunConfig, space: SweepSpace, sweep_dir: Path) -> list[dict]:
@@ -298,25 +318,15 @@ def _rows(cfg: RunConfig, space: SweepSpace, sweep_dir: Path) -> list[dict]:
         row = {"trial_id": trial.trial_id, **{k: trial.config.get(k) for k in space.params}}
         frame = result.metrics_dataframe
         if frame is not None and OBJECTIVE in frame:
-            frame = frame.drop_duplicates("epoch", keep="last")  # a resumed trial reports its epochs again
-            best = frame.loc[frame[OBJECTIVE].idxmax()]
-            row.update(epochs=len(frame), best_val_acc=float(best[OBJECTIVE]),
-                       test_acc_at_best_val=float(best[TEST_METRIC]))
+            row.update(trial_figures(frame.to_dict("records")))
         if trial.status == Trial.ERROR:
-            row.update(status="error", reason=_reason(result.error))
+            row.update(status="error", reason=reason(result.error))
         elif trial.status != Trial.TERMINATED:
             row["status"] = "unfinished"
         else:
-            row["status"] = "ok" if row.get("epochs", 0) >= cfg.optim.epochs else "stopped early"
+            row["status"] = finished_status(row.get("epochs", 0), cfg.optim.epochs)
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial_id"])
-
-
-def _reason(error: BaseException | None) -> str:
-    """A failed trial's error in one line: the trial's own exception, not Ray's wrapping and traceback."""
-    cause = getattr(error, "cause", None) or error
-    lines = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"[:500]
 
 
 def _close_children(mlflow, parent_id: str, rows: dict[str, dict]) -> None:
@@ -345,27 +355,28 @@ def _end_note(mlflow, run, outcome: str) -> None:
 
 
 def _write_table(rows: list[dict], space: SweepSpace, sweep_dir: Path) -> Path:
-    columns = ["trial_id", *space.params, "status", "epochs", "best_val_acc", "test_acc_at_best_val"]
+    """results.csv: a row per trial, the best one (`tuning.outcome.best_trial`) marked."""
+    columns = ["trial_id", *space.params, "status", "epochs", "best_epoch", "best_val_acc", "test_acc_at_best_val",
+               "best"]
+    best = best_trial(rows)
     table = sweep_dir / "results.csv"
     with table.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="", extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "best": "yes" if r is best else ""} for r in rows)
     return table
 
 
-def _report(cfg: RunConfig, space: SweepSpace, rows: list[dict], sweep_dir: Path, mlflow, parent_id: str) -> dict:
+def _report(cfg: RunConfig, space: SweepSpace, rows: list[dict], sweep_dir: Path, uri: str, parent_id: str) -> dict:
     """results.csv, objective-vs-parameter plots, best_config.yaml (from the trials that ended: ok or stopped
     early); all on the parent run, which ends FINISHED."""
+    mlflow = tracking.client(uri)
     table = _write_table(rows, space, sweep_dir)
-    scored = [r for r in rows if r["status"] in SCORED and "best_val_acc" in r]
-    if not scored:
+    best = best_trial(rows)
+    if best is None:
         raise SweepError(f"no trial of the sweep finished; see {table} and {sweep_dir / 'tune'} for their errors")
-    best = max(scored, key=lambda r: r["best_val_acc"])
-    best_tree = apply_overrides(shown_config(cfg), {k: best[k] for k in space.params})  # no credentials in a file
-    best_tree["name"] = f"{cfg.name}-best"
-    best_file = sweep_dir / "best_config.yaml"
-    best_file.write_text(yaml.safe_dump(best_tree, sort_keys=False))
+    scored = [r for r in rows if r["status"] in SCORED and "best_val_acc" in r]
+    best_file = _write_best_config(cfg, space, best, sweep_dir)
     plot = _plot(scored, list(space.params), sweep_dir / "objective.png")
 
     for path in (table, best_file, plot):
@@ -375,11 +386,30 @@ def _report(cfg: RunConfig, space: SweepSpace, rows: list[dict], sweep_dir: Path
     mlflow.set_tag(parent_id, "best_trial", str(best["trial_id"]))
     for k in space.params:
         mlflow.set_tag(parent_id, f"best.{k}", str(best[k]))
-    figures = f"val {best['best_val_acc']:.2f} (test {best['test_acc_at_best_val']:.2f})"
-    _end_note(mlflow, mlflow.get_run(parent_id), f"best of {len(scored)} trials: {best['trial_id']}, {figures}")
+    _end_note(mlflow, mlflow.get_run(parent_id), f"best of {len(scored)} trials: {best['trial_id']}, {figures(best)}")
     mlflow.set_terminated(parent_id, "FINISHED")
-    print(f"best trial {best['trial_id']}: {figures}; config {best_file}; table {table}", flush=True)
+    print(f"best trial {best['trial_id']} of {len(rows)}: {figures(best)}; config {best_file}; table {table}\n"
+          f"{tracking.ui_hint(uri, parent_id)}", flush=True)
     return best
+
+
+def _write_best_config(cfg: RunConfig, space: SweepSpace, best: dict, sweep_dir: Path) -> Path:
+    """best_config.yaml: the best trial's own run spec (`trial_spec`), under the name `<name>-best` in the sweep's
+    output_dir, headed by what it reproduces of the trial and what it cannot."""
+    absolute = cfg.with_absolute_paths()  # no credentials in a file: shown_config strips them from every URI
+    tree = trial_spec(shown_config(absolute), {k: best[k] for k in space.params})
+    tree.update(name=f"{cfg.name}-best", output_dir=shown_uri(absolute.output_dir))
+    threads = tree["runtime"]["threads_per_worker"]
+    head = [f"The best trial of sweep {cfg.name}-sweep (results.csv marks it): {best['trial_id']}, {best['status']}, "
+            f"{best['epochs']} of {cfg.optim.epochs} epochs, best student {figures(best)}.",
+            f"`ray-kd train -c` this file repeats that trial's run: the same per-epoch validation numbers on the Ray "
+            f"executor with runtime.threads_per_worker={threads}, as the trial ran (the same torch build and CPU kind)."]
+    if best["status"] != "ok":
+        head.append(f"The scheduler stopped that trial after epoch {best['epochs']}: this file trains all "
+                    f"{cfg.optim.epochs} epochs, and its first {best['epochs']} are the trial's.")
+    path = sweep_dir / "best_config.yaml"
+    path.write_text("".join(f"# {line}\n" for line in head) + yaml.safe_dump(tree, sort_keys=False))
+    return path
 
 
 def _plot(rows: list[dict], params: list[str], path: Path) -> Path:
