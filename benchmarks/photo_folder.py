@@ -6,7 +6,10 @@ run crops them to. The streaming path (`data.mode: stream`) reads it as is; the 
 Used by `configs/folder_kd_torchvision_timm.yaml` (the CPU example) and `benchmarks/streaming.py`.
 
     .venv/bin/python benchmarks/photo_folder.py --out data/cifar10-photos [--train-per-class 200]
-        [--test-per-class 100] [--min-px 24] [--max-px 96]
+        [--test-per-class 100] [--min-px 24] [--max-px 96] [--source ARCHIVE_OR_FOLDER]
+
+`--source` is any ImageFolder tree (`train/<class>/*`, `test/<class>/*`) or a .tar.gz of one; by default the
+CIFAR-10 JPEG archive beside this repository. Without it the script says so in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -54,8 +57,14 @@ def main() -> None:
     parser.add_argument("--min-px", type=int, default=24)
     parser.add_argument("--max-px", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", type=Path, default=ARCHIVE,
+                        help="an ImageFolder tree or a .tar.gz of one (default: the shared CIFAR-10 JPEG archive)")
     args = parser.parse_args()
-    out = make_photo_folder(args.out, args.train_per_class, args.test_per_class, args.min_px, args.max_px, args.seed)
+    if not args.source.exists():
+        parser.exit(2, f"photo_folder.py: error: {args.source} not found (the CIFAR-10 JPEG archive this script "
+                       "samples); pass --source with any ImageFolder tree or a .tar.gz of one\n")
+    out = make_photo_folder(args.out, args.train_per_class, args.test_per_class, args.min_px, args.max_px, args.seed,
+                            source=args.source)
     print(f"{out}: {sum(1 for _ in out.rglob('*.jpg'))} images, {args.min_px}-{args.max_px} px a side")
 
 

@@ -36,3 +36,31 @@ def test_readme_own_folder_flow_on_ray_in_stream_mode(tmp_path):
     summary = json.loads((tmp_path / "runs" / "folder-kd-torchvision-timm" / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["best_student_model"] == "timm:mobilenetv3_small_050"
     assert set(summary["roles"]) == {"teacher", "student_0"}
+
+
+def test_photo_folder_without_its_archive_says_so_in_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "photo_folder.py"), "--out", "photos",
+                           "--source", str(tmp_path / "cifar10-jpeg.tar.gz")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"photo_folder.py: error: {tmp_path / 'cifar10-jpeg.tar.gz'} not found (the "
+                                        "CIFAR-10 JPEG archive this script samples); pass --source with any "
+                                        "ImageFolder tree or a .tar.gz of one"]
+    assert not (tmp_path / "photos").exists()
+
+
+def test_photo_folder_from_any_image_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (tmp_path / "src" / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (40, 30), (100 * i, 50, 0)).save(tmp_path / "src" / split / c / f"{i}.jpg")
+    _run([sys.executable, str(REPO / "benchmarks" / "photo_folder.py"), "--out", "photos", "--source", "src",
+          "--train-per-class", "2", "--test-per-class", "1", "--min-px", "24", "--max-px", "48"], tmp_path)
+    made = sorted(p.relative_to(tmp_path / "photos").as_posix() for p in (tmp_path / "photos").rglob("*.jpg"))
+    assert made == ["test/cat/0.jpg", "test/dog/0.jpg", "train/cat/0.jpg", "train/cat/1.jpg", "train/dog/0.jpg",
+                    "train/dog/1.jpg"]
+    with Image.open(tmp_path / "photos" / "train" / "cat" / "1.jpg") as img:
+        assert all(24 <= side <= 48 for side in img.size)

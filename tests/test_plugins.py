@@ -98,11 +98,13 @@ def test_overrides_keep_their_types():
         load_config(None, ["tracking.experiment=1.0"])  # as a YAML scalar it is a float
 
 
-def test_the_readme_api_example_uses_the_api():
+def test_the_readme_api_examples_use_the_api():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = readme.split("## Python API", 1)[1].split("```python", 1)[1].split("```", 1)[0]
-    compile(block, "README", "exec")
-    used = {word.split("(")[0].removeprefix("ray_kd.") for word in block.split() if word.startswith("ray_kd.")}
+    blocks = [part.split("```", 1)[0] for part in readme.split("```python")[1:]]  # Python API's, and Sweeps'
+    for block in blocks:
+        compile(block, "README", "exec")
+    used = {word.split("(")[0].removeprefix("ray_kd.") for block in blocks for word in block.split()
+            if word.startswith("ray_kd.")}
     assert {"train", "train_teacher", "tune", "load_config"} <= used
     assert all(hasattr(ray_kd, name) for name in used), used
 
