@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["optim.epochs=3", "optim.milestones=[2]", "optim.steps_per_epoch=4", "tracking.log_every_steps=2",
+TINY = ["optim.epochs=3", "optim.milestones=[2]", "tracking.log_every_steps=4",
         "tracking.system_metrics_interval=0"]
 RUN_NAME, SWEEP_NAME = "kd-digits", "lr-digits"
 GENAI_ONLY = ("Evaluation runs", "Agent versions")
