@@ -233,9 +233,28 @@ class TrackingConfig(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; MLFLOW_TRACKING_URI wins, else sqlite:///mlflow.db")
     experiment: str = "ray-kd"
     log_every_steps: int = Field(50, ge=0, description="step-level loss/lr/throughput to MLflow this often; 0: off")
-    register_model: str | None = Field(None, description="register the best student under this name in the model registry")
+    register_model: str | None = Field(None, description="register the best student under this name in the model "
+                                       "registry (no '/' or ':')")
+    register_alias: str = Field("candidate", description="the registry alias set on the newly registered version "
+                                "(letters, digits, _ and -; not 'latest' or v<N>)")
     system_metrics_interval: float = Field(10.0, ge=0, description="seconds between CPU/memory/GPU samples of "
                                            "each worker, logged to the run; 0 turns them off")
+
+    @field_validator("register_model")
+    @classmethod
+    def _registry_name(cls, name: str | None) -> str | None:
+        if name is not None and (not name.strip() or "/" in name or ":" in name):
+            raise ValueError(f"tracking.register_model={name!r}: a registered model name is not empty and holds "
+                             "no '/' or ':'")
+        return name
+
+    @field_validator("register_alias")
+    @classmethod
+    def _registry_alias(cls, alias: str) -> str:
+        if not re.fullmatch(r"[\w-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ValueError(f"tracking.register_alias={alias!r}: an alias is 1-255 letters, digits, _ or -, and "
+                             "not 'latest' or v<number> (MLflow reserves them)")
+        return alias
 
 
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(//)?")
