@@ -8,6 +8,10 @@ through the PyTorch model, and at least MIN_AGREEMENT of the top-1 predictions m
 
 from __future__ import annotations
 
+import io
+import logging
+import warnings
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import torch
@@ -40,11 +44,10 @@ def export(source: str | Path, fmt: str, out: str | Path | None = None, say=prin
     out = Path(out) if out is not None else path.with_name(path.stem + FORMATS[fmt])
     example = torch.zeros(EXAMPLE_BATCH, model.in_channels, *model.image_size, dtype=torch.uint8)
     try:
-        atomic_write(out, lambda tmp: _WRITERS[fmt](model, example, tmp))
-        run = _RUNNERS[fmt](out)
-        run(example[:1])  # a batch other than the traced one: the batch axis is dynamic
-    except ExportError:
-        raise
+        with _quiet_torch():
+            atomic_write(out, lambda tmp: _WRITERS[fmt](model, example, tmp))
+            run = _RUNNERS[fmt](out)
+            run(example[:1])  # a batch other than the traced one: the batch axis is dynamic
     except Exception as err:  # each exporter has its own ways to fail; the reason is its first line
         raise ExportError(f"{blob['model']} cannot be exported to {fmt}: {type(err).__name__}: "
                           f"{first_line(err)[:300]}") from None
@@ -73,19 +76,37 @@ def _agreement(model, run, blob: dict) -> tuple[float, int]:
     return same / max(total, 1), total
 
 
+@contextmanager
+def _quiet_torch():
+    """The exporters' progress and warning logs off, and what they print to stderr (torch.export prints the
+    partial graph of a failure) dropped: a failure is said in one line instead. Log levels restored after."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith(("torch.", "onnxscript"))]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(), redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def _dynamic_batch():
     return {"images": {0: torch.export.Dim("batch", min=1, max=1 << 16)}}
 
 
-def _write_onnx(model, example, path: Path) -> None:
-    import logging
-    import warnings
+def _captured(model, example):
+    """The model as torch.export captures it, with a dynamic batch axis (what the ONNX and pt2 files hold)."""
+    return torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch())
 
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamic_shapes=_dynamic_batch(), dynamo=True, external_data=False, verbose=False)
+
+def _write_onnx(model, example, path: Path) -> None:
+    program = torch.onnx.export(_captured(model, example), input_names=["images"], output_names=["logits"],
+                                dynamo=True, verbose=False, report=False)
+    path.write_bytes(program.model_proto.SerializeToString())
 
 
 def _write_torchscript(model, example, path: Path) -> None:
@@ -94,10 +115,8 @@ def _write_torchscript(model, example, path: Path) -> None:
 
 
 def _write_pt2(model, example, path: Path) -> None:
-    import io
-
     buffer = io.BytesIO()  # torch.export.save wants a name ending in .pt2; the temporary file's does not
-    torch.export.save(torch.export.export(model, (example,), dynamic_shapes=_dynamic_batch()), buffer)
+    torch.export.save(_captured(model, example), buffer)
     path.write_bytes(buffer.getvalue())
 
 
@@ -110,11 +129,7 @@ def _run_onnx(path: Path):
 
 
 def _run_torchscript(path: Path):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated in favour of pt2: both offered
-        return torch.jit.load(str(path)).eval()
+    return torch.jit.load(str(path)).eval()
 
 
 def _run_pt2(path: Path):
