@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--experiment", "-e", default="ray-kd", help="MLflow experiment (default: ray-kd)")
     report.add_argument("--out", default="runs/report", help="folder for report.md/.csv/.png (default: runs/report)")
     report.add_argument("--tracking-uri", help="MLflow store; MLFLOW_TRACKING_URI wins, else sqlite:///mlflow.db")
+    export = sub.add_parser("export", help="write a run's student (raw images in) as ONNX, TorchScript or pt2, "
+                                           "checked against PyTorch on the run's test split")
+    export.add_argument("source", help="a run folder or its best_student.pt")
+    export.add_argument("--format", "-f", choices=["onnx", "torchscript", "pt2"], default="onnx")
+    export.add_argument("--out", "-o", help="the file to write (default: beside the checkpoint)")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods")
     return parser
@@ -88,6 +93,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ray_kd.reporting import report
 
         report(args.experiment, args.out, args.tracking_uri)
+        return 0
+    if args.command == "export":
+        from ray_kd.export import export
+
+        export(args.source, args.format, args.out)
         return 0
     from ray_kd import api
 

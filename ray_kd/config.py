@@ -250,6 +250,8 @@ class TrackingConfig(Strict):
     experiment: str = "ray-kd"
     log_every_steps: int = Field(50, ge=0, description="step-level loss terms and lr to MLflow this often; 0: off")
     register_model: str | None = Field(None, description="register the best student under this name in the model registry")
+    register_alias: str = Field("candidate", description="the registry alias set on the newly registered version "
+                                "(letters, digits, _ and -; not 'latest' or v<N>)")
     system_metrics_interval: float = Field(10.0, ge=0, description="seconds between CPU/memory/GPU samples of "
                                            "each worker, logged to the run; 0 turns them off")
 
@@ -266,6 +268,14 @@ class TrackingConfig(Strict):
             except MlflowException as err:
                 raise ValueError(err.message.splitlines()[0]) from None
         return name
+
+    @field_validator("register_alias")
+    @classmethod
+    def _registry_alias(cls, alias: str) -> str:
+        if not re.fullmatch(r"[\w-]{1,255}", alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias):
+            raise ValueError(f"tracking.register_alias={alias!r}: an alias is 1-255 letters, digits, _ or -, and "
+                             "not 'latest' or v<number> (MLflow reserves them)")
+        return alias
 
 
 URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):(//)?")

@@ -475,6 +475,16 @@ def eval_batches(split, dataset, batch_size: int = 512) -> Iterator[tuple[torch.
         yield dataset.normalize(split.images[start:start + batch_size]), split.labels[start:start + batch_size]
 
 
+def raw_eval_batches(split, dataset, batch_size: int = 512) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`eval_batches` before normalisation: uint8 images as the data source yields them, what the shipped model
+    (`ray_kd.deliverable`) takes."""
+    if not isinstance(dataset, Dataset):
+        yield from dataset.raw_eval_batches(split, batch_size)
+        return
+    for start in range(0, len(split.labels), batch_size):
+        yield split.images[start:start + batch_size], split.labels[start:start + batch_size]
+
+
 class BatchChecksum:
     """A running crc32 of the batches a role drew (`data.checksum`): equal on every role only if every role
     saw the same pixels and labels in the same order. Costs one pass over each batch's bytes."""

@@ -11,11 +11,14 @@ from typing import Callable
 
 import torch
 
+from ray_kd.card import log_card, run_card
 from ray_kd.checkpoint import atomic_save, safe_load, save_model_file
 from ray_kd.config import ConfigError, RunConfig, shown_uri
-from ray_kd.data import Dataset, epoch_steps, eval_batches
+from ray_kd.data import Dataset, epoch_steps, raw_eval_batches
 from ray_kd.datasets import load_dataset
+from ray_kd.deliverable import load_student, shipped_meta
 from ray_kd.errors import UserError
+from ray_kd.model_registry import label_version
 from ray_kd.preflight import check_folders, check_out_file, check_roles, check_sqlite_store
 from ray_kd.results import headline_line, plot_curves, summarize
 from ray_kd.run_storage import RunStorage, read_history
@@ -246,15 +249,16 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float,
         if best["epoch"] != summary["headline"]["best_epoch"]:  # the session and the summary choose alike
             raise RuntimeError(f"{role}: saved weights from epoch {best['epoch']} but the history's best "
                                f"validation epoch is {summary['headline']['best_epoch']}")
-        arch = cfg.students[int(role.split("_")[1])].model
+        index = int(role.split("_")[1])
+        arch = cfg.students[index].model
         path = run.best_student_file
         save_model_file(path, arch, data.num_classes, data.in_channels, best["state_dict"],
-                        role=summary["best_student"], **summary["headline"])
+                        role=summary["best_student"], **summary["headline"], **shipped_meta(cfg, data, index))
         mlflow.log_artifact(run_id, str(path))
+        student = load_student(path)
+        summary["card"] = run_card(cfg, data, student, summary)
         model_name = re.sub(r"[/:.%\"']", "-", f"{summary['best_student']}-{arch}")  # MLflow's allowed characters
-        model_id = _log_pytorch_model(uri, run_id, model_name, arch, data,
-                                      best["state_dict"], summary["epochs"], cfg.tracking.register_model,
-                                      cfg.students[int(role.split("_")[1])].model_options)
+        model_id = _log_pytorch_model(uri, run_id, model_name, arch, student, data, summary, cfg)
         summary.update(best_student_file=str(path), best_student_model=arch, mlflow_model_id=model_id)
     tracking.log_final(mlflow, run_id, summary, model_id, dataset)
     students = ", ".join(s.model for s in cfg.students)
@@ -265,19 +269,23 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float,
     path = run.write_summary(summary)
     if not trial:
         mlflow.log_artifact(run_id, str(path))
-    mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, kind, summary))
+    card_text = f"\n\n{summary['card']['line']}" if summary.get("card") else ""
+    if card_text:
+        log_card(mlflow, run_id, summary["card"])
+    mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, kind, summary) + card_text)
     mlflow.set_terminated(run_id, "FINISHED")
     headline = headline_line(summary)
     if headline:
-        print(headline, flush=True)
+        print(headline + card_text.replace("\n\n", "\n"), flush=True)
     print(f"summary: {path}\n{tracking.ui_hint(uri, run_id)}", flush=True)
     return summary
 
 
-def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_dict: dict, step: int,
-                       register_as: str | None, options: dict | None = None) -> str:
-    """The best student as an MLflow model named `<role>-<arch>`, an output of the run, so the UI shows it
-    and `mlflow.pytorch.load_model` gets it; registered under `register_as` when given. Returns its id.
+def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, model, data, summary: dict,
+                       cfg: RunConfig) -> str:
+    """The best student as shipped (raw images in, `ray_kd.deliverable`) as an MLflow model named
+    `<role>-<arch>`, an output of the run, so the UI shows it and `mlflow.pytorch.load_model` gets it;
+    registered under `tracking.register_model` when set, with its alias and tags. Returns its id.
 
     The model is created first and logged outside any active run: logged inside one, MLflow would copy
     every run metric at the model's step (system metrics, the last epoch's curves) onto the model."""
@@ -289,25 +297,23 @@ def _log_pytorch_model(uri: str, run_id: str, name: str, arch: str, data, state_
 
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)  # its warning on pickle: said in the README
 
-    from ray_kd.models import create_model
-
-    model = create_model(arch, data.num_classes, data.in_channels, **(options or {}))
-    model.load_state_dict(state_dict)
-    model.logits_only = True
     mlflow.set_tracking_uri(uri)
     client = tracking.client(uri)
     run = client.get_run(run_id)
-    params = {**run.data.params, "architecture": arch, "num_classes": str(data.num_classes),
-              "in_channels": str(data.in_channels)}
+    params = {**run.data.params, "architecture": arch, "num_classes": str(data.num_classes), "in_channels": str(data.in_channels), "input": model.describe()}
     logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id, params=params)
-    example = next(eval_batches(data.val, data))[0][:2]
+    example = next(raw_eval_batches(data.val, data, batch_size=2))[0].numpy()
     with torch.no_grad():
-        signature = mlflow.models.infer_signature(example.numpy(), model.eval()(example).numpy())
+        signature = mlflow.models.infer_signature(example, model(torch.from_numpy(example)).numpy())
     # Pickled (not torch.export's pt2): `mlflow.pytorch.load_model` gives back this nn.Module, `.eval()` and
-    # `best_student.pt`'s keys included; its classes travel with it as code (`code_paths`).
-    mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, input_example=example, signature=signature,
-                             serialization_format="pickle", code_paths=[str(Path(__file__).parent)],
-                             pip_requirements=["torch", "torchvision"] + (["timm"] if arch.startswith("timm:") else []),
-                             registered_model_name=register_as)
-    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    # its `transform()` included; its classes travel with it as code (`code_paths`).
+    info = mlflow.pytorch.log_model(model, name=name, model_id=logged.model_id, input_example=example,
+                                    signature=signature, serialization_format="pickle",
+                                    code_paths=[str(Path(__file__).parent)],
+                                    pip_requirements=["torch", "torchvision"] + (["timm"] if arch.startswith("timm:")
+                                                                                 else []),
+                                    registered_model_name=cfg.tracking.register_model)
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=summary["epochs"])])
+    if cfg.tracking.register_model:
+        label_version(client, cfg, summary, info.registered_model_version)
     return logged.model_id

@@ -28,6 +28,8 @@ from ray_kd.data import (DataError, digest, epoch_order, epoch_steps, imagefolde
                          normalization, normalize, train_val_indices)
 
 DEFAULT_IMAGE_SIZE = 224
+CROP_FRACTION = 0.875
+"""Evaluation resizes the shorter side to image_size / CROP_FRACTION, then crops the centre image_size square."""
 STATS_SAMPLE = 1000
 """Training images (a fixed sample) that `data.normalize=dataset` measures its mean/std on."""
 
@@ -80,8 +82,7 @@ class StreamDataset(torch.utils.data.Dataset):
         self.mean = self.std = None  # set by load_stream; None while measuring them
         self.augmenting = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(image_size, antialias=True),
                                       v2.RandomHorizontalFlip()])
-        self.evaluating = v2.Compose([v2.PILToTensor(), v2.Resize(int(image_size / 0.875), antialias=True),
-                                      v2.CenterCrop(image_size)])
+        self.evaluating = eval_transform(image_size)
         if not augment:
             self.augmenting = self.evaluating
         self._plans = {"train": _Plan(), "eval": _Plan()}
@@ -108,13 +109,13 @@ class StreamDataset(torch.utils.data.Dataset):
             torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
             return self.augmenting(img), int(part.labels[index])
 
-    def _collate(self, samples: list) -> tuple[torch.Tensor, torch.Tensor] | Unreadable:
+    def _collate(self, samples: list, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor] | Unreadable:
         bad = next((s for s in samples if isinstance(s, Unreadable)), None)
         if bad is not None:
             return bad
         images = torch.stack([image for image, _ in samples])
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-        return (images if self.mean is None else normalize(images, self.mean, self.std)), labels
+        return (images if self.mean is None or not normalized else normalize(images, self.mean, self.std)), labels
 
     # --- in the role's process ----------------------------------------------
     def train_batches(self, batch_size: int, seed: int, epoch: int, max_steps: int | None = None,
@@ -131,6 +132,17 @@ class StreamDataset(torch.utils.data.Dataset):
         n, b = len(split.labels), self.batch_size
         return self._run("eval", [[(split.name, i, 0, 0, False) for i in range(start, min(start + b, n))]
                                   for start in range(0, n, b)])
+
+    def raw_eval_batches(self, split: StreamSplit, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """`split` as the eval transform crops it, uint8 and not normalised (what a shipped model takes), decoded
+        in this process."""
+        n = len(split.labels)
+        for start in range(0, n, batch_size):
+            batch = self._collate([self[(split.name, i, 0, 0, False)] for i in range(start, min(start + batch_size, n))],
+                                  normalized=False)
+            if isinstance(batch, Unreadable):
+                raise DataError(f"{batch.path}: unreadable image ({batch.reason}); remove or replace the file")
+            yield batch
 
     def _run(self, kind: str, batches: list[list[Key]], loader: DataLoader | None = None):
         self._plans[kind].batches = batches
@@ -156,6 +168,19 @@ class StreamDataset(torch.utils.data.Dataset):
         batches = [[("train", int(i), 0, 0, False) for i in sample[s:s + self.batch_size]]
                    for s in range(0, len(sample), self.batch_size)]
         return torch.cat([x for x, _ in self._run("eval", batches, self._make_loader("eval", persistent=False))])
+
+
+def eval_resize(image_size: int) -> int:
+    """The shorter side evaluation resizes an image to before its centre crop of `image_size`."""
+    return int(image_size / CROP_FRACTION)
+
+
+def eval_transform(image_size: int):
+    """PIL image -> uint8 C x H x W tensor as evaluation reads it: resize, centre crop (no normalisation)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.PILToTensor(), v2.Resize(eval_resize(image_size), antialias=True),
+                       v2.CenterCrop(image_size)])
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

@@ -70,20 +70,24 @@ def test_final_metrics_match_the_saved_model_and_summary(store):
     assert model.params["architecture"] == "digits_cnn_s"
     assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
-    # What a user loads is the student as an nn.Module: eval() works, logits out, best_student.pt's keys.
+    # What a user loads is the student as an nn.Module taking raw images: eval() works, logits out, its network
+    # holds best_student.pt's weights and the run's normalisation is inside.
     import mlflow as mlflow_module
     from mlflow import pytorch as mlflow_pytorch
 
+    from ray_kd.data import normalize
     from ray_kd.models import create_model
 
     mlflow_module.set_tracking_uri(store["uri"])
     loaded = mlflow_pytorch.load_model(f"models:/{model.model_id}").eval()
-    assert isinstance(loaded, torch.nn.Module) and set(loaded.state_dict()) == set(saved["state_dict"])
+    assert isinstance(loaded, torch.nn.Module) and set(loaded.net.state_dict()) == set(saved["state_dict"])
     reference = create_model("digits_cnn_s", 10, 1)
     reference.load_state_dict(saved["state_dict"])
-    images = torch.randn(3, 1, 8, 8)
+    images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
+    prep = saved["preprocessing"]
     with torch.no_grad():
-        assert torch.allclose(loaded(images), reference.eval()(images)[0])
+        expected = reference.eval()(normalize(images, torch.tensor(prep["mean"]), torch.tensor(prep["std"])))[0]
+        assert torch.allclose(loaded(images), expected, atol=1e-6)
 
     # Curves: clear names, no epoch metric, the frozen teacher's accuracy once (final), throughput apart.
     assert "epoch" not in metrics and "best_student_test_acc" not in metrics
