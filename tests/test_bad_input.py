@@ -1,6 +1,9 @@
 """Bad input: one line naming the problem and the fix, exit code 2, and nothing trained or lost."""
 
 import pytest
+import hashlib
+import json
+
 import torch
 
 from ray_kd.checkpoint import save_model_file
@@ -136,6 +139,9 @@ def test_nan_loss_names_role_step_and_term(files, capsys, mlflow_uri):
     state["net"] = {k: v * 1e30 if v.is_floating_point() else v for k, v in state["net"].items()}
     torch.save(state, kept / "student_0.pt")
     written = (kept / "student_0.pt").read_bytes()
+    manifest = json.loads((kept / "manifest.json").read_text())  # sealed again: weights a run could have saved
+    manifest["student_0.pt"] = [len(written), hashlib.sha256(written).hexdigest()]
+    (kept / "manifest.json").write_text(json.dumps(manifest))
     assert main(["train", f"output_dir={out}", "runtime.executor=local", "optim.epochs=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "loss term" in err and ("is nan at step" in err or "is inf at step" in err), err

@@ -49,10 +49,12 @@ def test_a_ray_run_prints_each_epoch_once_with_its_own_numbers(tmp_path):
 
     summary = json.loads((run_dir / "summary.json").read_text())
     h = summary["headline"]
-    assert lines[-4:-2] == [
+    best = next(i for i, line in enumerate(lines) if line.startswith("best: "))
+    assert lines[best] == (
         f"best: {summary['best_student']} at epoch {h['best_epoch']} of 2, val top-1 {h['val_acc_at_best']:.2f}, test "
-        f"top-1 {h['test_acc_at_best_val']:.2f} (last epoch: {h['last_val_acc']:.2f} / {h['last_test_acc']:.2f})",
-        f"summary: {run_dir / 'summary.json'}"], proc.stdout
+        f"top-1 {h['test_acc_at_best_val']:.2f} (last epoch: {h['last_val_acc']:.2f} / {h['last_test_acc']:.2f})"), proc.stdout
+    assert lines[best + 1:best + 3] == [summary["card"]["line"], f"summary: {run_dir / 'summary.json'}"], proc.stdout
+    assert lines[best + 3].startswith("the run in MLflow: http://127.0.0.1:5000/#/experiments/"), proc.stdout
 
 
 def test_a_resumed_ray_run_prints_only_its_new_epochs_and_a_trial_nothing(ray_cluster, tmp_path, capsys):

@@ -153,7 +153,7 @@ def test_there_is_a_space_for_every_method():
 def test_a_sweep_speaks_once_and_its_best_config_repeats_its_trial(ray_cluster, mlflow_uri, tmp_path, capfd):
     """Tune's tables are off: a line per trial as it ends and a closing line, all with the best that results.csv
     marks and best_config.yaml holds; `train` of that file gives the trial's per-epoch validation numbers."""
-    from ray_kd.checkpoint import read_history
+    from ray_kd.run_storage import read_history
     from ray_kd.run import train
 
     space = SweepSpace.model_validate({"searcher": "grid", "scheduler": {"type": "none"},
