@@ -1,9 +1,9 @@
 """Bad input: one line naming the problem and the fix, exit code 2, and nothing trained or lost."""
 
-import pytest
 import hashlib
 import json
 
+import pytest
 import torch
 
 from ray_kd.checkpoint import save_model_file
