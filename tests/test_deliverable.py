@@ -14,7 +14,7 @@ from ray_kd.card import THROUGHPUT_BATCH, make_card
 from ray_kd.checkpoint import CheckpointError, save_model_file
 from ray_kd.cli import main
 from ray_kd.config import load_config
-from ray_kd.data import load_dataset
+from ray_kd.datasets import load_dataset
 from ray_kd.models import create_model
 from ray_kd.run import train
 from ray_kd.tracking import client
