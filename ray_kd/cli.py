@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", help="MLflow store; MLFLOW_TRACKING_URI wins, else sqlite:///mlflow.db")
     export = sub.add_parser("export", help="write a run's student (raw images in) as ONNX, TorchScript or pt2, "
                                            "checked against PyTorch on the run's test split")
-    export.add_argument("source", help="a run folder or its best_student.pt")
+    export.add_argument("source", help="a run folder, or the best student file in it")
     export.add_argument("--format", "-f", choices=["onnx", "torchscript", "pt2"], default="onnx")
     export.add_argument("--out", "-o", help="the file to write (default: beside the checkpoint)")
     sub.add_parser("models", help="list the registered models")

@@ -65,7 +65,8 @@ def export(source: str | Path, fmt: str, out: str | Path | None = None, say=prin
 def _agreement(model, run, blob: dict) -> tuple[float, int]:
     """The share of the run's test images on which `run` (the exported file) and the model agree on top-1."""
     from ray_kd.config import DataConfig
-    from ray_kd.data import load_dataset, raw_eval_batches
+    from ray_kd.data import raw_eval_batches
+    from ray_kd.datasets import load_dataset
 
     data = load_dataset(DataConfig(**blob["data"]))
     same = total = 0

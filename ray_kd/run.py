@@ -269,14 +269,15 @@ def finish(cfg: RunConfig, checkpoint: Path, uri: str, run_id: str, wall: float,
     path = run.write_summary(summary)
     if not trial:
         mlflow.log_artifact(run_id, str(path))
-    card_text = f"\n\n{summary['card']['line']}" if summary.get("card") else ""
-    if card_text:
+    card = summary["card"]["line"] if summary.get("card") else None
+    if card:
         log_card(mlflow, run_id, summary["card"])
-    mlflow.set_tag(run_id, "mlflow.note.content", tracking.describe(cfg, kind, summary) + card_text)
+    description = tracking.describe(cfg, kind, summary)  # one line: the card follows the result on it
+    mlflow.set_tag(run_id, "mlflow.note.content", f"{description}; {card}" if card else description)
     mlflow.set_terminated(run_id, "FINISHED")
     headline = headline_line(summary)
     if headline:
-        print(headline + card_text.replace("\n\n", "\n"), flush=True)
+        print(headline + (f"\n{card}" if card else ""), flush=True)
     print(f"summary: {path}\n{tracking.ui_hint(uri, run_id)}", flush=True)
     return summary
 

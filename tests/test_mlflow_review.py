@@ -94,7 +94,8 @@ def test_final_metrics_match_the_saved_model_and_summary(store):
     assert "teacher/val_acc" not in metrics and "teacher/final/test_acc_at_best_val" in metrics
     # The description states the final figures: the best student's, then the teacher's.
     teacher_test = summary["roles"]["teacher"]["test_acc_at_best_val"]
-    assert run.data.tags["mlflow.note.content"].endswith(f"; teacher test {teacher_test:.2f}")
+    note = run.data.tags["mlflow.note.content"]
+    assert f"; teacher test {teacher_test:.2f}; card: student " in note and note.endswith(summary["card"]["line"])
     assert {"throughput/student_0/samples_per_s", "student_0/loss_kd", "student_0/val_acc"} <= set(metrics)
     assert [m.step for m in mlflow.get_metric_history(run.info.run_id, "student_0/val_acc")] == [1, 2, 3]
 
