@@ -6,7 +6,8 @@ The public API (imported on first use, so `import ray_kd` stays light):
   TorchScript, pt2);
 - extension points: `Method`, `MethodParams`, `RoleModule`, `FrozenTeacher`, `Role`, `Step`,
   `register_method`, `register_wrapper`, `list_methods`; `register_model`, `create_model`,
-  `list_models`, `StagedNet` (see docs/adding-a-method.md).
+  `list_models`, `StagedNet` (see docs/adding-a-method.md); `DataSource`, `Split`, `DataError`,
+  `register_dataset`, `list_datasets` (see docs/adding-a-data-source.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ _EXPORTS = {
     "register_method": "ray_kd.methods", "register_wrapper": "ray_kd.methods", "list_methods": "ray_kd.methods",
     "register_model": "ray_kd.models", "create_model": "ray_kd.models", "list_models": "ray_kd.models",
     "StagedNet": "ray_kd.models",
+    "DataSource": "ray_kd.data_sources", "Split": "ray_kd.data_sources", "register_dataset": "ray_kd.data_sources",
+    "list_datasets": "ray_kd.data_sources", "DataError": "ray_kd.data_sources",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", "-o", help="the file to write (default: beside the checkpoint)")
     sub.add_parser("models", help="list the registered models")
     sub.add_parser("methods", help="list the distillation methods")
+    sub.add_parser("datasets", help="list the data sources (data.dataset)")
     return parser
 
 
@@ -87,6 +88,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ray_kd.methods import list_methods
 
         for name, origin, summary in list_methods():
+            print(f"{name:12s} {origin:24s} {summary}")
+        return 0
+    if args.command == "datasets":
+        from ray_kd.data_sources import list_datasets
+
+        for name, origin, summary in list_datasets():
             print(f"{name:12s} {origin:24s} {summary}")
         return 0
     if args.command == "report":

@@ -36,7 +36,8 @@ class SyntheticConfig(Strict):
 
 
 class DataConfig(Strict):
-    dataset: Literal["digits", "cifar10", "cifar100", "imagefolder", "synthetic"] = "digits"
+    dataset: str = Field("digits", description="the data source: digits, cifar10, cifar100, imagefolder, synthetic, "
+                                                "a plugin's, or package.module:Class (`ray-kd datasets` lists them)")
     root: str | None = Field(None, description="dataset root, or a .tar.gz of an ImageFolder tree")
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     download: bool = Field(False, description="let torchvision download CIFAR if the root lacks it")
@@ -62,11 +63,19 @@ class DataConfig(Strict):
     def _local_folder(cls, path: str | None, info) -> str | None:
         return None if path is None else local_storage_path(path, f"data.{info.field_name}")
 
+    @field_validator("dataset")
+    @classmethod
+    def _known_source(cls, name: str) -> str:
+        from ray_kd.data_sources import source_for
+
+        source_for(name)
+        return name
+
     @model_validator(mode="after")
-    def _mode_fits_dataset(self) -> "DataConfig":
-        if self.mode == "stream" and self.dataset != "imagefolder":
-            raise ValueError(f"data.mode=stream reads ImageFolder trees only; {self.dataset} fits in memory: "
-                             "set data.mode=memory")
+    def _settings_fit_dataset(self) -> "DataConfig":
+        from ray_kd.data_sources import source_for
+
+        source_for(self.dataset).check(self)
         if self.mode == "memory" and self.image_size is not None:
             raise ValueError("data.image_size applies to data.mode=stream only (memory mode keeps the stored "
                              "size): remove it or set data.mode=stream")
@@ -74,13 +83,6 @@ class DataConfig(Strict):
             mean, std = self.normalize
             if len(mean) != len(std) or min(std) <= 0:
                 raise ValueError("data.normalize: give [mean...], [std...] of one value per channel, every std > 0")
-        return self
-
-    @model_validator(mode="after")
-    def _root_fits_dataset(self) -> "DataConfig":
-        if self.dataset == "synthetic" and self.root is not None:
-            raise ValueError("the synthetic dataset has no root: set data.synthetic.classes / size / per_class "
-                             "(e.g. data.synthetic.size=8) and remove data.root")
         return self
 
 

@@ -6,12 +6,15 @@ same generator, so no image ever travels between workers. Small datasets are
 decoded once and cached as one tensor file. Sets larger than memory, or of mixed
 image sizes, stream from disk instead (`data.mode=stream`, `ray_kd.streaming`),
 behind the same `load_dataset` (ray_kd.datasets) / `seeded_batches` / `eval_batches`.
+
+Which data a run reads, and how each kind loads, is `ray_kd.data_sources`' (the registry of `data.dataset`);
+this module holds what they share. `cfg` here is a run's `data:` section (`ray_kd.config.DataConfig`), not
+imported: the config validates `data.dataset` through `ray_kd.data_sources`, which builds on this module.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import sys
@@ -25,9 +28,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from ray_kd import synthetic
 from ray_kd.checkpoint import atomic_save
-from ray_kd.config import DataConfig
 from ray_kd.errors import UserError
 
 
@@ -88,43 +89,7 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def load_in_memory(cfg: DataConfig) -> Dataset:
-    """Train/val/test of `cfg.dataset` in memory; val is a fixed stratified share of train (seed 0, not the run
-    seed). `ray_kd.datasets.load_dataset` picks this or streaming."""
-    loaders = {"digits": _digits, "cifar10": _cifar, "cifar100": _cifar, "imagefolder": _imagefolder,
-               "synthetic": _synthetic}
-    train, test, num_classes = loaders[cfg.dataset](cfg)
-    keep, held = train_val_indices(train.labels, cfg)
-    train, val = Split(train.images[keep], train.labels[keep]), Split(train.images[held], train.labels[held])
-    if cfg.dataset == "synthetic":  # fixed, so LW-KD scales its fresh draws exactly as the teacher was trained
-        mean, std = torch.full((synthetic.CHANNELS,), synthetic.MEAN), torch.full((synthetic.CHANNELS,), synthetic.STD)
-    else:
-        mean, std = normalization(cfg, train.images.shape[1], lambda: train.images)
-    plain = cfg.dataset in ("digits", "synthetic")  # flips and crops would change what a digit says
-    augment = cfg.augment if cfg.augment != "auto" else ("none" if plain else "crop_flip")
-    return Dataset(train, val, test, num_classes, mean, std, augment)
-
-
-def dataset_identity(cfg: DataConfig, data) -> tuple[str, str, dict[str, int], str]:
-    """(name, source, split sizes, digest) of the data a run reads: the digest covers the source, the split
-    settings and every split's labels, so images added to a class, or a class added, change it (a resume on
-    changed data is refused by the run's fingerprint; MLflow records it as the run's dataset input)."""
-    splits = {"train": data.train, "val": data.val, "test": data.test}
-    sizes = {k: len(s.labels) for k, s in splits.items()}
-    if cfg.dataset == "digits":
-        name, source = "digits", "sklearn digits"
-    elif cfg.dataset == "synthetic" or not cfg.root:
-        name, source = cfg.dataset, f"{cfg.dataset}:{cfg.root}"
-    else:
-        root = Path(cfg.root).resolve()
-        name, source = (cfg.dataset if cfg.dataset != "imagefolder" else root.name.removesuffix(".tar.gz")), str(root)
-    h = hashlib.sha256(json.dumps([name, source, cfg.val_fraction, cfg.train_subset, sizes]).encode())
-    for split in splits.values():
-        h.update(split.labels.numpy().tobytes())
-    return name, source, sizes, h.hexdigest()[:12]
-
-
-def train_val_indices(labels: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def train_val_indices(labels: torch.Tensor, cfg) -> tuple[torch.Tensor, torch.Tensor]:
     """Which of the training set's items train and which validate (`val_fraction`, then `train_subset`):
     the same indices for the in-memory and the streaming path, since both list a folder alike.
 
@@ -146,7 +111,7 @@ def train_val_indices(labels: torch.Tensor, cfg: DataConfig) -> tuple[torch.Tens
     return keep, held
 
 
-def normalization(cfg: DataConfig, channels: int,
+def normalization(cfg, channels: int,
                   training_images: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-channel mean/std `data.normalize` asks for; `training_images()` (uint8, N x C x H x W) gives
     the images to measure when it asks for the dataset's own."""
@@ -176,52 +141,16 @@ def _stratified_indices(labels: torch.Tensor, fraction: float,
     return torch.from_numpy(np.sort(keep)), torch.from_numpy(np.sort(held))
 
 
-def _stratified_split(split: Split, fraction: float) -> tuple[Split, Split]:
+def stratified_split(split: Split, fraction: float) -> tuple[Split, Split]:
     keep, held = _stratified_indices(split.labels, fraction)
     return Split(split.images[keep], split.labels[keep]), Split(split.images[held], split.labels[held])
-
-
-def _digits(cfg: DataConfig) -> tuple[Split, Split, int]:
-    """scikit-learn's 1,797 8x8 digits (ships inside the wheel): 20% stratified test split."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = torch.from_numpy((bunch.images * (255 / 16)).round().astype(np.uint8)).unsqueeze(1)
-    everything = Split(images, torch.from_numpy(bunch.target.astype(np.int64)))
-    train, test = _stratified_split(everything, 0.2)
-    return train, test, 10
-
-
-def _synthetic(cfg: DataConfig) -> tuple[Split, Split, int]:
-    """LW-KD's synthesized digit-glyph classes as `data.synthetic` describes them, rendered in memory."""
-    spec = cfg.synthetic
-    (train_x, train_y), (test_x, test_y) = synthetic.make_splits(spec.classes, spec.size, spec.per_class, spec.seed)
-    return Split(train_x, train_y), Split(test_x, test_y), spec.classes
-
-
-def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
-    import torchvision
-
-    if cfg.root is None:
-        raise DataError(f"data.root is not set: point it at a {cfg.dataset} root (torchvision layout)")
-    cls = torchvision.datasets.CIFAR10 if cfg.dataset == "cifar10" else torchvision.datasets.CIFAR100
-    splits = []
-    for train in (True, False):
-        try:
-            ds = cls(cfg.root, train=train, download=cfg.download)
-        except RuntimeError as err:
-            raise DataError(f"{cfg.dataset} not found under data.root={cfg.root!r} ({err}); "
-                            "fix the path or set data.download=true") from None
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        splits.append(Split(images, torch.tensor(ds.targets, dtype=torch.int64)))
-    return splits[0], splits[1], 10 if cfg.dataset == "cifar10" else 100
 
 
 CACHE_VERSION = 2
 """Bump when the decoded form changes: old cache files are then never read."""
 
 
-def _imagefolder(cfg: DataConfig) -> tuple[Split, Split, int]:
+def imagefolder_splits(cfg) -> tuple[Split, Split, int]:
     """`root/train/<class>/*` and `root/test/<class>/*` (a .tar.gz of that tree is unpacked first).
 
     The decoded tensors are cached under a key made of the class folders and every file's `files_identity`
@@ -302,7 +231,7 @@ def _split_files(root: Path) -> dict[str, dict[str, list[Path]]]:
     return files
 
 
-def imagefolder_root(cfg: DataConfig) -> Path:
+def imagefolder_root(cfg) -> Path:
     """The folder holding train/ and test/ for `data.root` (a .tar.gz is unpacked once into the cache)."""
     if cfg.root is None:
         raise DataError("data.root is not set: point it at a folder with train/<class>/ and test/<class>/")

@@ -6,7 +6,8 @@ ordering and normalisation)."""
 from __future__ import annotations
 
 from ray_kd.config import DataConfig
-from ray_kd.data import Dataset, load_in_memory
+from ray_kd.data import Dataset
+from ray_kd.data_sources import load_in_memory
 from ray_kd.streaming import StreamDataset, load_stream
 
 

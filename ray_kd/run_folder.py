@@ -34,7 +34,7 @@ def fingerprint(cfg: RunConfig, data=None) -> dict[str, Any]:
     loaded dataset `data` (when given) by its split sizes and a digest of its labels."""
     flat = flatten(shown_config(cfg))  # credentials in a URI are not what the run computes, nor for a file
     if data is not None:
-        from ray_kd.data import dataset_identity
+        from ray_kd.data_sources import dataset_identity
 
         _, _, sizes, digest = dataset_identity(cfg.data, data)
         flat.update({"data.split_sizes": sizes, "data.labels_digest": digest})

@@ -104,7 +104,8 @@ def _size(n: float) -> str:
 def cache_key(cfg, runner, dataset, replicas: int) -> dict:
     """Everything a frozen teacher's output for (epoch, step, replica) depends on, besides those three (as JSON
     holds it: what the folder's key.json shows is what its name digests)."""
-    from ray_kd.data import content_digest, dataset_identity
+    from ray_kd.data import content_digest
+    from ray_kd.data_sources import dataset_identity
 
     spec = cfg.teacher
     data = cfg.data.model_dump(exclude={"workers", "cache_dir", "checksum", "download", "root"})

@@ -320,7 +320,7 @@ def log_dataset(mlflow, run_id: str, data_cfg, data) -> tuple[str, str]:
     """The dataset as an MLflow input of the run: name, source, a digest of what was read, split sizes."""
     from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag
 
-    from ray_kd.data import dataset_identity
+    from ray_kd.data_sources import dataset_identity
     from ray_kd.streaming import DEFAULT_IMAGE_SIZE
 
     name, source, sizes, digest = dataset_identity(data_cfg, data)

@@ -38,7 +38,7 @@ CASES = {
     "unknown method": (["method.name=nope"], "unknown method 'nope'; choose one of"),
     "unknown wrapper": (["method.name=kd+nope"], "unknown wrapper 'nope'"),
     "unknown model": (["students.0.model=resnet9000"], "unknown model 'resnet9000'"),
-    "unknown dataset": (["data.dataset=mnist"], "config error at data.dataset: Input should be"),
+    "unknown dataset": (["data.dataset=mnist"], "config error at data.dataset: unknown data source 'mnist'; choose"),
     "unknown role section": (["tutor={{model: resnet8}}"], "config error at tutor: unknown key"),
     "temperature <= 0": (["method.temperature=0"], "method.temperature: Input should be greater than 0"),
     "negative weight": (["method.kd_weight=-1"], "method.kd_weight: Input should be greater than or equal to 0"),

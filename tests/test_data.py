@@ -1,6 +1,9 @@
-"""Datasets: fixed splits, identical seeded batches on every worker, ImageFolder archives, the real CIFAR-10 copy."""
+"""Datasets: fixed splits, identical seeded batches on every worker, ImageFolder archives, the real CIFAR-10 copy,
+a data source registered by the user."""
 
 import shutil
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -9,8 +12,10 @@ import torch
 from conftest import CIFAR_ARCHIVE
 from PIL import Image
 
-from ray_kd.config import DataConfig
+import ray_kd
+from ray_kd.config import ConfigError, DataConfig, load_config
 from ray_kd.data import DataError, seeded_batches
+from ray_kd.data_sources import SOURCES, DataSource, Split, register_dataset
 from ray_kd.datasets import load_dataset
 
 
@@ -97,3 +102,57 @@ def _tiny_archive(tmp_path, seed: int = 0):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(root, arcname="tiny")
     return archive
+
+
+class Stripes(DataSource):
+    """Two classes of 6x6 images: horizontal or vertical stripes, with noise."""
+
+    name = "stripes"
+
+    def load(self, cfg):
+        def split(n: int, seed: int) -> Split:
+            gen = torch.Generator().manual_seed(seed)
+            labels = torch.arange(n) % 2
+            stripes = (torch.arange(6) % 2 * 200).view(1, 6, 1).expand(n, 6, 6)
+            images = torch.where(labels.view(n, 1, 1) == 0, stripes, stripes.transpose(1, 2))
+            noise = torch.randint(0, 50, (n, 6, 6), generator=gen)
+            return Split((images + noise).to(torch.uint8).unsqueeze(1), labels)
+
+        if cfg.root is not None:
+            raise DataError("stripes are drawn, not read: remove data.root")
+        return split(80, 0), split(20, 1), 2
+
+
+@pytest.fixture
+def stripes():
+    register_dataset(Stripes)
+    yield
+    SOURCES.pop("stripes")
+
+
+def test_a_registered_source_trains_a_run(stripes, mlflow_uri, tmp_path):
+    data = load_dataset(load_config(None, ["data.dataset=stripes"]).data)
+    assert data.num_classes == 2 and data.augment == "crop_flip" and data.train.images.shape[1:] == (1, 6, 6)
+    assert len(data.train.labels) + len(data.val.labels) == 80 and len(data.test.labels) == 20
+    assert ("stripes", "module test_data", "Two classes of 6x6 images: horizontal or vertical stripes, with noise.") \
+        in ray_kd.list_datasets()
+    summary = ray_kd.train(None, {
+        "name": "stripes", "output_dir": str(tmp_path), "method": {"name": "ce"}, "data.dataset": "stripes",
+        "students": [{"model": "digits_cnn_s"}], "runtime.executor": "local", "optim.epochs": 2,
+        "data.batch_size": 16})
+    assert summary["epochs"] == 2 and summary["headline"]["test_acc_at_best_val"] is not None
+    with pytest.raises(DataError, match="stripes are drawn, not read"):
+        load_dataset(DataConfig(dataset="stripes", root=str(tmp_path)))
+    with pytest.raises(ConfigError, match="data.mode=stream reads ImageFolder trees only; stripes fits in memory"):
+        load_config(None, ["data.dataset=stripes", "data.mode=stream"])
+    with pytest.raises(ValueError, match="registered twice"):
+        register_dataset(type("Stripes", (DataSource,), {"name": "stripes", "__module__": "elsewhere"}))
+
+
+def test_an_unknown_source_is_one_line_naming_the_known_ones():
+    result = subprocess.run([sys.executable, "-m", "ray_kd.cli", "train", "data.dataset=mnist"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("ray-kd: error: config error at data.dataset: unknown data source 'mnist'; choose one of: "
+                             "cifar10, cifar100, digits, imagefolder, synthetic (or name a class as "
+                             "package.module:Class)\n")

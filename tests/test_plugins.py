@@ -1,5 +1,5 @@
-"""Methods and models from outside the package: a plugin installed for real (entry points) runs on Ray and in a
-sweep, a `package.module:Class` method runs, a broken plugin is one line; the Python API end to end."""
+"""Methods, models and data sources from outside the package: a plugin installed for real (entry points) runs on Ray
+and in a sweep, a `package.module:Class` method runs, a broken plugin is one line; the Python API end to end."""
 
 import json
 import os
@@ -36,24 +36,33 @@ def cli(*args, env=None):
 
 
 def test_plugins_are_listed_with_their_origin(installed_plugin):
-    methods, models = cli("methods"), cli("models")
-    assert methods.returncode == 0 and models.returncode == 0
+    methods, models, datasets = cli("methods"), cli("models"), cli("datasets")
+    assert methods.returncode == 0 and models.returncode == 0 and datasets.returncode == 0
     line = next(line for line in methods.stdout.splitlines() if line.startswith("warmup_kd"))
     assert f"plugin {installed_plugin}" in line and "Warm-up KD" in line
     assert any(line.startswith("kd ") and "built-in" in line for line in methods.stdout.splitlines())
     assert any(line.startswith("digits_mlp") and installed_plugin in line for line in models.stdout.splitlines())
     assert ray_kd.list_models("digits_*") == ["digits_cnn_l", "digits_cnn_s", "digits_mlp"]
+    line = next(line for line in datasets.stdout.splitlines() if line.startswith("inverted_digits"))
+    assert f"plugin {installed_plugin}" in line and "dark on light" in line
+    assert any(line.startswith("cifar10 ") and "built-in" in line for line in datasets.stdout.splitlines())
 
 
-def test_plugin_method_and_model_run_on_ray_through_the_api(ray_cluster, installed_plugin, digits_teacher,
-                                                            mlflow_uri, tmp_path):
+def test_plugin_method_model_and_data_run_on_ray_through_the_api(ray_cluster, installed_plugin, digits_teacher,
+                                                                 mlflow_uri, tmp_path):
+    import mlflow
+
     summary = ray_kd.train(None, {
         "name": "plugin", "output_dir": str(tmp_path), "method": {"name": "warmup_kd", "warmup_epochs": 2},
         "teacher": {"model": "digits_cnn_l", "checkpoint": digits_teacher}, "students": [{"model": "digits_mlp"}],
-        "optim.epochs": 2, "optim.steps_per_epoch": 3})
+        "data.dataset": "inverted_digits", "optim.epochs": 2, "optim.steps_per_epoch": 3})
     assert summary["epochs"] == 2 and summary["best_student"] == "student_0"
     history = json.loads(next((tmp_path / "plugin" / "checkpoints").rglob("history.json")).read_text())
     assert all(entry["student_0/loss_kd"] > 0 for entry in history)
+    run = mlflow.get_run(summary["mlflow_run_id"])
+    (dataset,) = run.inputs.dataset_inputs  # the source's own identity, recorded as the run's dataset input
+    assert dataset.dataset.name == "inverted_digits"
+    assert json.loads(dataset.dataset.source) == {"uri": "sklearn digits, inverted"}
 
 
 def test_plugin_method_in_a_sweep(ray_cluster, installed_plugin, digits_teacher, mlflow_uri, tmp_path):
@@ -109,8 +118,9 @@ def test_the_readme_api_examples_use_the_api():
     assert all(hasattr(ray_kd, name) for name in used), used
 
 
-def test_the_guide_shows_the_tested_plugin_code():
-    guide = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+@pytest.mark.parametrize("page, count", [("adding-a-method.md", 3), ("adding-a-data-source.md", 1)])
+def test_the_guide_shows_the_tested_plugin_code(page, count):
+    guide = (Path(__file__).parents[1] / "docs" / page).read_text()
     plugin = (PLUGIN / "ray_kd_example_plugin" / "__init__.py").read_text()
     blocks = [part.split("```", 1)[0] for part in guide.split("```python")[1:]]
-    assert len(blocks) == 3 and all(textwrap.dedent(b).strip() in plugin for b in blocks)
+    assert len(blocks) == count and all(textwrap.dedent(b).strip() in plugin for b in blocks)

@@ -1,13 +1,16 @@
 """Warm-up KD: Hinton's KD whose distillation weight ramps up linearly over the first epochs (as DKD's does).
 
 The example method of docs/adding-a-method.md, shipped as a plugin through the
-`ray_kd.methods` entry point; `digits_mlp` is its example `ray_kd.models` entry.
+`ray_kd.methods` entry point; `digits_mlp` is its example `ray_kd.models` entry, and `inverted_digits` the
+example `ray_kd.datasets` entry of docs/adding-a-data-source.md.
 """
 
+import numpy as np
+import torch
 from pydantic import Field
 from torch import nn
 
-from ray_kd import FrozenTeacher, Method, MethodParams, RoleModule, StagedNet
+from ray_kd import DataSource, FrozenTeacher, Method, MethodParams, RoleModule, Split, StagedNet
 from ray_kd.methods.losses import cross_entropy
 
 
@@ -48,3 +51,21 @@ class DigitsMLP(StagedNet):
 
 def digits_mlp(num_classes: int, in_channels: int = 1) -> StagedNet:
     return DigitsMLP(num_classes, in_channels)
+
+
+class InvertedDigits(DataSource):
+    """scikit-learn's 8x8 digits drawn dark on light: the last 297 images are the test split."""
+
+    name = "inverted_digits"
+    plain = True  # a flipped or shifted digit can be another digit: data.augment=auto is none
+
+    def load(self, cfg):
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        images = torch.from_numpy((255 - bunch.images * (255 / 16)).round().astype(np.uint8)).unsqueeze(1)
+        labels = torch.from_numpy(bunch.target.astype(np.int64))
+        return Split(images[:1500], labels[:1500]), Split(images[1500:], labels[1500:]), 10
+
+    def identity(self, cfg):
+        return self.name, "sklearn digits, inverted"
