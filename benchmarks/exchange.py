@@ -25,6 +25,7 @@ import torch.distributed as dist
 from common import RESULTS, machine, save
 from ray_kd.config import load_config
 from ray_kd.ray_executor import connect, run_roles
+from ray_kd.run_storage import RunStorage
 
 SHAPES = [(128, 10), (128, 100), (256, 1000)]
 
@@ -71,7 +72,7 @@ def collective(n: int, steps: int, warmup: int, tmp: Path) -> dict[str, list[flo
     cfg = load_config(None, [f"students=[{students}]", "method.name=dml",
                              f"output_dir={tmp}", f"name=exchange-{n}"])
     out = tmp / f"collective-{n}.json"
-    run_roles(cfg, collective_worker(SHAPES, steps, warmup, str(out)))
+    run_roles(cfg, RunStorage.of(cfg), collective_worker(SHAPES, steps, warmup, str(out)))
     per_rank = json.loads(out.read_text())
     return {key: [max(r[key][i] for r in per_rank) for i in range(steps)] for key in per_rank[0]}
 

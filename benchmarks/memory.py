@@ -83,6 +83,7 @@ def measure_ray(case: str, tmp: Path, steps: int, shared: bool) -> list[dict]:
     from ray_kd.datasets import load_dataset
     from ray_kd.ray_executor import connect, run_roles
     from ray_kd.roles import all_roles
+    from ray_kd.run_storage import RunStorage
 
     config, overrides = overrides_for(case, "ray", tmp, steps)
     n = len(all_roles(load_config(config, overrides)))
@@ -90,7 +91,7 @@ def measure_ray(case: str, tmp: Path, steps: int, shared: bool) -> list[dict]:
     connect(cfg)
     out = tmp / f"{case}-ranks-{shared}"
     out.mkdir()
-    run_roles(cfg, sampled_worker(str(out)), dataset=load_dataset(cfg.data) if shared else None)
+    run_roles(cfg, RunStorage.of(cfg), sampled_worker(str(out)), dataset=load_dataset(cfg.data) if shared else None)
     return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
 
 
@@ -98,8 +99,9 @@ def child(case: str, executor: str, steps: int, out: Path) -> None:
     """One measurement in this fresh process (a Ray worker's heap is not reused across measurements):
     `local` samples the single-process executor here; `shared` / `own` run the Ray workers."""
     from ray_kd.config import load_config
-    from ray_kd.local_executor import run_local
+    from ray_kd.local_executor import LocalExecutor
     from ray_kd.roles import all_roles
+    from ray_kd.run_storage import RunStorage
 
     if executor != "local":
         import ray
@@ -111,8 +113,8 @@ def child(case: str, executor: str, steps: int, out: Path) -> None:
     config, overrides = overrides_for(case, "local", out.parent, steps)
     cfg = load_config(config, overrides)
     n = len(all_roles(cfg))
-    run_local(load_config(config, overrides + ["runtime.executor=local", f"runtime.threads_per_worker={n}"]),
-              show_progress=False)
+    local = load_config(config, overrides + ["runtime.executor=local", f"runtime.threads_per_worker={n}"])
+    LocalExecutor(local).execute(RunStorage.of(local), None, show_progress=False)
     roles = " + ".join(f"{r.name} ({r.model})" for r in all_roles(cfg))
     out.write_text(json.dumps([{"role": f"all: {roles}", **sampler.finish()}]))
 

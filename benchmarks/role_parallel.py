@@ -82,11 +82,12 @@ def child(case: str, mode: str, out: Path, teacher: str, warmup: int, steps: int
         result = measure(Session(cfg, list(range(n)), LocalExchange(), torch.device("cpu")), warmup, steps)
     else:
         from ray_kd.ray_executor import connect, run_roles
+        from ray_kd.run_storage import RunStorage
 
         connect(cfg)
         workers = out.parent / "workers"
         workers.mkdir()
-        run_roles(cfg, pinned_worker(str(workers), warmup, steps))
+        run_roles(cfg, RunStorage.of(cfg), pinned_worker(str(workers), warmup, steps))
         ranks = [json.loads(p.read_text()) for p in sorted(workers.glob("rank*.json"))]
         result = {"step_s": max(r["step_s"] for r in ranks),
                   "compute_ms": {k: v for r in ranks for k, v in r["compute_ms"].items()}}

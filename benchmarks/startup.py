@@ -85,6 +85,7 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
     from ray_kd.exchange import LocalExchange
     from ray_kd.ray_executor import run_roles
     from ray_kd.run import checked_and_connected
+    from ray_kd.run_storage import RunStorage
     from ray_kd.roles import all_roles
     from ray_kd.session import Session
 
@@ -99,12 +100,13 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
     cfg = load_config(config, overrides)
     t["config"] = time.time()
     uri = tracking.tracking_uri(cfg)
-    data, executor = checked_and_connected(cfg, uri)  # as ray_kd.run.train does: the workers start meanwhile
+    data, started = checked_and_connected(cfg, uri)  # as ray_kd.run.train does: the workers start meanwhile
     t["checks"] = time.time()
-    tracking.start_or_resume(cfg, uri)
+    run = RunStorage.of(cfg)
+    tracking.start_or_resume(cfg, run, uri)
     t["mlflow"] = time.time()
     if executor == "local":
-        torch.set_num_threads(n)  # the executor takes the dataset the checks loaded (as run_local does)
+        torch.set_num_threads(n)  # the executor takes the dataset the checks loaded (as LocalExecutor does)
         t["dataset"] = time.time()
         session = Session(cfg, list(range(n)), LocalExchange(), torch.device("cpu"), dataset=data)
         t["models"] = time.time()
@@ -114,7 +116,7 @@ def child(case: str, executor: str, out: Path, teacher_file: str) -> None:
     else:
         workers = out.parent / "workers"
         workers.mkdir()
-        run_roles(cfg, timed_worker(str(workers)), dataset=data, group=executor.group)
+        run_roles(cfg, run, timed_worker(str(workers)), dataset=data, group=started.group)
         ranks = [json.loads(p.read_text()) for p in sorted(workers.glob("rank*.json"))]
         import ray
 

@@ -110,9 +110,10 @@ def child(what: str, tree: Path, mode: str, cache: Path, steps: int, out: Path) 
     sampler = Sampler()
     cfg = load_config(None, overrides(tree, mode, cache, out.parent / f"runs-{time.time_ns()}", steps))
     if what == "train":
-        from ray_kd.local_executor import run_local
+        from ray_kd.local_executor import LocalExecutor
+        from ray_kd.run_storage import RunStorage
 
-        last = run_local(cfg, show_progress=False)
+        last = LocalExecutor(cfg).execute(RunStorage.of(cfg), None, show_progress=False)
         img_s = json.loads((last / "history.json").read_text())[-1]["student_0/samples_per_s"]
     else:
         from ray_kd.data import seeded_batches

@@ -19,8 +19,9 @@ import ray
 
 from common import RESULTS, absolute_paths, machine, random_teacher, save
 from ray_kd.config import load_config
-from ray_kd.local_executor import run_local
-from ray_kd.ray_executor import connect, run_on_ray
+from ray_kd.local_executor import LocalExecutor
+from ray_kd.ray_executor import RayExecutor, connect
+from ray_kd.run_storage import RunStorage
 
 CIFAR_STEPS = ["optim.steps_per_epoch=30", "optim.epochs=3", "data.val_fraction=0.02"]
 CASES = {  # name -> (config, overrides, random teacher model); the first epoch is warm-up and not counted
@@ -40,10 +41,10 @@ def measure(case: str, executor: str, tmp: Path) -> dict:
     n = len(load_config(config, overrides).students) + (1 if teacher else 0)
     if executor == "local":
         cfg = load_config(config, [*overrides, "runtime.executor=local", f"runtime.threads_per_worker={n}"])
-        last = run_local(cfg, show_progress=False)
+        last = LocalExecutor(cfg).execute(RunStorage.of(cfg), None, show_progress=False)
     else:
         cfg = load_config(config, [*overrides, "runtime.threads_per_worker=1", f"runtime.cpus_per_worker={2 / n}"])
-        last = run_on_ray(cfg)
+        last = RayExecutor(cfg).execute(RunStorage.of(cfg), None)
     history = json.loads((last / "history.json").read_text())[1:]
     roles = sorted({k.split("/")[0] for k in history[0] if k.endswith("/compute_ms")})
     typical = lambda key: statistics.median(m[key] for m in history)  # noqa: E731

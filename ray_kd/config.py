@@ -427,16 +427,6 @@ class RunConfig(Strict):
                              f"{self.runtime.replicas} shards; raise the batch size or lower the replicas")
         return self
 
-    @property
-    def remote_output(self) -> bool:
-        """output_dir is an object store: the run folder is its local mirror (`ray_kd.storage`)."""
-        return uri_scheme(self.output_dir) is not None
-
-    @property
-    def run_dir(self) -> Path:
-        """The run's folder on this machine: under output_dir, or the local mirror of a remote one."""
-        return run_folder_path(self.output_dir, self.name)
-
     def with_absolute_paths(self) -> "RunConfig":
         """The same spec with its file paths resolved against this process's working directory.
 
@@ -451,7 +441,7 @@ class RunConfig(Strict):
                                                  else absolute(self.teacher.cache)}),
                  "students": [s.model_copy(update={"checkpoint": absolute(s.checkpoint)}) for s in self.students]}
         return self.model_copy(update={
-            "output_dir": self.output_dir if self.remote_output else absolute(self.output_dir), **roles,
+            "output_dir": self.output_dir if uri_scheme(self.output_dir) else absolute(self.output_dir), **roles,
             "data": self.data.model_copy(update={"root": absolute(self.data.root),
                                                  "cache_dir": absolute(self.data.cache_dir)})})
 

@@ -51,12 +51,6 @@ class LocalExecutor:
         """Nothing started, nothing to stop."""
 
 
-def run_local(cfg: RunConfig, sync=None, show_progress: bool = True, dataset: Dataset | None = None) -> Path:
-    """Train every role of `cfg` in this process, `sync` logging the epochs to MLflow; returns the folder of the
-    last checkpoint."""
-    return train_here(cfg, RunStorage.of(cfg), sync, show_progress, dataset)
-
-
 def train_here(cfg: RunConfig, run: RunStorage, sync=None, show_progress: bool = True,
                dataset: Dataset | None = None, on_epoch: Callable[[dict], None] | None = None) -> Path:
     device = _device(cfg)

@@ -342,10 +342,10 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
                            "set runtime.use_gpu=no, lower runtime.replicas, or add GPUs")
 
 
-def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking_uri: str | None = None,
-              run_id: str | None = None, poll: Callable[[list], None] = lambda statuses: None,
-              dataset: Dataset | None = None,
-              group: RoleGroup | None = None, run: RunStorage | None = None) -> list:
+def run_roles(cfg: RunConfig, run: RunStorage, fn: Callable[[dict, int], object] = None,
+              tracking_uri: str | None = None, run_id: str | None = None,
+              poll: Callable[[list], None] = lambda statuses: None, dataset: Dataset | None = None,
+              group: RoleGroup | None = None) -> list:
     """Every rank's `fn(config, rank)` (default: train_worker) on one worker per role, all in one process group.
 
     A worker that dies (killed, out of memory, its node lost) takes the group down and a new one starts, up to
@@ -354,9 +354,8 @@ def run_roles(cfg: RunConfig, fn: Callable[[dict, int], object] = None, tracking
     An in-memory `dataset` the driver loaded goes to the workers through the object store (`config["dataset"]`:
     one copy per node, mapped by its workers) instead of each worker loading and holding its own. A `group`
     started beforehand (`start_group`, while the driver checked) runs the first attempt. `run`: the run's storage
-    (by default the one `cfg` names), handed to every worker as `config["storage"]`."""
+    (the driver's), handed to every worker as `config["storage"]`."""
     fn = fn or train_worker
-    run = run or RunStorage.of(cfg)
     gpu = use_gpu(cfg)
     check_fits(cfg, gpu)
     backend = cfg.runtime.backend if cfg.runtime.backend != "auto" else ("nccl" if gpu else "gloo")
@@ -451,7 +450,7 @@ class RayExecutor:
         uri, run_id = mlflow_run or (None, None)
         group, self.group = self.group, None  # the workers started beforehand run the first attempt
         try:
-            run_roles(self.cfg, train_worker, uri, run_id, poll, dataset, group, run)
+            run_roles(self.cfg, run, train_worker, uri, run_id, poll, dataset, group)
         finally:
             if console is not None:
                 console.display.close()
@@ -472,15 +471,6 @@ def connect_checked(cfg: RunConfig) -> None:
     except ConnectionError as err:
         raise PreflightError(f"no Ray cluster at runtime.address={address} ({first_line(err)}); start one (`ray "
                              "start --head`) or unset runtime.address and RAY_ADDRESS to start a local one") from None
-
-
-def run_on_ray(cfg: RunConfig, tracking_uri: str | None = None, run_id: str | None = None,
-               on_epoch: Callable[[dict], None] | None = None, show_progress: bool = True,
-               dataset: Dataset | None = None) -> Path:
-    """`RayExecutor(cfg).execute` for the run `cfg` names (logging to MLflow when given a run); returns the folder
-    of the last checkpoint."""
-    return RayExecutor(cfg).execute(RunStorage.of(cfg), dataset, (tracking_uri, run_id) if run_id else None,
-                                    on_epoch, show_progress)
 
 
 def newest_history(run: RunStorage) -> list[dict] | None:
@@ -511,10 +501,10 @@ class Console:
     checkpoint holds (the epochs a resumed run starts after were shown by the start that ran them), and in
     between what the workers are doing (`group_status` of their statuses) on a `ProgressDisplay`."""
 
-    def __init__(self, cfg: RunConfig, run: RunStorage | None = None):
+    def __init__(self, cfg: RunConfig, run: RunStorage):
         self.display, self.line = ProgressDisplay(cfg.runtime.progress_every_s), progress_line(cfg.optim.epochs)
         try:  # the epochs of the checkpoint the workers resume from have their lines
-            resumed = (run or RunStorage.of(cfg)).newest_good()
+            resumed = run.newest_good()
         except CheckpointError:
             resumed = None
         self.shown = len(resumed[1]) if resumed else 0

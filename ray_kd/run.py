@@ -53,7 +53,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
             run_folder.check_store(run, uri)
             run_folder.check_fingerprint(run, now)
             resumed = run.newest_good(print)
-            run_id = tracking.start_or_resume(cfg, uri, parent_run_id, kind, run)
+            run_id = tracking.start_or_resume(cfg, run, uri, parent_run_id, kind)
             run.push()
             mlflow = tracking.client(uri)
             before = mlflow.get_run(run_id)

@@ -165,11 +165,10 @@ def training_experiment(mlflow, name: str, uri: str) -> str:
     return experiment.experiment_id
 
 
-def start_or_resume(cfg: RunConfig, uri: str, parent_run_id: str | None = None, kind: str | None = None,
-                    run: RunStorage | None = None) -> str:
+def start_or_resume(cfg: RunConfig, run: RunStorage, uri: str, parent_run_id: str | None = None,
+                    kind: str | None = None) -> str:
     """The run id kept in the run folder `run` (a resumed run continues it), or a new run with the config as
     params, its tags and description, and its teacher's lineage."""
-    run = run or RunStorage.of(cfg)
     marker = run.mlflow_run(f"run {run.name}")
     if marker is not None:
         return marker["run_id"]

@@ -1,4 +1,5 @@
-"""Run one config under both executors and check they agree (shared by every method's equivalence test)."""
+"""Run one config under both executors and check they agree (shared by every method's equivalence test); a run on
+one executor without MLflow, its folder built here as the driver builds it."""
 
 from __future__ import annotations
 
@@ -10,8 +11,19 @@ import torch
 
 from ray_kd.checkpoint import safe_load
 from ray_kd.config import load_config
-from ray_kd.local_executor import run_local
-from ray_kd.ray_executor import run_on_ray
+from ray_kd.local_executor import LocalExecutor
+from ray_kd.ray_executor import RayExecutor
+from ray_kd.run_storage import RunStorage
+
+
+def run_local(cfg, **options) -> Path:
+    """`cfg`'s run on the single-process executor (`options`: `execute`'s); returns its last checkpoint's folder."""
+    return LocalExecutor(cfg).execute(RunStorage.of(cfg), None, **options)
+
+
+def run_on_ray(cfg, **options) -> Path:
+    """`cfg`'s run on the Ray executor (`options`: `execute`'s); returns its last checkpoint's folder."""
+    return RayExecutor(cfg).execute(RunStorage.of(cfg), None, **options)
 
 
 def run_both(tmp_path: Path, overrides: list[str], epochs: int = 2, steps: int = 6) -> tuple[Path, Path]:

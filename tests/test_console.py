@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from equivalence import run_on_ray
+
 from ray_kd.run_storage import read_history
 from ray_kd.config import load_config
-from ray_kd.ray_executor import run_on_ray
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,6 +17,7 @@ from ray_kd.config import load_config
 from ray_kd.datasets import load_dataset
 from ray_kd.models import create_model
 from ray_kd.run import train
+from ray_kd.run_storage import RunStorage
 from ray_kd.tracking import client
 
 FAST = ["runtime.executor=local", "optim.epochs=3", "optim.milestones=[2]", "tracking.system_metrics_interval=0"]
@@ -33,7 +34,7 @@ def kd_run(tmp_path_factory, digits_teacher):
             "tracking.register_model=digits-student"])
         summary = train(cfg)
     data = load_dataset(cfg.data)
-    return {"uri": uri, "cfg": cfg, "summary": summary, "run_dir": cfg.run_dir, "data": data, "root": root}
+    return {"uri": uri, "cfg": cfg, "summary": summary, "run_dir": RunStorage.of(cfg).run_dir, "data": data, "root": root}
 
 
 def top1(logits, labels) -> float:

@@ -11,6 +11,7 @@ from worker_kill import kill_a_role_worker_when
 
 from ray_kd.config import load_config
 from ray_kd.run import train
+from ray_kd.run_storage import RunStorage
 from ray_kd.tracking import client
 
 EPOCHS = 12  # enough that the kill and the interrupt land mid-run (each waits for a checkpoint)
@@ -30,7 +31,7 @@ def test_killed_worker_restarts_from_last_checkpoint(ray_cluster, mlflow_uri, tm
     killed = []
 
     def one_checkpoint_and_a_second_more():
-        if len(_checkpoints(cfg.run_dir)) < 1:
+        if len(_checkpoints(RunStorage.of(cfg).run_dir)) < 1:
             return False
         time.sleep(1.0)  # well inside the run: an epoch here takes ~0.5 s
         return True

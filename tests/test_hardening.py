@@ -77,15 +77,15 @@ def test_second_start_of_a_running_name_is_refused(tmp_path, mlflow_uri, capsys)
         err = _one_line(capsys)
         assert f"run r is already running (host {os.uname().nodename}, pid {os.getpid()}, started " in err, err
         assert "another name=" in err
-    assert _epochs(cfg.run_dir) == []  # the refused start wrote nothing
+    assert _epochs(RunStorage.of(cfg).run_dir) == []  # the refused start wrote nothing
 
     # A lock file left by a process that died (the kernel dropped its lock) does not block the next start.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (cfg.run_dir / "run.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid,
+    (RunStorage.of(cfg).run_dir / "run.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": dead.pid,
                                                       "started": "earlier"}))
     assert _train(tmp_path, "optim.epochs=1") == 0
-    assert _epochs(cfg.run_dir) == ["epoch_0001"]
+    assert _epochs(RunStorage.of(cfg).run_dir) == ["epoch_0001"]
 
 
 # --- 3. config fingerprint ----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from ray_kd.cli import main
 from ray_kd.config import load_config
 from ray_kd.reporting import report
 from ray_kd.run import train, train_teacher
+from ray_kd.run_storage import RunStorage
 from ray_kd.tracking import FINAL_METRICS, client, teacher_origin
 
 TINY = ["runtime.executor=local", "optim.epochs=3", "optim.steps_per_epoch=4", "optim.milestones=[2]",
@@ -151,7 +152,7 @@ def test_a_teacher_kept_at_its_last_epoch(store, monkeypatch):
     scores = summary["roles"]["teacher"]
     assert (blob["kept"], blob["epoch"], blob["test_acc"]) == ("last", 3, scores["last_test_acc"])
     assert blob["mlflow"]["model_id"] is None  # the logged model is the best epoch's, not these weights
-    net = torch.load(cfg.run_dir / "checkpoints" / "epoch_0003" / "student_0.pt", weights_only=True)["net"]
+    net = torch.load(RunStorage.of(cfg).run_dir / "checkpoints" / "epoch_0003" / "student_0.pt", weights_only=True)["net"]
     assert blob["state_dict"].keys() == {k.removeprefix("backbone.") for k in net if k.startswith("backbone.")}
     assert all(torch.equal(v, net[f"backbone.{k}"]) for k, v in blob["state_dict"].items())
     kd = train(load_config("configs/digits_kd.yaml", TINY + out + [f"teacher.checkpoint={root / 'last.pt'}",

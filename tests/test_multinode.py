@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ray_kd.config import ConfigError, load_config
+from ray_kd.run_storage import RunStorage
 from ray_kd.tracking import client
 from test_cluster import _kill, _ray_processes
 
@@ -31,6 +32,7 @@ from ray.util.state import list_actors
 
 from ray_kd.config import load_config
 from ray_kd.run import train
+from ray_kd.run_storage import RunStorage
 
 
 def free_port():
@@ -64,6 +66,7 @@ def config(name, *overrides):
 spread = config("spread", f"optim.epochs={epochs}", "runtime.placement=apart", "runtime.cpus_per_worker=1",
                 f"runtime.keep_checkpoints={epochs}", "runtime.max_failures=1", "tracking.log_every_steps=2")
 killed = {}
+spread_checkpoints = RunStorage.of(spread).run_dir / "checkpoints"
 
 
 def kill_a_second_node_worker_once_a_checkpoint_lands():
@@ -72,10 +75,9 @@ def kill_a_second_node_worker_once_a_checkpoint_lands():
         time.sleep(0.2)
         workers = role_workers(state="ALIVE")
     victim = next(w for w in workers if w["node"] != nodes[0])  # on the "node" that is not the driver's
-    checkpoints = spread.run_dir / "checkpoints"
-    while not list(checkpoints.glob("epoch_*")):
+    while not list(spread_checkpoints.glob("epoch_*")):
         time.sleep(0.05)
-    killed["saved"] = {p.name: p.stat().st_ino for p in checkpoints.glob("epoch_*")}
+    killed["saved"] = {p.name: p.stat().st_ino for p in spread_checkpoints.glob("epoch_*")}
     os.kill(victim["pid"], signal.SIGKILL)
     killed["worker"] = victim
 
@@ -87,7 +89,7 @@ killer.join(timeout=10)
 summaries.append(train(config("together", "optim.epochs=1", "runtime.placement=together",
                               "runtime.cpus_per_worker=2")))
 json.dump({"nodes": nodes, "workers": role_workers(), "killed": killed, "summaries": summaries,
-           "checkpoints": {p.name: p.stat().st_ino for p in (spread.run_dir / "checkpoints").glob("epoch_*")}},
+           "checkpoints": {p.name: p.stat().st_ino for p in spread_checkpoints.glob("epoch_*")}},
           open(out / "layout.json", "w"))
 ray.shutdown()
 cluster.shutdown()
@@ -98,8 +100,9 @@ def test_output_dir_is_a_path_or_a_file_uri(tmp_path):
     """A file:// URI is resolved (pyarrow.fs) to the local path every run folder use reads; an object store's URI
     is kept (a local mirror stands for it: tests/test_remote_storage.py); other schemes and file URIs that are
     not a local absolute path are refused in one line."""
-    assert load_config(None, [f"output_dir=file://{tmp_path}/a%20b"]).run_dir == tmp_path / "a b" / "digits-dml"
-    assert load_config(None, [f"output_dir={tmp_path}"]).run_dir == tmp_path / "digits-dml"
+    run_dir = lambda output_dir: RunStorage.of(load_config(None, [f"output_dir={output_dir}"])).run_dir  # noqa: E731
+    assert run_dir(f"file://{tmp_path}/a%20b") == tmp_path / "a b" / "digits-dml"
+    assert run_dir(tmp_path) == tmp_path / "digits-dml"
     assert load_config(None, ["output_dir=s3://bucket/runs"]).output_dir == "s3://bucket/runs"
     with pytest.raises(ConfigError, match=r"^config error at output_dir: ftp:// is not supported \(ftp://host/runs\): "
                                           r"output_dir is a local path, a file:// URI or an object store \(s3://, "

@@ -10,7 +10,8 @@ import pytest
 from ray_kd.config import load_config
 from ray_kd.progress import ProgressDisplay, ScoringStatus, StepMetricLogger, StepStatus, group_status
 from ray_kd.ray_executor import Console
-from ray_kd.local_executor import run_local
+from ray_kd.local_executor import train_here
+from ray_kd.run_storage import RunStorage
 from ray_kd.tracking import MetricSync, client, start_or_resume
 
 STATUS = StepStatus(epoch=2, epochs=3, step=5, steps=10, samples_per_s=321.0, eta_s=75.0,
@@ -22,8 +23,9 @@ def test_step_metrics_at_the_interval_and_plain_lines_off_a_terminal(tmp_path, m
                  "optim.milestones=[1]", "optim.steps_per_epoch=4", "tracking.log_every_steps=3",
                  "runtime.progress_every_s=0.001"]
     cfg = load_config(None, overrides)
-    run_id = start_or_resume(cfg, mlflow_uri)
-    run_local(cfg, MetricSync(mlflow_uri, run_id))  # what `ray-kd train` runs on the local executor
+    run = RunStorage.of(cfg)
+    run_id = start_or_resume(cfg, run, mlflow_uri)
+    train_here(cfg, run, MetricSync(mlflow_uri, run_id))  # what `ray-kd train` runs on the local executor
     mlflow = client(mlflow_uri)
 
     def steps(name):
@@ -82,8 +84,8 @@ def test_the_ray_group_shows_as_one_status():
 
 
 def test_the_ray_console_shows_each_epoch_once_and_no_stale_status(tmp_path, capsys):
-    console = Console(load_config(None, [f"output_dir={tmp_path}", "optim.epochs=3",
-                                         "runtime.progress_every_s=0.001"]))
+    cfg = load_config(None, [f"output_dir={tmp_path}", "optim.epochs=3", "runtime.progress_every_s=0.001"])
+    console = Console(cfg, RunStorage.of(cfg))
     record = {"epoch": 1.0, "student_0/val_acc": 91.25, "student_0/test_acc": 90.0, "student_0/samples_per_s": 812.4,
               "student_1/val_acc": 88.0, "student_1/test_acc": 87.75, "student_1/samples_per_s": 790.6}
     step = dataclasses.replace(STATUS, epoch=1)

@@ -8,11 +8,11 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
+from equivalence import run_local
 
 from ray_kd.config import DataConfig, OptimConfig, load_config
 from ray_kd.data import seeded_batches
 from ray_kd.datasets import load_dataset
-from ray_kd.local_executor import run_local
 from ray_kd.methods import Role, Step, method_class
 from ray_kd.methods.losses import cross_entropy
 from ray_kd.models import create_model

@@ -2,11 +2,9 @@
 single-process run on the global batch (BatchNorm synchronised), for KD, DML, SOKD and MTKD-SSR."""
 
 import pytest
-from equivalence import assert_same_run
+from equivalence import assert_same_run, run_local, run_on_ray
 
 from ray_kd.config import ConfigError, load_config
-from ray_kd.local_executor import run_local
-from ray_kd.ray_executor import run_on_ray
 
 COMMON = ["optim.epochs=2", "optim.steps_per_epoch=4", "optim.milestones=[1]", "data.batch_size=32"]
 CASES = {

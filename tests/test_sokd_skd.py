@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from equivalence import assert_same_run, run_both
+from equivalence import assert_same_run, run_both, run_local
 from formulas import STEP, build_role, direct_st
 from test_losses import Y, Z_S, Z_T
 
@@ -14,7 +14,6 @@ from ray_kd.checkpoint import safe_load
 from ray_kd.config import ConfigError, DataConfig, OptimConfig, load_config
 from ray_kd.data import seeded_batches
 from ray_kd.datasets import load_dataset
-from ray_kd.local_executor import run_local
 from ray_kd.methods import Role, method_class
 from ray_kd.methods.sokd import SOKD, SOKDParams
 from ray_kd.roles import RoleRunner

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from ray_kd.config import ConfigError, load_config
+from ray_kd.run_storage import RunStorage
 from ray_kd.tracking import client
 from tuning.space import SweepSpace, load_space
 from tuning.sweep import sweep
@@ -189,7 +190,7 @@ def test_a_sweep_speaks_once_and_its_best_config_repeats_its_trial(ray_cluster, 
     trial_run = folder / "trials" / f"once-{best['trial_id']}" / "checkpoints" / "epoch_0002"
     keys = ("student_0/val_acc", "student_1/val_acc")
     trial = [[e[k] for k in keys] for e in read_history(trial_run)]
-    repeat = [[e[k] for k in keys] for e in read_history(best_cfg.run_dir / "checkpoints" / "epoch_0002")]
+    repeat = [[e[k] for k in keys] for e in read_history(RunStorage.of(best_cfg).run_dir / "checkpoints" / "epoch_0002")]
     assert repeat == trial and again["headline"]["val_acc_at_best"] == best["best_val_acc"]
 
 

@@ -7,10 +7,9 @@ import warnings
 
 import pytest
 import torch
-from equivalence import assert_same_run
+from equivalence import assert_same_run, run_local, run_on_ray
 
 from ray_kd.config import ConfigError, load_config
-from ray_kd.local_executor import run_local
 from ray_kd.teacher_cache import CHUNK, FILL_BELOW, SEAL, TeacherCache, describe_size, seal, unseal
 
 STEPS = 5
@@ -222,7 +221,6 @@ def test_the_size_line_for_imagenet():
 def test_the_ray_executor_reads_the_cache_the_local_one_wrote(ray_cluster, tmp_path, mlflow_uri, digits_teacher,
                                                              capsys):
     from ray_kd import api
-    from ray_kd.ray_executor import run_on_ray
 
     local = run_local(kd(tmp_path, digits_teacher, "local"), show_progress=False)
     remote = run_on_ray(kd(tmp_path, digits_teacher, "ray", "runtime.executor=ray", "runtime.cpus_per_worker=0.5"))

@@ -85,15 +85,15 @@ def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
 
     require_val_every_epoch(cfg)
     tune_verbosity()  # a bad RAY_KD_TUNE_VERBOSE: one line before anything starts
-    if cfg.remote_output:
+    parent_cfg = cfg.model_copy(update={"name": f"{cfg.name}-sweep"})
+    sweep_run = RunStorage.of(parent_cfg)
+    if sweep_run.remote:
         raise ConfigError(f"config error: a sweep keeps its trials and Tune's state under output_dir, which must be a "
                           f"local path or file:// URI (on a cluster, a folder every node sees), not "
                           f"{shown_uri(cfg.output_dir)}; object stores are for `ray-kd train`")
     check_space(space, cfg.model_dump())
-    parent_cfg = cfg.model_copy(update={"name": f"{cfg.name}-sweep"})
     uri = tracking.tracking_uri(cfg)
     tracking.check_reachable(uri)
-    sweep_run = RunStorage.of(parent_cfg)
     with sweep_run.hold_lock():
         if restart:
             sweep_run.clear()
@@ -103,12 +103,12 @@ def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
         if threading.current_thread() is threading.main_thread():
             install_handlers()  # after ray.init, which installs its own SIGTERM handler
         check_fits(cfg, use_gpu(cfg))
-        parent_id = tracking.start_or_resume(parent_cfg, uri, kind="sweep", run=sweep_run)
+        parent_id = tracking.start_or_resume(parent_cfg, sweep_run, uri, kind="sweep")
         mlflow = tracking.client(uri)
         if mlflow.get_run(parent_id).info.status != "RUNNING":  # a resumed sweep shows as running while it runs
             mlflow.set_tag(parent_id, "mlflow.note.content", tracking.describe(parent_cfg, "sweep"))
             mlflow.update_run(parent_id, "RUNNING")
-        return _search(cfg, space, parent_cfg, uri, parent_id)
+        return _search(cfg, space, sweep_run, uri, parent_id)
 
 
 def sweep_fingerprint(cfg: RunConfig, space: SweepSpace) -> dict:
@@ -143,14 +143,14 @@ def _changes(before: dict | None, now: dict) -> str:
     return run_folder.describe_changes(before, now)
 
 
-def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, parent_id: str) -> dict:
+def _search(cfg: RunConfig, space: SweepSpace, sweep_run: RunStorage, uri: str, parent_id: str) -> dict:
     """Log the space, fit the sweep, then report it; stopped by a signal, record what finished and raise
     RunStopped. The parent run never stays RUNNING after the sweep is gone."""
     mlflow = tracking.client(uri)
-    sweep_dir = parent_cfg.run_dir
+    sweep_dir = sweep_run.run_dir
     try:
         mlflow.log_text(parent_id, yaml.safe_dump(space.model_dump(), sort_keys=False), "space.yaml")
-        print(f"sweep {parent_cfg.name}: folder {sweep_dir}, MLflow parent run {parent_id} in {shown_uri(uri)}", flush=True)
+        print(f"sweep {sweep_run.name}: folder {sweep_dir}, MLflow parent run {parent_id} in {shown_uri(uri)}", flush=True)
         with _stop_on_signal() as caught:
             if cfg.teacher is not None and cfg.teacher.cache is not None:
                 _fill_teacher_cache(cfg)
@@ -164,13 +164,13 @@ def _search(cfg: RunConfig, space: SweepSpace, parent_cfg: RunConfig, uri: str, 
         done = f"{sum(r['status'] in SCORED for r in rows)} of {len(rows)} trials done"
         _end_note(mlflow, mlflow.get_run(parent_id), f"stopped with {done}; the same command resumes it")
         mlflow.set_terminated(parent_id, "KILLED")
-        raise RunStopped(f"sweep {parent_cfg.name} stopped with {done} (table {sweep_dir / 'results.csv'})",
+        raise RunStopped(f"sweep {sweep_run.name} stopped with {done} (table {sweep_dir / 'results.csv'})",
                          caught[0])
     except KeyboardInterrupt as err:  # a second signal, or one outside Tune's loop: no saved state to report
         _close_children(mlflow, parent_id, {})
         _end_note(mlflow, mlflow.get_run(parent_id), "stopped; the same command resumes it")
         mlflow.set_terminated(parent_id, "KILLED")
-        raise RunStopped(f"sweep {parent_cfg.name} stopped", signal_of(err)) from None
+        raise RunStopped(f"sweep {sweep_run.name} stopped", signal_of(err)) from None
     except RunStopped:
         raise
     except BaseException as err:
