@@ -14,8 +14,8 @@ throughput: the same KD pair on "photos" made at 160-256 px a side and cropped t
 Every configuration alternates once/per_role within one run of this script; a random-init teacher (speed does not
 depend on its quality).
 
-    .venv/bin/python benchmarks/decode_once.py cost [--train-per-class 200] [--steps N] [--repeats 1]
-    .venv/bin/python benchmarks/decode_once.py throughput [--train-per-class 40] [--repeats 1]
+    .venv/bin/python benchmarks/decode_once.py cost [--train-per-class 120] [--steps N] [--repeats 1]
+    .venv/bin/python benchmarks/decode_once.py throughput [--train-per-class 100] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -33,42 +32,27 @@ BATCH = 64
 PEERS3 = ["method={name: dml}", "students=[{model: resnet8}, {model: resnet8}, {model: resnet8}]"]
 
 
-class DecodeCPU:
-    """CPU-seconds of the processes that decode, sampled every `every` s: the loader actors (ray::BatchLoader) with
-    their children, and the role workers' (ray::RoleWorker) children, their DataLoader processes."""
+def decoding_cpu() -> dict[int, float]:
+    """CPU-seconds so far of each process that decodes: the loader actors (ray::BatchLoader) with their children,
+    and the role workers' (ray::RoleWorker) children, their DataLoader processes."""
+    import psutil
 
-    def __init__(self, every: float = 0.2):
-        self.seen: dict[int, float] = {}
-        self.stop, self.every = threading.Event(), every
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _sample(self) -> None:
-        import psutil
-
-        for proc in psutil.process_iter(["cmdline"]):
-            title = " ".join(proc.info["cmdline"] or [])
-            try:
-                if title.startswith("ray::BatchLoader"):
-                    tree = [proc, *proc.children(recursive=True)]
-                elif title.startswith("ray::RoleWorker"):
-                    tree = proc.children(recursive=True)
-                else:
-                    continue
-                for p in tree:
-                    times = p.cpu_times()
-                    self.seen[p.pid] = max(self.seen.get(p.pid, 0.0), times.user + times.system)
-            except psutil.Error:  # exited meanwhile
+    seen = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        try:
+            if title.startswith("ray::BatchLoader"):
+                tree = [proc, *proc.children(recursive=True)]
+            elif title.startswith("ray::RoleWorker"):
+                tree = proc.children(recursive=True)
+            else:
                 continue
-
-    def _run(self) -> None:
-        while not self.stop.wait(self.every):
-            self._sample()
-
-    def finish(self) -> float:
-        self.stop.set()
-        self.thread.join()
-        return sum(self.seen.values())
+            for p in tree:
+                times = p.cpu_times()
+                seen[p.pid] = times.user + times.system
+        except psutil.Error:  # exited meanwhile
+            continue
+    return seen
 
 
 def kd(teacher: str) -> list[str]:
@@ -76,21 +60,25 @@ def kd(teacher: str) -> list[str]:
 
 
 def run(tree: Path, cache: Path, out: Path, name: str, decode: str, image_size: int, epochs: int,
-        steps: int | None, extra: list[str]) -> tuple[list[dict], float, float]:
-    """(history, process CPU-seconds of decoding, wall seconds) of one Ray run."""
+        steps: int | None, extra: list[str]) -> tuple[list[dict], float]:
+    """(history, process CPU-seconds of decoding in epoch 2) of one Ray run: measured between the moments epoch 1's
+    and epoch 2's records land (processes started, nothing scored in between with eval.every > 2)."""
     from ray_kd.config import load_config
     from ray_kd.ray_executor import run_on_ray
 
     overrides = ["data.dataset=imagefolder", f"data.root={tree}", "data.mode=stream", f"data.image_size={image_size}",
                  f"data.batch_size={BATCH}", "data.workers=1", f"data.decode={decode}", f"data.cache_dir={cache}",
-                 f"optim.epochs={epochs}", "optim.milestones=[]", "runtime.cpus_per_worker=0.5",
+                 f"optim.epochs={epochs}", "optim.milestones=[]", "runtime.cpus_per_worker=0.5", f"eval.every={epochs}",
                  f"output_dir={out}", f"name={name}-{decode}-{time.time_ns()}", *extra]
     if steps:
         overrides.append(f"optim.steps_per_epoch={steps}")
-    sampler, start = DecodeCPU(), time.perf_counter()
-    last = run_on_ray(load_config(None, overrides), show_progress=False)
-    wall = time.perf_counter() - start
-    return json.loads((last / "history.json").read_text()), sampler.finish(), wall
+    snapshots = {}
+    last = run_on_ray(load_config(None, overrides), show_progress=False,
+                      on_epoch=lambda record: snapshots.setdefault(int(record["epoch"]), decoding_cpu()))
+    history = json.loads((last / "history.json").read_text())
+    if 2 not in snapshots:
+        return history, float("nan")
+    return history, sum(cpu - snapshots[1].get(pid, 0.0) for pid, cpu in snapshots[2].items())
 
 
 def cost(args, source: Path, teacher: str) -> None:
@@ -101,19 +89,16 @@ def cost(args, source: Path, teacher: str) -> None:
     for case, extra in (("kd resnet20->resnet8", kd(teacher)), ("dml 3 x resnet8", PEERS3)):
         for repeat in range(args.repeats):
             for decode in ("per_role", "once"):
-                history, proc_cpu, wall = run(tree, args.cache, RUNS / "decode_once", "cost", decode, 32, 1,
-                                              args.steps, extra)
-                trained = sum(h["data/images_trained"] for h in history)
-                decoded = sum(h["data/images_decoded"] for h in history)
+                history, proc_cpu = run(tree, args.cache, RUNS / "decode_once", "cost", decode, 32, 3, args.steps,
+                                        extra)
+                epoch = history[1]  # steady state: processes started, nothing scored
+                trained = epoch["data/images_trained"]
                 rows.append({"case": case, "decode": decode, "repeat": repeat, "images_trained": int(trained),
-                             "decodes_per_image": round(decoded / trained, 3),
-                             "decode_cpu_s_per_1000": round(1000 * sum(h["data/decode_cpu_s"] for h in history)
-                                                            / trained, 3),
+                             "decodes_per_image": round(epoch["data/decodes_per_image"], 3),
+                             "decode_cpu_s_per_1000": round(1000 * epoch["data/decode_cpu_s"] / trained, 3),
                              "process_cpu_s_per_1000": round(1000 * proc_cpu / trained, 3),
-                             "input_wait_ms": round(max(v for k, v in history[-1].items()
-                                                        if k.endswith("/input_wait_ms")), 1),
-                             "img_s": round(min(v for k, v in history[-1].items() if k.endswith("/samples_per_s")), 1),
-                             "wall_s": round(wall, 1)})
+                             "input_wait_ms": round(max(v for k, v in epoch.items() if k.endswith("/input_wait_ms")), 1),
+                             "img_s": round(min(v for k, v in epoch.items() if k.endswith("/samples_per_s")), 1)})
                 print(rows[-1], flush=True)
     ratios = {}
     for case in dict.fromkeys(r["case"] for r in rows):
@@ -121,16 +106,20 @@ def cost(args, source: Path, teacher: str) -> None:
             mean = {d: statistics.mean(r[key] for r in rows if r["case"] == case and r["decode"] == d)
                     for d in ("once", "per_role")}
             ratios[f"{case}: {key} once/per_role"] = round(mean["once"] / mean["per_role"], 3)
-    notes = ("decodes_per_image: images decoded (all processes) / images trained. decode_cpu_s_per_1000: CPU time of "
-             "each sample's decode + augmentation (`data/decode_cpu_s`, thread time in the process that did it) per "
-             "1,000 trained images. process_cpu_s_per_1000: all CPU time of the decoding processes (psutil, sampled "
-             "every 0.2 s): loader actor + its DataLoader process (once) or the roles' DataLoader processes "
-             "(per_role). input_wait_ms: the longest per-step wait of any role for its batch, last epoch. "
+    notes = ("Figures of epoch 2 of 3 (processes started; eval.every=3: nothing scored before the last epoch), batch "
+             f"{BATCH}, 32 px crops, data.workers=1, runtime.cpus_per_worker=0.5. decodes_per_image: images decoded "
+             "(all processes) / images trained. decode_cpu_s_per_1000: CPU time of each sample's decode + augmentation "
+             "(`data/decode_cpu_s`, thread time in the process that did it) per 1,000 trained images. "
+             "process_cpu_s_per_1000: all CPU time of the decoding processes over epoch 2 (psutil, between the "
+             "moments epoch 1's and 2's records landed): the loader actor and its DataLoader process (once: its "
+             "collating, ray.put and hand-off included) or the roles' DataLoader processes (per_role: the roles' "
+             "unpickling of their batches not included). input_wait_ms: the longest per-step wait of any role for "
+             "its batch. img_s: the slower role's training images/s. "
              f"Ratios once/per_role (means over repeats): {json.dumps(ratios)}. Targets: decodes per image 1.0; "
              "CPU per 1,000 images <= 0.55x (KD), <= 0.4x (3-peer DML).")
     save("decode_cost", "Decode cost per trained image: once per replica vs once per role (Ray, roles apart)",
          rows, ["case", "decode", "repeat", "images_trained", "decodes_per_image", "decode_cpu_s_per_1000",
-                "process_cpu_s_per_1000", "input_wait_ms", "img_s", "wall_s"], info, notes, {"ratios": ratios})
+                "process_cpu_s_per_1000", "input_wait_ms", "img_s"], info, notes, {"ratios": ratios})
 
 
 def throughput(args, source: Path, teacher: str) -> None:
@@ -141,8 +130,9 @@ def throughput(args, source: Path, teacher: str) -> None:
     rows, info = [], machine()
     for repeat in range(args.repeats):
         for decode in ("per_role", "once"):
-            history, proc_cpu, wall = run(tree, args.cache, RUNS / "decode_once", "throughput", decode, 64, 2, None,
-                                          kd(teacher))
+            started = time.perf_counter()
+            history, _ = run(tree, args.cache, RUNS / "decode_once", "throughput", decode, 64, 2, None, kd(teacher))
+            wall = time.perf_counter() - started
             speeds = [min(v for k, v in h.items() if k.endswith("/samples_per_s")) for h in history]
             rows.append({"decode": decode, "repeat": repeat, "images_per_epoch": int(history[0]["data/images_trained"]),
                          "img_s_epoch1": round(speeds[0], 1), "img_s_epoch2": round(speeds[1], 1),
@@ -173,7 +163,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=RUNS / "decode_once_data")
     args = parser.parse_args()
     args.cache = args.cache.resolve()
-    args.train_per_class = args.train_per_class or (200 if args.part == "cost" else 40)
+    args.train_per_class = args.train_per_class or (120 if args.part == "cost" else 100)
 
     from common import random_teacher
     from photo_folder import ARCHIVE, linked_subset
