@@ -15,7 +15,7 @@ Every configuration alternates once/per_role within one run of this script; a ra
 depend on its quality).
 
     .venv/bin/python benchmarks/decode_once.py cost [--train-per-class 120] [--steps N] [--repeats 1]
-    .venv/bin/python benchmarks/decode_once.py throughput [--train-per-class 100] [--repeats 1]
+    .venv/bin/python benchmarks/decode_once.py throughput [--train-per-class 100] [--repeats 1] [--px 160 256]
 """
 
 from __future__ import annotations
@@ -125,8 +125,9 @@ def cost(args, source: Path, teacher: str) -> None:
 def throughput(args, source: Path, teacher: str) -> None:
     from photo_folder import make_photo_folder
 
-    tree = make_photo_folder(args.cache / f"photos-160-256-{args.train_per_class}", args.train_per_class, 10,
-                             160, 256, source=source)
+    low, high = args.px
+    tree = make_photo_folder(args.cache / f"photos-{low}-{high}-{args.train_per_class}", args.train_per_class, 10,
+                             low, high, source=source)
     rows, info = [], machine()
     for repeat in range(args.repeats):
         for decode in ("per_role", "once"):
@@ -140,18 +141,22 @@ def throughput(args, source: Path, teacher: str) -> None:
                          "decode_cpu_ms_per_image": round(history[-1]["data/decode_cpu_ms_per_image"], 2),
                          "input_wait_ms": round(max(v for k, v in history[-1].items()
                                                     if k.endswith("/input_wait_ms")), 1),
+                         "teacher_compute_ms": round(history[-1]["teacher/compute_ms"], 1),
+                         "student_compute_ms": round(history[-1]["student_0/compute_ms"], 1),
                          "wall_s": round(wall, 1)})
             print(rows[-1], flush=True)
     mean = {d: statistics.mean((r["img_s_epoch1"] + r["img_s_epoch2"]) / 2 for r in rows if r["decode"] == d)
             for d in ("once", "per_role")}
     ratio = round(mean["once"] / mean["per_role"], 3)
-    notes = (f"KD resnet20 -> resnet8, photos of 160-256 px a side (JPEG, quality 90) cropped to 64 px, batch {BATCH}, "
+    notes = (f"KD resnet20 -> resnet8, photos of {low}-{high} px a side (JPEG, quality 90) cropped to 64 px, batch {BATCH}, "
              "data.workers=1, 2 epochs, Ray with the roles apart (runtime.cpus_per_worker=0.5). img_s: the slower "
              "role's training images/s per epoch (scoring excluded). Training img/s once / per_role (mean of both "
-             f"epochs over repeats): {ratio}x (target >= 1.5x).")
-    save("decode_throughput", "Decode-bound KD throughput: once per replica vs once per role (Ray, roles apart)",
+             f"epochs over repeats): {ratio}x (target >= 1.5x). Where a step's time goes (epoch 2): each role's "
+             "compute_ms (forward + update per step, in its own process) against decode_cpu_ms_per_image x batch.")
+    save("decode_throughput" if args.px == [160, 256] else f"decode_throughput_{low}_{high}px", "Decode-bound KD throughput: once per replica vs once per role (Ray, roles apart)",
          rows, ["decode", "repeat", "images_per_epoch", "img_s_epoch1", "img_s_epoch2", "decodes_per_image",
-                "decode_cpu_ms_per_image", "input_wait_ms", "wall_s"], info, notes, {"ratio": ratio})
+                "decode_cpu_ms_per_image", "input_wait_ms", "teacher_compute_ms", "student_compute_ms", "wall_s"], info,
+         notes, {"ratio": ratio})
 
 
 def main() -> None:
@@ -160,6 +165,7 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="cost: at most this many steps per run")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--px", type=int, nargs=2, default=[160, 256], help="throughput: the photos' side, min max")
     parser.add_argument("--cache", type=Path, default=RUNS / "decode_once_data")
     args = parser.parse_args()
     args.cache = args.cache.resolve()
