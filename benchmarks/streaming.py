@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -27,28 +26,17 @@ BATCH, IMAGE_SIZE, WORKERS, TEST_PER_CLASS = 128, 32, 2, 100
 
 def build_trees(cache: Path, sizes: list[int]) -> dict[str, Path]:
     """mixed-<N> and uniform-<N> for each N (N/10 training images a class, 100 test images a class)."""
-    from photo_folder import ARCHIVE, make_photo_folder
+    from photo_folder import ARCHIVE, linked_subset, make_photo_folder
 
     from ray_kd.config import DataConfig
-    from ray_kd.data import imagefolder_root, list_image_folder
+    from ray_kd.data import imagefolder_root
 
     source = imagefolder_root(DataConfig(dataset="imagefolder", root=str(ARCHIVE), cache_dir=str(cache)))
     trees = {}
     for n in sizes:
         trees[f"mixed-{n}"] = make_photo_folder(cache / f"mixed-{n}", n // 10, TEST_PER_CLASS, 20, 64, seed=n,
                                                 source=source)
-        root = trees[f"uniform-{n}"] = cache / f"uniform-{n}"
-        if (root / ".complete").exists():
-            continue
-        for split, per_class in (("train", n // 10), ("test", TEST_PER_CLASS)):
-            classes, files, labels = list_image_folder(source / split)
-            for c, name in enumerate(classes):
-                folder = root / split / name
-                folder.mkdir(parents=True, exist_ok=True)
-                for file in [f for f, label in zip(files, labels) if label == c][:per_class]:
-                    if not (folder / file.name).exists():
-                        os.link(file, folder / file.name)
-        (root / ".complete").touch()
+        trees[f"uniform-{n}"] = linked_subset(cache / f"uniform-{n}", n // 10, TEST_PER_CLASS, source)
     return trees
 
 

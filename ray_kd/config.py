@@ -51,10 +51,20 @@ class DataConfig(Strict):
     mode: Literal["memory", "stream"] = Field(
         "memory", description="memory: decode the whole set once into every worker; stream: read ImageFolder "
                               "images from disk batch by batch (any size of set, any image sizes)")
-    workers: int = Field(2, ge=0, description="stream mode: DataLoader worker processes per role")
+    workers: int = Field(2, ge=0, description="stream mode: DataLoader processes of each loader "
+                         "(decode=once) or of each role's worker (decode=per_role)")
     image_size: int | None = Field(None, gt=0, description="stream mode: side of the square crop (default 224)")
     normalize: Literal["dataset", "imagenet"] | tuple[list[float], list[float]] = Field(
         "dataset", description="per-channel mean/std: of the training set, ImageNet's, or [mean...], [std...]")
+    decode: Literal["once", "per_role"] = Field(
+        "once", description="stream mode on Ray: once: a loader actor per replica decodes each step's images once "
+                            "for all its roles (shared through Ray's object store); per_role: every role's worker "
+                            "decodes them itself")
+    prefetch: int = Field(4, ge=1, description="decode=once: steps a loader decodes ahead of its slowest role")
+    loader_resources: dict[str, float] = Field(
+        default_factory=dict, description="decode=once: Ray resources each loader actor needs (e.g. {CPU: 3, "
+                                          "decode_node: 1}: it runs on a node that has them); {} runs it beside "
+                                          "the replica's first role, taking none of the roles' CPUs")
     checksum: bool = Field(False, description="record a crc32 of every batch each role drew, as "
                                               "<role>/data_checksum (proves the roles saw the same pixels)")
 

@@ -31,8 +31,10 @@ import torch
 from ray_kd.checkpoint import CheckpointError
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, as_arrays, from_arrays
+from ray_kd.datasets import load_dataset
 from ray_kd.errors import UserError, first_line
 from ray_kd.exchange import CollectiveExchange, LocalExchange
+from ray_kd.loader import LoaderFeed, decodes_once, start_loaders
 from ray_kd.preflight import PreflightError, check_address, cluster_address, running_cluster
 from ray_kd.progress import ProgressDisplay, Status, StepMetricLogger, StepMonitor, group_status, this_process
 from ray_kd.replicas import Mesh, build_mesh, processes_per_replica, world_size
@@ -63,7 +65,12 @@ def train_worker(config: dict, rank: int) -> None:
                           StepMetricLogger(sync.client, sync.run_id) if sync and log_every else None, this_process)
     shared = config.get("dataset")  # the driver's in-memory dataset, held once per node by Ray's object store
     data = from_arrays(ray.get(shared[0])) if shared else None
-    session = Session(cfg, mesh.roles, exchange, worker_device(config), data, monitor=monitor, mesh=mesh)
+    feed = None
+    if config.get("loaders"):  # stream mode: the replica's loader decodes the training batches (ray_kd.loader)
+        data = load_dataset(cfg.data)
+        feed = LoaderFeed(config["loaders"][mesh.replica], rank % mesh.processes, data, cfg.data.batch_size,
+                          cfg.optim.steps_per_epoch)
+    session = Session(cfg, mesh.roles, exchange, worker_device(config), data, monitor=monitor, mesh=mesh, feed=feed)
     store = run.checkpoints(rank, exchange.gather_objects)
     node = worker_name(roles, mesh, sync.names if sync else {})
     with system_metrics(config["tracking_uri"], config.get("run_id"), node, cfg.tracking.system_metrics_interval):
@@ -181,6 +188,7 @@ class RoleGroup:
                                    self.group, placement_group_bundle_index=r))
             .remote(r, n)
             for r in range(n)]
+        self.loaders = start_loaders(cfg, self.group, len(all_roles(cfg))) if decodes_once(cfg) else []
 
     def run(self, fn, config: dict, backend: str, poll: Callable[[list], None] = lambda statuses: None,
             every: float = 0.5) -> list:
@@ -188,6 +196,7 @@ class RoleGroup:
         rank is doing (`statuses`), and once more at the end with none. A failed rank ends the wait at once:
         WorkerDied if any worker's process is gone, else the failure itself."""
         address = ray.get(self.workers[0].free_address.remote())
+        config = {**config, "loaders": self.loaders}
         refs = [w.run.remote(fn, config, address, backend) for w in self.workers]
         pending = list(refs)
         while pending:
@@ -233,8 +242,9 @@ class RoleGroup:
         """Kill the workers and free their placement group; a second call does nothing."""
         from ray.util.placement_group import remove_placement_group
 
-        for worker in self.workers:
-            ray.kill(worker)
+        for actor in self.workers + self.loaders:
+            ray.kill(actor)
+        self.loaders = []
         if self.workers:
             remove_placement_group(self.group)
         self.workers = []
@@ -337,6 +347,12 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
         raise ClusterError(f"{layout}{n} role workers x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker} need "
                            f"{need_cpu:g} CPUs but the cluster has {have.get('CPU', 0):g}; lower "
                            "runtime.cpus_per_worker or runtime.replicas, or add nodes")
+    for resource, amount in cfg.data.loader_resources.items() if decodes_once(cfg) else ():
+        need = replicas * amount + (need_cpu if resource == "CPU" else 0)
+        if need > have.get(resource, 0):
+            raise ClusterError(f"{replicas} data loader(s) x data.loader_resources {resource}={amount:g} "
+                               f"{'beside the role workers ' if resource == 'CPU' else ''}need {need:g} {resource} but "
+                               f"the cluster has {have.get(resource, 0):g}; lower data.loader_resources or add nodes")
     if gpu and n > have.get("GPU", 0):
         raise ClusterError(f"{layout}{n} role workers need {n} GPUs but the cluster has {have.get('GPU', 0):g}; "
                            "set runtime.use_gpu=no, lower runtime.replicas, or add GPUs")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import copy
 import time
 from collections import deque
+from contextlib import contextmanager
 from functools import partial
 from typing import Callable
 
 import torch
 
 from ray_kd.config import ConfigError, RunConfig
-from ray_kd.data import BatchChecksum, Dataset, epoch_steps, seeded_batches
+from ray_kd.data import Dataset, epoch_steps
 from ray_kd.datasets import load_dataset
 from ray_kd.evaluation import OBJECTIVE, SPLITS, Evaluator
 from ray_kd.progress import StepMonitor
@@ -25,6 +26,7 @@ from ray_kd.replicas import Mesh, synchronise_batchnorm
 from ray_kd.roles import RoleRunner, all_roles
 from ray_kd.stopping import held
 from ray_kd.teacher_cache import CACHE_NEEDS_FROZEN, TeacherCache, cache_key
+from ray_kd.train_input import DECODE_SUMS, Feed, SeededFeed, TrainInput, decode_summary
 
 History = list[dict[str, float]]
 """One dict of merged metrics (every role's) per completed epoch; entry i has 'epoch' == i + 1."""
@@ -32,12 +34,17 @@ History = list[dict[str, float]]
 
 class Session:
     def __init__(self, cfg: RunConfig, role_indices: list[int], exchange, device: torch.device,
-                 dataset: Dataset | None = None, monitor: StepMonitor | None = None, mesh: Mesh | None = None):
-        """`mesh`: this process's place among data-parallel replicas (`runtime.replicas`; None: one replica)."""
+                 dataset: Dataset | None = None, monitor: StepMonitor | None = None, mesh: Mesh | None = None,
+                 feed: Feed | None = None):
+        """`mesh`: this process's place among data-parallel replicas (`runtime.replicas`; None: one replica).
+        `feed`: where the training batches come from (None: drawn here, `SeededFeed`)."""
         self.cfg, self.exchange, self.device = cfg, exchange, device
         self.mesh = mesh or Mesh(1, 0, 1, role_indices)
         self.monitor = monitor or StepMonitor(cfg.optim.epochs, exchange)
         self.dataset = dataset or load_dataset(cfg.data)
+        self.input = TrainInput(feed or SeededFeed(self.dataset, cfg.data.batch_size, cfg.seed,
+                                                   cfg.optim.steps_per_epoch, (self.mesh.replica, self.mesh.replicas)),
+                                cfg.data.checksum)
         self.method = cfg.method.build()
         roles = all_roles(cfg)
         self.steps_per_epoch = epoch_steps(self.dataset, cfg.data.batch_size, cfg.optim.steps_per_epoch)
@@ -83,7 +90,7 @@ class Session:
         for index, runner in zip(self.mesh.roles, self.runners):  # every replica ends the epoch the same
             self.mesh.average_buffers(index, runner.net)
         if not self.mesh.lead:  # replica 0 scores and reports for every replica; the others add their losses
-            self.exchange.gather_objects({k: v for k, v in metrics.items() if "/loss_" in k})
+            self.exchange.gather_objects({k: v for k, v in metrics.items() if "/loss_" in k or k in DECODE_SUMS})
             return {}
         metrics.update(self.evaluate(epoch + 1))
         if self.evaluator.only_frozen:
@@ -91,11 +98,14 @@ class Session:
                 metrics[f"{runner.role.name}/images_scored_waiting"] = self.evaluator.images_while_waiting - scored_before
         merged = {"epoch": float(epoch + 1)}
         for rank, part in enumerate(self.exchange.gather_objects(metrics)):
-            if rank < self.mesh.processes:
-                merged.update(part)
-            else:  # another replica's share of the losses
-                for key, value in part.items():
+            for key, value in part.items():
+                if key in DECODE_SUMS:  # each decoding process's own
+                    merged[key] = merged.get(key, 0.0) + value
+                elif rank < self.mesh.processes:
+                    merged[key] = value
+                else:  # another replica's share of the losses
                     merged[key] += value
+        merged.update(decode_summary(merged))
         mine = {r.role.name for r in self.runners}
         self.others_eval_s = max((v for k, v in merged.items() if k.endswith("/eval_s") and k.split("/")[0] not in mine),
                                  default=0.0)
@@ -128,81 +138,90 @@ class Session:
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch (0-based) of the local roles' steps, without scoring; their metrics."""
-        sums: dict[str, dict[str, float]] = {r.role.name: {} for r in self.runners}
-        compute = {r.role.name: 0.0 for r in self.runners}
-        steps, samples = 0, 0
+        tally = EpochTally([r.role.name for r in self.runners])
         self.exchange.seconds = self.exchange.waited = 0.0
         self.mesh.reduce_s.clear()
-        start = time.perf_counter()
         self.monitor.start_epoch(epoch, self.steps_per_epoch)
-        checksum = BatchChecksum() if self.cfg.data.checksum else None
-        size, n = self.cfg.data.batch_size, len(self.dataset.train.labels)
-        in_flight: deque = deque()  # steps posted ahead, oldest first
-        most_ahead = 0
-        for step, (x, y) in enumerate(seeded_batches(self.dataset, size, self.cfg.seed, epoch,
-                                                     self.cfg.optim.steps_per_epoch,
-                                                     (self.mesh.replica, self.mesh.replicas))):
-            if checksum:
-                checksum.add(x, y)
-            batch = min(size, n - step * size)  # the global batch: what every replica together trains on
-            samples += batch
+        posting = PostedAhead(self.exchange, self.ahead, self._await) if self.ahead else None
+        for step, (x, y) in enumerate(self.input.epoch(epoch)):
+            batch = self._global_batch(step)
             x, y = self.mesh.shard(x, y, batch)
             x, y = x.to(self.device), y.to(self.device)
-            outputs, published = {}, {}
-            for r in self.runners:
-                t = time.perf_counter()
-                outputs[r.role.name], published[r.role.name] = self._forward(r, x, y, epoch, step)
-                compute[r.role.name] += time.perf_counter() - t
-            if self.ahead:  # nothing comes back that a frozen role needs: wait only when too far ahead
-                while in_flight and in_flight[0].done():  # steps the others have taken
-                    in_flight.popleft().wait()
-                in_flight.append(self.exchange.post(published))
-                most_ahead = max(most_ahead, len(in_flight) - 1)
-                if len(in_flight) > self.ahead:
-                    self._await(in_flight.popleft())
-                everyone = {}
-            else:
-                if self.mesh.lead:
-                    self.evaluator.use_wait(self.exchange.slack_s)
-                everyone = self.exchange.all_gather(published)
-            losses, lrs = {}, {}
-            for r in self.runners:
-                t = time.perf_counter()
-                if r.optimizer:
-                    lrs[r.role.name] = r.optimizer.param_groups[0]["lr"]  # this step's, before the update
-                losses[r.role.name] = r.update(outputs[r.role.name], everyone, y, epoch)
-                for term, value in losses[r.role.name].items():  # a shard's loss, weighted to the global batch
-                    sums[r.role.name][term] = sums[r.role.name].get(term, 0.0) + value * self.mesh.share
-                compute[r.role.name] += time.perf_counter() - t
-            steps += 1
-            self.monitor.after_step(steps, batch, {k: v for k, v in losses.items() if v}, lrs)
-        while in_flight:
-            self._await(in_flight.popleft())
+            outputs, published = self._forward_all(x, y, epoch, step, tally)
+            everyone = self._share(published, posting)
+            losses, lrs = self._update_all(outputs, everyone, y, epoch, tally)
+            tally.steps += 1
+            tally.samples += batch
+            self.monitor.after_step(tally.steps, batch, {k: v for k, v in losses.items() if v}, lrs)
+        if posting:
+            posting.drain()
         for cache in self.caches.values():
             cache.flush()
         self.monitor.idle()
-        wall = time.perf_counter() - start
-        metrics: dict[str, float] = {}
+        return self._epoch_metrics(tally, posting)
+
+    def _global_batch(self, step: int) -> int:
+        """The size of step `step`'s global batch: what every replica together trains on (the last may be short)."""
+        size = self.cfg.data.batch_size
+        return min(size, len(self.dataset.train.labels) - step * size)
+
+    def _forward_all(self, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int, tally: EpochTally):
+        """Every local role's (outputs, published) this step."""
+        outputs, published = {}, {}
+        for r in self.runners:
+            with tally.computing(r.role.name):
+                outputs[r.role.name], published[r.role.name] = self._forward(r, x, y, epoch, step)
+        return outputs, published
+
+    def _share(self, published: dict, posting: PostedAhead | None) -> dict:
+        """Every role's published outputs this step; a frozen-only process posts its own ahead and needs none."""
+        if posting:
+            posting.post(published)
+            return {}
+        if self.mesh.lead:
+            self.evaluator.use_wait(self.exchange.slack_s)
+        return self.exchange.all_gather(published)
+
+    def _update_all(self, outputs: dict, everyone: dict, y: torch.Tensor, epoch: int, tally: EpochTally):
+        """Every local role's update; (losses, learning rates used) by role."""
+        losses, lrs = {}, {}
+        for r in self.runners:
+            with tally.computing(r.role.name):
+                if r.optimizer:
+                    lrs[r.role.name] = r.optimizer.param_groups[0]["lr"]  # this step's, before the update
+                losses[r.role.name] = r.update(outputs[r.role.name], everyone, y, epoch)
+                tally.add_losses(r.role.name, losses[r.role.name], self.mesh.share)
+        return losses, lrs
+
+    def _epoch_metrics(self, tally: EpochTally, posting: PostedAhead | None) -> dict[str, float]:
+        wall, steps = tally.wall_s(), max(tally.steps, 1)
+        metrics = self.input.decode_metrics(wall)
+        if not isinstance(self.dataset, Dataset):  # streamed: what its decodes are counted against
+            metrics["data/images_trained"] = float(tally.samples)
         for index, r in zip(self.mesh.roles, self.runners):
             name = r.role.name
-            metrics.update({f"{name}/loss_{term}": total / steps for term, total in sums[name].items()})
-            metrics[f"{name}/samples_per_s"] = samples / wall
-            metrics[f"{name}/compute_ms"] = 1000 * compute[name] / steps
+            metrics.update({f"{name}/loss_{term}": total / steps for term, total in tally.losses[name].items()})
+            metrics[f"{name}/samples_per_s"] = tally.samples / wall
+            metrics[f"{name}/compute_ms"] = 1000 * tally.compute[name] / steps
             metrics[f"{name}/exchange_ms"] = 1000 * self.exchange.seconds / steps
             metrics[f"{name}/wait_ms"] = 1000 * self.exchange.waited / steps
-            if name in self.caches:  # steps read from teacher.cache, and computed (then stored)
-                cache = self.caches[name]
-                metrics[f"{name}/cache_hits"], metrics[f"{name}/cache_misses"] = float(cache.hits), float(cache.misses)
-                metrics[f"{name}/cache_corrupt"] = float(cache.corrupt)
-                cache.hits = cache.misses = cache.corrupt = 0
-            if self.ahead:  # how far ahead of the others this frozen role got (its queue was full at teacher.ahead)
-                metrics[f"{name}/steps_ahead"] = float(most_ahead)
+            metrics.update(self.input.role_metrics(name, steps))
+            if name in self.caches:
+                metrics.update(self._cache_metrics(name))
+            if posting:  # how far ahead of the others this frozen role got (its queue was full at teacher.ahead)
+                metrics[f"{name}/steps_ahead"] = float(posting.most_ahead)
             if self.mesh.replicas > 1 and r.trains:  # the gradient all-reduce across the replicas
                 metrics[f"{name}/allreduce_ms"] = 1000 * self.mesh.reduce_s.get(index, 0.0) / steps
             if r.scheduler:
                 metrics[f"{name}/lr"] = r.optimizer.param_groups[0]["lr"]
-            if checksum:
-                metrics[f"{name}/data_checksum"] = float(checksum.value)
+        return metrics
+
+    def _cache_metrics(self, name: str) -> dict[str, float]:
+        """Steps read from teacher.cache, computed (then stored), and found corrupt this epoch."""
+        cache = self.caches[name]
+        metrics = {f"{name}/cache_hits": float(cache.hits), f"{name}/cache_misses": float(cache.misses),
+                   f"{name}/cache_corrupt": float(cache.corrupt)}
+        cache.hits = cache.misses = cache.corrupt = 0
         return metrics
 
     def _forward(self, runner: RoleRunner, x: torch.Tensor, y: torch.Tensor, epoch: int, step: int):
@@ -249,6 +268,51 @@ class Session:
                 self.best[r.role.name] = state["best"]
 
 
+class EpochTally:
+    """What an epoch's steps add up: each role's loss terms and compute time, the steps and samples, since it began."""
+
+    def __init__(self, roles: list[str]):
+        self.losses: dict[str, dict[str, float]] = {name: {} for name in roles}
+        self.compute = {name: 0.0 for name in roles}
+        self.steps, self.samples, self.started = 0, 0, time.perf_counter()
+
+    @contextmanager
+    def computing(self, role: str):
+        started = time.perf_counter()
+        yield
+        self.compute[role] += time.perf_counter() - started
+
+    def add_losses(self, role: str, losses: dict[str, float], share: float) -> None:
+        """A shard's loss terms, weighted to the global batch."""
+        for term, value in losses.items():
+            self.losses[role][term] = self.losses[role].get(term, 0.0) + value * share
+
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.started
+
+
+class PostedAhead:
+    """A frozen-only process's steps posted to the others ahead of time (`teacher.ahead`), oldest first: nothing
+    comes back that its roles need, so it waits (`wait(posted)`) only when more than `ahead` are still untaken."""
+
+    def __init__(self, exchange, ahead: int, wait: Callable):
+        self.exchange, self.ahead, self.wait = exchange, ahead, wait
+        self.queue: deque = deque()
+        self.most_ahead = 0
+
+    def post(self, published: dict) -> None:
+        while self.queue and self.queue[0].done():  # steps the others have taken
+            self.queue.popleft().wait()
+        self.queue.append(self.exchange.post(published))
+        self.most_ahead = max(self.most_ahead, len(self.queue) - 1)
+        if len(self.queue) > self.ahead:
+            self.wait(self.queue.popleft())
+
+    def drain(self) -> None:
+        while self.queue:
+            self.wait(self.queue.popleft())
+
+
 ProgressFn = Callable[[dict[str, float]], None]
 
 
@@ -262,7 +326,8 @@ def progress_line(total_epochs: int) -> ProgressFn:
         accs = "  ".join(f"{h} {acc(f'{h}/val_acc')}/{acc(f'{h}/test_acc')}" for h in heads)
         speed = min(v for k, v in m.items() if k.endswith("/samples_per_s"))
         scored = f"val/test top-1: {accs}" if heads else "not scored (eval.every)"
-        print(f"epoch {int(m['epoch'])}/{total_epochs}  {scored}  ({speed:.0f} samples/s{teacher_note(m)})", flush=True)
+        print(f"epoch {int(m['epoch'])}/{total_epochs}  {scored}  ({speed:.0f} samples/s{teacher_note(m)}"
+              f"{input_note(m)})", flush=True)
 
     return show
 
@@ -282,6 +347,17 @@ def teacher_note(m: dict[str, float]) -> str:
     if notes and waits:
         notes.append(f"students waited {max(waits):.1f} ms/step")
     return "".join(f", {n}" for n in notes)
+
+
+def input_note(m: dict[str, float]) -> str:
+    """How the streamed input kept up this epoch: images decoded per second and their CPU cost, and the longest any
+    role waited for its batch per step ('' in memory mode)."""
+    if "data/images_decoded_per_s" not in m:
+        return ""
+    waits = [v for k, v in m.items() if k.endswith("/input_wait_ms")]
+    note = (f", decoded {m['data/images_decoded_per_s']:.0f} images/s "
+            f"({m.get('data/decode_cpu_ms_per_image', 0.0):.1f} CPU-ms each)")
+    return note + (f", input waited {max(waits):.1f} ms/step" if waits else "")
 
 
 def corrupt_chunks(count: float) -> str:

@@ -1,8 +1,10 @@
 """ImageFolder trees read from disk batch by batch (`data.mode=stream`): any size of set, any image sizes.
 
-Each role's worker runs its own torch DataLoader (`data.workers` processes, kept across epochs) over
-the file list, so a worker holds a file name per image and a few batches, never the decoded set.
-Every worker still draws the same pixels at each step, as the in-memory path guarantees: the batch
+A torch DataLoader (`data.workers` processes, kept across epochs) reads the file list, so a process
+holds a file name per image and a few batches, never the decoded set. On Ray one loader per replica
+runs it and hands every role the same decoded batch (`ray_kd.loader`, `data.decode=once`); with
+`data.decode=per_role`, and in one process, the roles' own process runs it. Whoever decodes, every
+role draws the same pixels at each step, as the in-memory path guarantees: the batch
 sampler walks the training set in the in-memory path's permutation for (seed, epoch)
 (`data.epoch_order`), and each sample's augmentation is drawn from a generator seeded by
 (seed, epoch, index), never from a DataLoader process's own RNG state, so which process decodes
@@ -14,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -42,6 +46,14 @@ class StreamSplit:
     name: str
     files: np.ndarray  # fixed-width bytes: no per-file Python object for forked processes to copy on touch
     labels: torch.Tensor
+
+
+@dataclass
+class DecodeCount:
+    """Training images decoded and augmented, and the CPU-seconds the processes that did it spent on them."""
+
+    images: int = 0
+    cpu_s: float = 0.0
 
 
 @dataclass
@@ -87,6 +99,8 @@ class StreamDataset(torch.utils.data.Dataset):
             self.augmenting = self.evaluating
         self._plans = {"train": _Plan(), "eval": _Plan()}
         self._loaders: dict[str, DataLoader] = {}
+        self.raw_training = False  # training batches uint8, not normalised (a loader's: each role normalises)
+        self.decoded = DecodeCount()  # training images decoded here since `take_decoded`
 
     # --- inside a DataLoader process ----------------------------------------
     def __len__(self) -> int:
@@ -95,27 +109,32 @@ class StreamDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Key):
         from PIL import Image
 
+        """(image, label, CPU-seconds this thread spent decoding and transforming it)."""
         split, index, seed, epoch, augment = key
         part = self.splits[split]
         path = os.fsdecode(part.files[index])
+        started = time.thread_time()
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             return Unreadable(path, str(err) or type(err).__name__)
         if not augment:
-            return self.evaluating(img), int(part.labels[index])
-        with torch.random.fork_rng(devices=[]):  # only this sample's draws see the seed
-            torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
-            return self.augmenting(img), int(part.labels[index])
+            image = self.evaluating(img)
+        else:
+            with torch.random.fork_rng(devices=[]):  # only this sample's draws see the seed
+                torch.default_generator.manual_seed(sample_seed(seed, epoch, index))
+                image = self.augmenting(img)
+        return image, int(part.labels[index]), time.thread_time() - started
 
-    def _collate(self, samples: list, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor] | Unreadable:
+    def _collate(self, samples: list, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor, float] | Unreadable:
         bad = next((s for s in samples if isinstance(s, Unreadable)), None)
         if bad is not None:
             return bad
-        images = torch.stack([image for image, _ in samples])
-        labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-        return (images if self.mean is None or not normalized else normalize(images, self.mean, self.std)), labels
+        images = torch.stack([image for image, *_ in samples])
+        labels = torch.tensor([label for _, label, _ in samples], dtype=torch.int64)
+        cpu_s = sum(cpu for *_, cpu in samples)
+        return (images if self.mean is None or not normalized else normalize(images, self.mean, self.std)), labels, cpu_s
 
     # --- in the role's process ----------------------------------------------
     def train_batches(self, batch_size: int, seed: int, epoch: int, max_steps: int | None = None,
@@ -142,14 +161,23 @@ class StreamDataset(torch.utils.data.Dataset):
                                   normalized=False)
             if isinstance(batch, Unreadable):
                 raise DataError(f"{batch.path}: unreadable image ({batch.reason}); remove or replace the file")
-            yield batch
+            yield batch[:2]
 
     def _run(self, kind: str, batches: list[list[Key]], loader: DataLoader | None = None):
         self._plans[kind].batches = batches
         for batch in loader if loader is not None else self._persistent_loader(kind):
             if isinstance(batch, Unreadable):
                 raise DataError(f"{batch.path}: unreadable image ({batch.reason}); remove or replace the file")
-            yield batch
+            images, labels, cpu_s = batch
+            if kind == "train":
+                self.decoded.images += len(labels)
+                self.decoded.cpu_s += cpu_s
+            yield images, labels
+
+    def take_decoded(self) -> DecodeCount:
+        """The training images decoded since the last call, and their CPU-seconds."""
+        decoded, self.decoded = self.decoded, DecodeCount()
+        return decoded
 
     def _persistent_loader(self, kind: str) -> DataLoader:
         """Made on first use, after the mean/std are set: its processes keep the dataset as it was then."""
@@ -158,7 +186,8 @@ class StreamDataset(torch.utils.data.Dataset):
         return self._loaders[kind]
 
     def _make_loader(self, kind: str, persistent: bool) -> DataLoader:
-        return DataLoader(self, batch_sampler=self._plans[kind], num_workers=self.workers, collate_fn=self._collate,
+        collate = partial(self._collate, normalized=not (kind == "train" and self.raw_training))
+        return DataLoader(self, batch_sampler=self._plans[kind], num_workers=self.workers, collate_fn=collate,
                           persistent_workers=persistent, pin_memory=torch.cuda.is_available())
 
     def stats_sample(self) -> torch.Tensor:

@@ -1,0 +1,135 @@
+"""Stream mode on Ray with roles placed apart: a loader per replica decodes each step's images once for all its roles
+(`data.decode=once`), every role trains on identical pixels, and `data.decode=per_role` still decodes per role."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_streaming import make_tree
+
+from ray_kd.config import load_config
+from ray_kd.data import DataError
+from ray_kd.models import create_model
+from ray_kd.ray_executor import run_on_ray
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, BATCH = 2, 8
+
+
+def stream_overrides(tmp_path, root, *extra) -> list[str]:
+    return ["data.dataset=imagefolder", f"data.root={root}", "data.mode=stream", "data.image_size=16",
+            f"data.batch_size={BATCH}", "data.workers=1", "data.checksum=true", f"data.cache_dir={tmp_path / 'cache'}",
+            "optim.epochs=2", f"optim.steps_per_epoch={STEPS}", "optim.milestones=[1]", f"output_dir={tmp_path}",
+            "eval.every=2", *extra]
+
+
+def kd_overrides(tmp_path) -> list[str]:
+    teacher = tmp_path / "teacher.pt"
+    torch.save(create_model("resnet8", 3).state_dict(), teacher)
+    return ["method={name: kd}", f"teacher={{model: resnet8, checkpoint: {teacher}}}", "students=[{model: resnet8}]"]
+
+
+DML3 = ["method={name: dml}", "students=[{model: resnet8}, {model: resnet8}, {model: resnet8}]"]
+
+
+def history(folder: Path) -> list[dict]:
+    return json.loads((folder / "history.json").read_text())
+
+
+@pytest.mark.parametrize("method, decode, roles", [("kd", "once", ("teacher", "student_0")),
+                                                   ("dml3", "once", ("student_0", "student_1", "student_2")),
+                                                   ("dml3", "per_role", ("student_0", "student_1", "student_2"))])
+def test_each_image_is_decoded_once_for_every_role(ray_cluster, tmp_path, method, decode, roles):
+    root = make_tree(tmp_path / "tree", per_class=(12, 2))
+    chosen = kd_overrides(tmp_path) if method == "kd" else DML3
+    cfg = load_config(None, stream_overrides(tmp_path, root, f"data.decode={decode}", f"name={method}-{decode}",
+                                             "runtime.cpus_per_worker=0.5", *chosen))
+    records = history(run_on_ray(cfg, show_progress=False))
+    assert len(records) == 2
+    for record in records:
+        sums = {record[f"{role}/data_checksum"] for role in roles}
+        assert len(sums) == 1  # every role trained on the same pixels and labels
+        assert record["data/images_trained"] == STEPS * BATCH
+        per_image = 1 if decode == "once" else len(roles)  # the old path: one decode per role
+        assert record["data/images_decoded"] == per_image * STEPS * BATCH
+        assert record["data/decodes_per_image"] == per_image
+        assert record["data/decode_cpu_s"] > 0 and record["data/images_decoded_per_s"] > 0
+        assert all(record[f"{role}/input_wait_ms"] >= 0 for role in roles)
+    assert records[0]["student_0/data_checksum"] != records[1]["student_0/data_checksum"]  # a new draw each epoch
+
+
+def test_the_loader_draws_what_each_role_would_draw_itself(ray_cluster, tmp_path):
+    """The same batches through the loader as decoded per role: equal checksums, equal losses."""
+    root = make_tree(tmp_path / "tree", per_class=(12, 2))
+    runs = {}
+    for decode in ("once", "per_role"):
+        cfg = load_config(None, stream_overrides(tmp_path, root, f"data.decode={decode}", f"name=dml-{decode}",
+                                                 "students=[{model: resnet8}, {model: resnet8}]"))
+        runs[decode] = history(run_on_ray(cfg, show_progress=False))
+    for once, per_role in zip(runs["once"], runs["per_role"]):
+        keys = [k for k in once if "/loss_" in k or k.endswith(("/data_checksum", "_acc"))]
+        assert len(keys) > 4
+        for key in keys:
+            assert once[key] == per_role[key], key
+
+
+def test_an_unreadable_image_through_the_loader_is_one_line(ray_cluster, tmp_path):
+    root = make_tree(tmp_path / "tree", per_class=(12, 2))
+    cfg = load_config(None, stream_overrides(tmp_path, root, "name=bad", "students=[{model: resnet8}, {model: resnet8}]",
+                                             "data.normalize=imagenet"))  # no statistics pass to meet it first
+    for file in sorted((root / "train").rglob("*.jpg")):
+        file.write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match=r"\.jpg: unreadable image \(.*\); remove or replace the file") as err:
+        run_on_ray(cfg, show_progress=False)
+    assert "\n" not in str(err.value)
+
+
+# Runs in a process of its own: the test session's `ray_cluster` fixture already holds a one-node cluster here.
+SCRIPT = '''
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from ray_kd.config import load_config
+from ray_kd.ray_executor import run_roles, train_worker
+from ray_kd.run_storage import RunStorage
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+cluster.add_node(num_cpus=1, resources={"decode_node": 1})  # CPU-only decoding: no room for a role worker
+ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
+decoder = [n["NodeID"] for n in ray.nodes() if "decode_node" in n["Resources"]][0]
+
+
+def probe(config, rank):
+    train_worker(config, rank)
+    return {"role": ray.get_runtime_context().get_node_id(), "loader": ray.get(config["loaders"][0].node_id.remote())}
+
+
+cfg = load_config(None, json.loads(sys.argv[1]))
+where = run_roles(cfg, probe)
+print(json.dumps({"decode_node": decoder, "where": where, "last": str(RunStorage.of(cfg).checkpoints().latest())}))
+ray.shutdown()
+cluster.shutdown()
+'''
+
+
+def test_the_loader_runs_on_a_cpu_only_node(tmp_path):
+    """`data.loader_resources` puts the decoding on a node of its own (Ray's multi-node simulation): the roles train
+    on the head node, fed by the loader on the other."""
+    root = make_tree(tmp_path / "tree", per_class=(12, 2))
+    overrides = stream_overrides(tmp_path, root, "name=nodes", "runtime.cpus_per_worker=1", "optim.epochs=1",
+                                 "data.loader_resources={decode_node: 1, CPU: 1}", *kd_overrides(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(overrides)], capture_output=True, text=True,
+                          cwd=REPO, env=env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    roles = {w["role"] for w in report["where"]}
+    loaders = {w["loader"] for w in report["where"]}
+    assert loaders == {report["decode_node"]}  # decoded on the CPU-only node
+    assert report["decode_node"] not in roles and len(report["where"]) == 2  # teacher and student on the head
+    record = history(Path(report["last"]))[-1]
+    assert record["data/decodes_per_image"] == 1 and record["teacher/data_checksum"] == record["student_0/data_checksum"]
