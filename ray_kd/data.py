@@ -28,7 +28,7 @@ import torch
 from ray_kd import synthetic
 from ray_kd.checkpoint import atomic_save
 from ray_kd.config import DataConfig
-from ray_kd.errors import UserError
+from ray_kd.errors import UserError, first_line
 
 
 class DataError(UserError, ValueError):
@@ -212,6 +212,10 @@ def _cifar(cfg: DataConfig) -> tuple[Split, Split, int]:
         except RuntimeError as err:
             raise DataError(f"{cfg.dataset} not found under data.root={cfg.root!r} ({err}); "
                             "fix the path or set data.download=true") from None
+        except OSError as err:  # the download's: no network, no name resolution, a refused or failed transfer
+            reason = getattr(err, "reason", None) or err.strerror or first_line(err)
+            raise DataError(f"{cfg.dataset} could not be downloaded into data.root={cfg.root!r} ({reason}); check "
+                            "the network, or download it elsewhere and point data.root at it") from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         splits.append(Split(images, torch.tensor(ds.targets, dtype=torch.int64)))
     return splits[0], splits[1], 10 if cfg.dataset == "cifar10" else 100
@@ -399,7 +403,7 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-            raise DataError(f"{archive} is not a readable .tar.gz ({type(err).__name__}: {err}); "
+            raise DataError(f"{archive} is not a readable .tar.gz ({type(err).__name__}: {first_line(err).rstrip(':')}); "
                             "copy it again or point data.root at the unpacked folder") from None
         (tmp / ".complete").touch()
         if not target.exists():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -87,6 +88,7 @@ class StreamDataset(torch.utils.data.Dataset):
             self.augmenting = self.evaluating
         self._plans = {"train": _Plan(), "eval": _Plan()}
         self._loaders: dict[str, DataLoader] = {}
+        self.skip_bad = False  # data.bad_images=skip (set by load_stream): a batch drops its unreadable images
 
     # --- inside a DataLoader process ----------------------------------------
     def __len__(self) -> int:
@@ -110,9 +112,11 @@ class StreamDataset(torch.utils.data.Dataset):
             return self.augmenting(img), int(part.labels[index])
 
     def _collate(self, samples: list, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor] | Unreadable:
-        bad = next((s for s in samples if isinstance(s, Unreadable)), None)
-        if bad is not None:
-            return bad
+        bad = [s for s in samples if isinstance(s, Unreadable)]
+        if bad and (not self.skip_bad or len(bad) == len(samples)):
+            return bad[0]
+        samples = [s for s in samples if not isinstance(s, Unreadable)]
+        _say_skipped(bad)
         images = torch.stack([image for image, _ in samples])
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         return (images if self.mean is None or not normalized else normalize(images, self.mean, self.std)), labels
@@ -170,6 +174,19 @@ class StreamDataset(torch.utils.data.Dataset):
         return torch.cat([x for x, _ in self._run("eval", batches, self._make_loader("eval", persistent=False))])
 
 
+_SKIPPED: set[str] = set()
+"""The unreadable images this process has skipped and said so (each said once, not each epoch)."""
+
+
+def _say_skipped(bad: list[Unreadable]) -> None:
+    """One warning line per unreadable image skipped (`data.bad_images=skip`), from the process that decoded it."""
+    for sample in bad:
+        if sample.path not in _SKIPPED:
+            _SKIPPED.add(sample.path)
+            print(f"ray-kd: warning: skipped an unreadable image (data.bad_images=skip): {sample.path} "
+                  f"({sample.reason})", file=sys.stderr, flush=True)
+
+
 def eval_resize(image_size: int) -> int:
     """The shorter side evaluation resizes an image to before its centre crop of `image_size`."""
     return int(image_size / CROP_FRACTION)
@@ -204,6 +221,7 @@ def load_stream(cfg: DataConfig) -> StreamDataset:
         StreamSplit("train", files[keep.numpy()], labels[keep]), StreamSplit("val", files[held.numpy()], labels[held]),
         StreamSplit("test", np.array([os.fsencode(f) for f in test_files]), torch.tensor(test_labels)),
         len(classes), image_size, cfg.augment != "none", cfg.workers, cfg.batch_size)
+    data.skip_bad = cfg.bad_images == "skip"
     data.mean, data.std = _mean_std(cfg, data, root, image_size)
     return data
 
