@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ray_kd.config import Overrides, RunConfig, load_config
+from ray_kd.config import ConfigError, Overrides, RunConfig, load_config
 
 ConfigSource = str | Path | dict | RunConfig | None
 
@@ -27,10 +27,13 @@ def train(config: ConfigSource = None, overrides: Overrides | None = None, resta
 
 def train_teacher(config: ConfigSource, out: str | Path, overrides: Overrides | None = None,
                   restart: bool = False, keep: str = "best") -> dict:
-    """Train `students[0]` alone and save it as a teacher file at `out`, its weights from the best validation
-    epoch (`keep="best"`) or the last (`keep="last"`); returns the summary (`teacher_file`)."""
+    """Run the config (a teacher config: one model, method `ce`) and save its best student as a teacher file at
+    `out`, its weights from the best validation epoch (`keep="best"`) or the last (`keep="last"`); returns the
+    summary (`teacher_file`)."""
     from ray_kd import run
 
+    if not isinstance(out, (str, Path)) or not str(out).strip():
+        raise ConfigError(f"train_teacher needs out, the teacher file to write (e.g. 'runs/teacher.pt'), not {out!r}")
     return run.train_teacher(load_config(config, overrides), Path(out), restart=restart, keep=keep)
 
 

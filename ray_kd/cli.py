@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="run (or resume) one distillation run")
     run_args(train)
     restart_arg(train)
-    teacher = sub.add_parser("train-teacher", help="train a teacher (students.0) with cross-entropy and save it")
+    teacher = sub.add_parser("train-teacher", help="run the config (its method: e.g. configs/digits_teacher.yaml, "
+                                                   "one model with cross-entropy) and save its best student as a "
+                                                   "teacher file")
     run_args(teacher)
     restart_arg(teacher)
     teacher.add_argument("--out", required=True, help="where to write the teacher checkpoint (.pt)")
@@ -57,8 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command's arguments; key=value overrides may stand before and after its options (`tune a=1 --space s.yaml
+    b=2`), which argparse alone takes as one list only, and refuses the rest of as unrecognized."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from ray_kd.stopping import RunStopped, install_handlers, signal_of
 
     install_handlers()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from ray_kd.errors import UserError
 from ray_kd.methods import method_class
 from ray_kd.validation import Strict, one_line
-from ray_kd.yaml_files import YamlError, load_yaml_file
+from ray_kd.yaml_files import YamlError, load_yaml_file, yaml_problem
 
 
 class ConfigError(UserError, ValueError):
@@ -500,7 +500,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({yaml_problem(err)})") from None
 
 
 def load_config(source: str | Path | dict | RunConfig | None = None, overrides: Overrides | None = None) -> RunConfig:

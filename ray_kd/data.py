@@ -328,7 +328,7 @@ def _unpack(archive: Path, cache_dir: Path) -> Path:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-            raise DataError(f"{archive} is not a readable .tar.gz ({type(err).__name__}: {err}); "
+            raise DataError(f"{archive} is not a readable .tar.gz ({type(err).__name__}: {first_line(err).rstrip(':')}); "
                             "copy it again or point data.root at the unpacked folder") from None
         (tmp / ".complete").touch()
         if not target.exists():

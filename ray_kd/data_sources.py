@@ -25,6 +25,7 @@ import torch
 from ray_kd import synthetic
 from ray_kd.data import (Dataset, DataError, Split, imagefolder_splits, normalization, stratified_split,
                          train_val_indices)
+from ray_kd.errors import first_line
 from ray_kd.plugins import PluginError, check_allowed, load_entry_points
 
 ENTRY_POINT_GROUP = "ray_kd.datasets"
@@ -189,6 +190,10 @@ class _Cifar(DataSource):
             except RuntimeError as err:
                 raise DataError(f"{self.name} not found under data.root={cfg.root!r} ({err}); "
                                 "fix the path or set data.download=true") from None
+            except OSError as err:  # the download's: no network, no name resolution, a refused or failed transfer
+                reason = getattr(err, "reason", None) or err.strerror or first_line(err)
+                raise DataError(f"{self.name} could not be downloaded into data.root={cfg.root!r} ({reason}); check "
+                                "the network, or download it elsewhere and point data.root at it") from None
             images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             splits.append(Split(images, torch.tensor(ds.targets, dtype=torch.int64)))
         return splits[0], splits[1], self.classes

@@ -13,7 +13,7 @@ import socket
 import tempfile
 from pathlib import Path
 
-from ray_kd.config import ConfigError, RunConfig, uri_scheme
+from ray_kd.config import ConfigError, RunConfig, shown_uri, storage_mirror, uri_scheme
 from ray_kd.data import Dataset
 from ray_kd.errors import UserError
 from ray_kd.evaluation import frozen_module
@@ -83,6 +83,14 @@ def check_folders(cfg: RunConfig) -> None:
             check_writable(location, field)
         else:
             storage.check_writable(location, field)
+            if field == "output_dir":  # the run folder is written here first, then copied to the store
+                mirror = storage_mirror(location)
+                try:
+                    check_writable(mirror, "RAY_KD_STORAGE_CACHE")
+                except PreflightError:
+                    raise PreflightError(f"{mirror}, where a run on {shown_uri(location)} keeps its local copy, "
+                                         "is not a writable folder; point RAY_KD_STORAGE_CACHE at a folder this "
+                                         "user can write") from None
 
 
 def check_sqlite_store(uri: str) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ray_kd import tracking
 from ray_kd.errors import UserError
+from ray_kd.preflight import check_writable
 
 GROUP = ["method", "teacher", "student", "dataset", "protocol"]
 SCORES = ["test_acc_at_best_val", "last_test_acc"]
@@ -33,6 +34,7 @@ def report(experiment: str = "ray-kd", out_dir: str | Path = "runs/report", trac
            log_to_mlflow: bool = True) -> dict:
     """Write report.csv, report.md and report.png into `out_dir` and log them to a `report` run of the
     experiment; returns {'rows': [...], 'files': {...}, 'mlflow_run_id': ...}."""
+    check_writable(out_dir, "--out")  # before the store is read: a report that cannot be written is not made
     uri = tracking.resolve_uri(tracking_uri)
     tracking.check_reachable(uri)
     mlflow = tracking.client(uri)

@@ -182,8 +182,8 @@ def preflight(cfg: RunConfig) -> Dataset:
 
 
 def train_teacher(cfg: RunConfig, out: Path, restart: bool = False, keep: str = "best") -> dict:
-    """Train `cfg.students[0]` alone with cross-entropy and save it as a teacher file; returns the run's
-    summary, with the file's path as `teacher_file`.
+    """Run `cfg` (its own method: a teacher config has one model and `ce`) and save its best student as a teacher
+    file; returns the run's summary, with the file's path as `teacher_file`.
 
     `keep` picks the weights: `best` (the epoch of best validation top-1) or `last` (the last epoch). With a
     small validation split the best epoch can be noise (a val top-1 of 1,000 images moves by a point from

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -101,15 +102,16 @@ class StreamDataset(torch.utils.data.Dataset):
         self._loaders: dict[str, DataLoader] = {}
         self.raw_training = False  # training batches uint8, not normalised (a loader's: each role normalises)
         self.decoded = DecodeCount()  # training images decoded here since `take_decoded`
+        self.skip_bad = False  # data.bad_images=skip (set by load_stream): a batch drops its unreadable images
 
     # --- inside a DataLoader process ----------------------------------------
     def __len__(self) -> int:
         return sum(len(s.labels) for s in self.splits.values())
 
     def __getitem__(self, key: Key):
+        """(image, label, CPU-seconds this thread spent decoding and transforming it)."""
         from PIL import Image
 
-        """(image, label, CPU-seconds this thread spent decoding and transforming it)."""
         split, index, seed, epoch, augment = key
         part = self.splits[split]
         path = os.fsdecode(part.files[index])
@@ -128,9 +130,11 @@ class StreamDataset(torch.utils.data.Dataset):
         return image, int(part.labels[index]), time.thread_time() - started
 
     def _collate(self, samples: list, normalized: bool = True) -> tuple[torch.Tensor, torch.Tensor, float] | Unreadable:
-        bad = next((s for s in samples if isinstance(s, Unreadable)), None)
-        if bad is not None:
-            return bad
+        bad = [s for s in samples if isinstance(s, Unreadable)]
+        if bad and (not self.skip_bad or len(bad) == len(samples)):
+            return bad[0]
+        samples = [s for s in samples if not isinstance(s, Unreadable)]
+        _say_skipped(bad)
         images = torch.stack([image for image, *_ in samples])
         labels = torch.tensor([label for _, label, _ in samples], dtype=torch.int64)
         cpu_s = sum(cpu for *_, cpu in samples)
@@ -199,6 +203,19 @@ class StreamDataset(torch.utils.data.Dataset):
         return torch.cat([x for x, _ in self._run("eval", batches, self._make_loader("eval", persistent=False))])
 
 
+_SKIPPED: set[str] = set()
+"""The unreadable images this process has skipped and said so (each said once, not each epoch)."""
+
+
+def _say_skipped(bad: list[Unreadable]) -> None:
+    """One warning line per unreadable image skipped (`data.bad_images=skip`), from the process that decoded it."""
+    for sample in bad:
+        if sample.path not in _SKIPPED:
+            _SKIPPED.add(sample.path)
+            print(f"ray-kd: warning: skipped an unreadable image (data.bad_images=skip): {sample.path} "
+                  f"({sample.reason})", file=sys.stderr, flush=True)
+
+
 def eval_resize(image_size: int) -> int:
     """The shorter side evaluation resizes an image to before its centre crop of `image_size`."""
     return int(image_size / CROP_FRACTION)
@@ -233,6 +250,7 @@ def load_stream(cfg: DataConfig) -> StreamDataset:
         StreamSplit("train", files[keep.numpy()], labels[keep]), StreamSplit("val", files[held.numpy()], labels[held]),
         StreamSplit("test", np.array([os.fsencode(f) for f in test_files]), torch.tensor(test_labels)),
         len(classes), image_size, cfg.augment != "none", cfg.workers, cfg.batch_size)
+    data.skip_bad = cfg.bad_images == "skip"
     data.mean, data.std = _mean_std(cfg, data, root, image_size)
     return data
 

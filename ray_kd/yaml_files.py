@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ray_kd.errors import UserError
+from ray_kd.errors import UserError, first_line
 
 
 class YamlError(UserError, ValueError):
@@ -28,6 +28,15 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: its problem and column, without PyYAML's quoted snippet and caret lines (a value
+    given on the command line is one line: its column is enough)."""
+    if isinstance(err, yaml.MarkedYAMLError):
+        mark = err.problem_mark or err.context_mark
+        return f"{err.problem or err.context}" + (f" at column {mark.column + 1}" if mark is not None else "")
+    return first_line(err)
 
 
 def load_yaml_file(path: str | Path, what: str):
