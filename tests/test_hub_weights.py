@@ -6,6 +6,8 @@ and `refs/main`, HF_HUB_OFFLINE=1), a torchvision one through torch.hub's cache 
 out; the one line when a cache is empty and nothing can be downloaded; the data's normalisation following the
 weights'."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from test_streaming import make_tree
@@ -38,20 +40,33 @@ def caches(tmp_path, monkeypatch):
     return tmp_path
 
 
-def lay_out_timm(seed: int = 7) -> dict[str, torch.Tensor]:
-    """A timm repo in the Hugging Face cache as huggingface_hub writes it, holding weights of the right shapes
-    (another init than any ray-kd would draw)."""
+def lay_out_timm(name: str = "test_resnet", seed: int = 7) -> dict[str, torch.Tensor]:
+    """timm's repo of `name`'s pretrained weights in the Hugging Face cache as huggingface_hub writes it, holding
+    weights of the right shapes (another init than any ray-kd would draw)."""
     import timm
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    state = {k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}
-    repo = hf_cache() / "models--timm--test_resnet.r160_in1k"
+    state = {k: v.contiguous() for k, v in timm.create_model(name).state_dict().items()}
+    repo = hf_cache() / f"models--{hub_weights(f'timm:{name}').hf_repo.replace('/', '--')}"
     snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     snapshot.mkdir(parents=True)
     save_file(state, snapshot / "model.safetensors")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(snapshot.name)
+    return state
+
+
+def lay_out_torchvision(name: str = "mobilenet_v3_small", seed: int = 7) -> dict[str, torch.Tensor]:
+    """torchvision's file of `name`'s DEFAULT weights in torch.hub's cache, under the name torchvision asks for
+    (whose hash prefix is not this file's: torch.hub checks it only when it downloads)."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = torchvision.models.get_model(name).state_dict()
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, folder / Path(hub_weights(f"torchvision:{name}").url).name)
     return state
 
 
@@ -89,14 +104,7 @@ def test_a_timm_model_loads_from_the_hugging_face_cache_and_trains(caches, tmp_p
 
 
 def test_a_torchvision_model_loads_from_torch_hubs_cache(caches):
-    import torchvision
-
-    weights = torchvision.models.get_model_weights("mobilenet_v3_small").DEFAULT
-    torch.manual_seed(7)
-    state = torchvision.models.mobilenet_v3_small().state_dict()
-    folder = caches / "torch" / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
-    torch.save(state, folder / weights.url.rsplit("/", 1)[1])  # mobilenet_v3_small-047dcff4.pth: not its hash
+    state = lay_out_torchvision()
     torch.manual_seed(0)
     net = load_backbone(Role("teacher", TORCHVISION, pretrained=True, replace_head=True), CLASSES, 3)
     assert_loaded(net, state, head=("classifier.3.",))
