@@ -185,12 +185,17 @@ def close_assistant(session) -> None:
             return
 
 
-def screenshot(session, path: Path) -> None:
-    """A PNG of the window, in at most 256 colours (small enough to commit)."""
+def screenshot(session, folder: Path | None, name: str) -> None:
+    """`folder`/`name`: a PNG of the window without the assistant panel, in at most 256 colours (small enough to
+    commit); nothing when no folder is asked for."""
     from PIL import Image
 
+    if folder is None:
+        return
+    close_assistant(session)
+    time.sleep(1)  # the panel's closing animation
     png = session.get_screenshot_as_png()
-    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(path, optimize=True)
+    Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(folder / name, optimize=True)
 
 
 def check(store: dict, base: str, profile_root: Path, screenshots: Path | None) -> list[str]:
@@ -212,10 +217,7 @@ def check(store: dict, base: str, profile_root: Path, screenshots: Path | None) 
         text = text_once(session, RUN_NAME, note, "Model metrics")
         training_view(session, text)
         done.append(f"run link {run_url}: Model training view, name {RUN_NAME!r}, description {note!r}")
-        if screenshots:
-            close_assistant(session)
-            time.sleep(1)
-            screenshot(session, screenshots / "mlflow-run.png")
+        screenshot(session, screenshots, "mlflow-run.png")
 
         session.find_element(By.XPATH, "//*[normalize-space(text())='Model metrics']").click()
         text = text_once(session, f"{RUN_NAME} (student_0/val_acc)", f"{RUN_NAME} (student_0/test_acc)")
@@ -225,18 +227,14 @@ def check(store: dict, base: str, profile_root: Path, screenshots: Path | None) 
         assert [name for name, _ in sections].index("student_0/final") > 0, sections
         assert not [s for s, _ in sections if s.startswith("progress")] and "eta_s" not in text, sections
         done.append(f"Model metrics: sections {[s for s, _ in sections]}, val and test top-1 charts drawn")
-        if screenshots:
-            screenshot(session, screenshots / "mlflow-run-charts.png")
+        screenshot(session, screenshots, "mlflow-run-charts.png")
 
         session.get(sweep_url)
         note = plain(store["notes"][store["sweep"]])
         text = text_once(session, f"{SWEEP_NAME}-sweep", note)
         training_view(session, text)
         done.append(f"sweep link {sweep_url}: Model training view, name {SWEEP_NAME}-sweep, description {note!r}")
-        if screenshots:
-            close_assistant(session)
-            time.sleep(1)
-            screenshot(session, screenshots / "mlflow-sweep.png")
+        screenshot(session, screenshots, "mlflow-sweep.png")
     return done
 
 

@@ -117,6 +117,10 @@ class RoleConfig(Strict):
                                      "(e.g. [layer1, layer2, layer3, layer4]); None finds them")
     replace_head: bool = Field(False, description="a checkpoint whose classifier has another class count gets "
                                "a fresh head instead of being refused")
+    pretrained: bool = Field(False, description="start a torchvision: or timm: model from its library's pretrained "
+                             "weights (torchvision: the model's DEFAULT weights; timm: the name's tag, e.g. "
+                             "timm:resnet50.a1_in1k), read from the cache under TORCH_HOME / HF_HOME, downloaded "
+                             "there if missing; data.normalize then defaults to their mean/std")
 
     @field_validator("checkpoint")
     @classmethod
@@ -146,7 +150,14 @@ class RoleConfig(Strict):
         reserved = sorted(set(self.model_kwargs) & set(RESERVED_KWARGS))
         if reserved:
             raise ValueError(f"model_kwargs may not set {', '.join(reserved)}: ray-kd sets the class count and "
-                             "channels from the data and never downloads weights (use checkpoint)")
+                             "channels from the data and loads weights itself (use pretrained: true or checkpoint)")
+        if self.pretrained:
+            if self.checkpoint is not None:
+                raise ValueError("pretrained and checkpoint both give the weights: keep one (a checkpoint "
+                                 "fine-tuned from the pretrained weights holds them already)")
+            from ray_kd.hub_weights import hub_weights
+
+            hub_weights(self.model)  # a library with no pretrained weights for the name: one line now
         return self
 
     @property
@@ -423,8 +434,9 @@ class RunConfig(Strict):
         self.method = MethodConfig(name=self.method.name, **params.model_dump())
         if cls.needs_teacher and self.teacher is None:
             raise ValueError(f"method {cls.name!r} needs a teacher: set teacher.model and teacher.checkpoint")
-        if cls.needs_teacher and self.teacher.checkpoint is None:
-            raise ValueError(f"method {cls.name!r} needs a trained teacher: set teacher.checkpoint (from `ray-kd train-teacher`)")
+        if cls.needs_teacher and self.teacher.checkpoint is None and not self.teacher.pretrained:
+            raise ValueError(f"method {cls.name!r} needs a trained teacher: set teacher.checkpoint (from `ray-kd "
+                             "train-teacher`) or teacher.pretrained=true")
         if not cls.needs_teacher and self.teacher is not None:
             raise ValueError(f"method {cls.name!r} takes no teacher: remove the teacher section")
         if len(self.students) < cls.min_students:
@@ -435,6 +447,18 @@ class RunConfig(Strict):
         if self.data.batch_size < self.runtime.replicas:
             raise ValueError(f"data.batch_size={self.data.batch_size} cannot be split into runtime.replicas="
                              f"{self.runtime.replicas} shards; raise the batch size or lower the replicas")
+        return self
+
+    @model_validator(mode="after")
+    def _normalize_as_pretrained(self) -> "RunConfig":
+        """Unless data.normalize is set, images are normalised as the first pretrained role's weights were
+        trained (the teacher's before the students'); gray images keep their own (the weights' are per RGB)."""
+        pretrained = [r for r in ([self.teacher] if self.teacher else []) + self.students if r.pretrained]
+        if pretrained and "normalize" not in self.data.model_fields_set and self.data.dataset != "digits":
+            from ray_kd.hub_weights import hub_weights
+
+            weights = hub_weights(pretrained[0].model)
+            self.data.normalize = (list(weights.mean), list(weights.std))
         return self
 
     def with_absolute_paths(self) -> "RunConfig":
@@ -485,7 +509,9 @@ def apply_overrides(tree: dict, overrides: Overrides) -> dict:
     for key, value in items:
         section = key.split(".")[0]
         if "." in key and section in defaults and section not in tree:
-            tree[section] = defaults[section]  # e.g. students.0.model=... edits the default students
+            # students.0.model=... edits the default students; a section of fields starts empty, so it records
+            # only the fields set (whether data.normalize was set decides its default)
+            tree[section] = {} if isinstance(defaults[section], dict) else defaults[section]
         try:
             set_dotted(tree, key, value)
         except (IndexError, ValueError) as err:

@@ -27,7 +27,7 @@ def all_roles(cfg: RunConfig) -> list[Role]:
     """Rank order: the teacher (if any) first, then student_0, student_1, ..."""
     def role(name, spec):
         stages = None if spec.stages is None else tuple(spec.stages)
-        return Role(name, spec.model, spec.checkpoint, spec.model_kwargs, stages, spec.replace_head)
+        return Role(name, spec.model, spec.checkpoint, spec.model_kwargs, stages, spec.replace_head, spec.pretrained)
 
     roles = [role("teacher", cfg.teacher)] if cfg.teacher else []
     return roles + [role(f"student_{k}", s) for k, s in enumerate(cfg.students)]

@@ -1,4 +1,5 @@
-"""A role's network with the weights from its `checkpoint` file, whoever wrote the file.
+"""A role's network with the weights from its `checkpoint` file, whoever wrote the file, or from its
+library's hub (`pretrained: true`, read through `ray_kd.hub_weights`), fitted onto the network alike.
 
 Accepted, and always read without unpickling code (`torch.load(weights_only=True)`,
 or safetensors): a `ray-kd train-teacher` file (checked against the model, class count
@@ -26,16 +27,30 @@ SHOWN = 3
 
 
 def load_backbone(role, num_classes: int, in_channels: int) -> nn.Module:
-    """`role`'s model for `num_classes` classes, with its checkpoint's weights when it names one."""
+    """`role`'s model for `num_classes` classes, with its checkpoint's weights when it names one, or its
+    library's pretrained weights (`pretrained: true`, `ray_kd.hub_weights`)."""
     net = create_model(role.model, num_classes, in_channels, **role.model_options)
     if role.checkpoint is not None:
         load_weights(net, role, num_classes, in_channels)
+    elif role.pretrained:
+        from ray_kd.hub_weights import hub_weights, pretrained_state
+
+        state = pretrained_state(role.model, in_channels, role.model_kwargs, role_field(role))
+        fit_weights(net, role, state, num_classes, hub_weights(role.model).shown)
     return net
 
 
 def load_weights(net: nn.Module, role, num_classes: int, in_channels: int) -> None:
     path = Path(role.checkpoint)
-    state = read_state_dict(path, role.model, num_classes, in_channels)
+    fit_weights(net, role, read_state_dict(path, role.model, num_classes, in_channels), num_classes,
+                f"checkpoint {path}", path.name)
+
+
+def fit_weights(net: nn.Module, role, state: dict[str, torch.Tensor], num_classes: int, source: str,
+                short: str | None = None) -> None:
+    """Load `state` (the library's keys or the net's) into `net`; a head for another class count is replaced
+    when the role says `replace_head`, any other mismatch is one line. `source` names the weights in messages
+    (`short` in the printed line)."""
     state = _map_keys(state, net)
     target = net.state_dict()
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]  # old BN files
@@ -46,22 +61,22 @@ def load_weights(net: nn.Module, role, num_classes: int, in_channels: int) -> No
         file_classes = state[head[0]].shape[0]
         if not role.replace_head:
             raise CheckpointError(
-                f"checkpoint {path} has a {file_classes}-class head ({', '.join(head)}) but this run has "
+                f"{source} has a {file_classes}-class head ({', '.join(head)}) but this run has "
                 f"{num_classes} classes; set {role_field(role)}.replace_head=true to start a fresh "
-                f"{num_classes}-class head, or use a checkpoint trained for {num_classes} classes")
+                f"{num_classes}-class head, or use weights trained for {num_classes} classes")
         for key in head:
             del state[key]
         mismatched = []
         frozen = " (a frozen teacher never trains it: fine-tune first with `ray-kd train-teacher`)" \
             if role.is_teacher else ""
-        print(f"{role.name}: replaced the {file_classes}-class head of {path.name} ({', '.join(head)}) with a fresh "
+        print(f"{role.name}: replaced the {file_classes}-class head of {short or source} ({', '.join(head)}) with a fresh "
               f"{num_classes}-class head (replace_head=true){frozen}", flush=True)
     if missing or unexpected or mismatched:
-        raise CheckpointError(f"checkpoint {path} does not fit {role.name}'s model {role.model!r}: "
+        raise CheckpointError(f"{source} does not fit {role.name}'s model {role.model!r}: "
                               + "; ".join(_listed(name, keys, state, target) for name, keys in
                                           (("missing", missing), ("unexpected", unexpected),
                                            ("of another shape", mismatched)) if keys)
-                              + "; check the model name and model_kwargs against the file")
+                              + "; check the model name and model_kwargs against the weights")
     net.load_state_dict({**target, **state})
 
 

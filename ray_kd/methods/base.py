@@ -39,6 +39,7 @@ class Role:
     model_kwargs: dict = field(default_factory=dict, hash=False)  # external models only (config.RoleConfig)
     stages: tuple[str, ...] | None = None
     replace_head: bool = False
+    pretrained: bool = False  # the library's hub weights (ray_kd.hub_weights), when no checkpoint
 
     @property
     def is_teacher(self) -> bool:

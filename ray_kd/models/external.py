@@ -15,8 +15,9 @@ hooks; the names come from, in order of preference:
 - none: the model is logits-only (`stage_channels == []`) and feature methods refuse it
   at preflight, naming the `stages` field to set.
 
-Weights are never downloaded: torchvision builds with `weights=None`, timm with
-`pretrained=False`; pretrained weights come from a local file (`ray_kd.weights`).
+Models are built without weights (torchvision `weights=None`, timm `pretrained=False`); a role's
+weights are loaded onto them afterwards, from a file (`ray_kd.weights`) or from the library's hub
+cache (`pretrained: true`, `ray_kd.hub_weights`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ PROBE_SIZES = (64, 224, 32, 8)
 size for those fixed to it (ViTs), then the small datasets' (CIFAR, digits)."""
 
 RESERVED_KWARGS = ("num_classes", "in_chans", "in_channels", "pretrained", "weights")
-"""Builder arguments ray-kd sets itself (from the data; never a download)."""
+"""Builder arguments ray-kd sets itself (from the data; weights through `ray_kd.weights`)."""
 
 
 def is_external(name: str) -> bool:
