@@ -64,7 +64,8 @@ def run(tree: Path, cache: Path, out: Path, name: str, decode: str, image_size: 
     """(history, process CPU-seconds of decoding in epoch 2) of one Ray run: measured between the moments epoch 1's
     and epoch 2's records land (processes started, nothing scored in between with eval.every > 2)."""
     from ray_kd.config import load_config
-    from ray_kd.ray_executor import run_on_ray
+    from ray_kd.ray_executor import RayExecutor
+    from ray_kd.run_storage import RunStorage
 
     overrides = ["data.dataset=imagefolder", f"data.root={tree}", "data.mode=stream", f"data.image_size={image_size}",
                  f"data.batch_size={BATCH}", "data.workers=1", f"data.decode={decode}", f"data.cache_dir={cache}",
@@ -73,8 +74,9 @@ def run(tree: Path, cache: Path, out: Path, name: str, decode: str, image_size: 
     if steps:
         overrides.append(f"optim.steps_per_epoch={steps}")
     snapshots = {}
-    last = run_on_ray(load_config(None, overrides), show_progress=False,
-                      on_epoch=lambda record: snapshots.setdefault(int(record["epoch"]), decoding_cpu()))
+    cfg = load_config(None, overrides)
+    last = RayExecutor(cfg).execute(RunStorage.of(cfg), None, show_progress=False,
+                                    on_epoch=lambda record: snapshots.setdefault(int(record["epoch"]), decoding_cpu()))
     history = json.loads((last / "history.json").read_text())
     if 2 not in snapshots:
         return history, float("nan")

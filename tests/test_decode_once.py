@@ -14,7 +14,7 @@ from test_streaming import make_tree
 from ray_kd.config import load_config
 from ray_kd.data import DataError
 from ray_kd.models import create_model
-from ray_kd.ray_executor import run_on_ray
+from equivalence import run_on_ray
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, BATCH = 2, 8
