@@ -131,8 +131,9 @@ def running_cluster() -> str | None:
 
 
 def check_address(address: str | None) -> None:
-    """A `host:port` (or `ray://host:port`) cluster address must accept a connection within seconds;
-    `auto` must find a cluster started on this machine (then its GCS is probed the same way)."""
+    """A `host:port` (or `ray://host:port`) cluster address must accept a connection within seconds, and a head's
+    GCS must answer this process (`check_head`); `auto` must find a cluster started on this machine (then it is
+    probed the same way)."""
     if not address:
         return
     if address == "auto":
@@ -154,3 +155,34 @@ def check_address(address: str | None) -> None:
     except OSError as err:
         raise PreflightError(f"no Ray cluster answers at runtime.address={address} ({err.strerror or err}); start "
                              "it (`ray start --head`), fix the address, or unset it to start a local cluster") from None
+    if "://" not in address:  # a head's GCS (ray:// is Ray Client's server, which asks nothing of this kind)
+        check_head(hostport, address)
+
+
+def check_head(hostport: str, address: str) -> None:
+    """Ask the head's GCS for its cluster id once, with the token `ray.init` would send (with RAY_AUTH_MODE=token:
+    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; none otherwise): `ray.init` retries a refused token, or
+    a port where something other than a Ray head answers, for 20 s with a warning each second, then says only that
+    it found no cluster."""
+    import grpc
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    loader = AuthenticationTokenLoader.instance()
+    token = tuple(loader.get_token_for_http_header().items()) if loader.has_token() else ()
+    with grpc.insecure_channel(hostport) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=ADDRESS_TIMEOUT_S, metadata=token)
+            return
+        except grpc.RpcError as err:
+            code = err.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        refused = "refused this process's token" if token else "refused this process, which sends no token"
+        raise PreflightError(f"the Ray cluster at runtime.address={address} uses token authentication and {refused}; "
+                             "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` "
+                             "on its head prints it), or point RAY_AUTH_TOKEN_PATH at a file holding it")
+    what = (f"nothing answered within {ADDRESS_TIMEOUT_S:g} s" if code == grpc.StatusCode.DEADLINE_EXCEEDED
+            else f"something there answered {code.name}, not as a Ray head")
+    raise PreflightError(f"no Ray cluster answers at runtime.address={address} ({what}); start it (`ray start "
+                         "--head`), fix the address, or unset it to start a local cluster")
