@@ -46,6 +46,28 @@ def check_roles(cfg: RunConfig, data: Dataset) -> None:
                 raise ConfigError(f"config error at {role_field(role)}: {str(err).splitlines()[0]}") from None
             if role.is_teacher and cfg.teacher.cache is not None:
                 check_cacheable(cfg, method.build_role(role, backbone, data.num_classes), data.num_classes)
+        if role.checkpoint is not None:
+            note_normalisation(role, data)
+
+
+def note_normalisation(role, data) -> None:
+    """A ray-kd file records the mean/std its images were normalised with; a run that normalises otherwise feeds
+    the role other inputs than it learnt on (e.g. a teacher fine-tuned from pretrained weights with their ImageNet
+    mean/std, distilled on a run measuring its own): said in a line, with the setting that matches."""
+    from ray_kd.checkpoint import safe_load
+
+    if Path(role.checkpoint).suffix == ".safetensors":
+        return
+    blob = safe_load(role.checkpoint)
+    prep = blob.get("preprocessing") if isinstance(blob, dict) else None
+    if not isinstance(prep, dict) or len(prep.get("mean", ())) != len(data.mean):
+        return
+    here = [[round(float(v), 4) for v in t] for t in (data.mean, data.std)]
+    trained = [[round(float(v), 4) for v in prep[k]] for k in ("mean", "std")]
+    if any(abs(a - b) > 1e-3 for x, y in zip(here, trained) for a, b in zip(x, y)):
+        print(f"{role.name}: {Path(role.checkpoint).name} learnt on images normalised with mean {trained[0]} std "
+              f"{trained[1]}, this run normalises with mean {here[0]} std {here[1]}; to feed it as it learnt, set "
+              f"data.normalize=[{trained[0]},{trained[1]}]", flush=True)
 
 
 def check_cacheable(cfg: RunConfig, teacher, num_classes: int) -> None:
