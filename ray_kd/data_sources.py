@@ -112,8 +112,8 @@ def _imported(path: str) -> DataSource:
         except Exception as err:
             raise PluginError(f"data source {path!r} cannot be imported ({type(err).__name__}: {err}); check the "
                               "package is installed on every node and the name is package.module:Class") from None
-        if not (isinstance(cls, type) and issubclass(cls, DataSource)):
-            raise PluginError(f"data source {path!r} is not a ray_kd.data_sources.DataSource subclass")
+        if not (isinstance(cls, type) and issubclass(cls, DataSource) and isinstance(getattr(cls, "name", None), str)):
+            raise PluginError(f"data source {path!r} is not a ray_kd.data_sources.DataSource subclass with a `name`")
         SOURCES[path], ORIGINS[path] = cls(), f"import {module_name}"
     return SOURCES[path]
 
@@ -154,7 +154,7 @@ def dataset_identity(cfg, data) -> tuple[str, str, dict[str, int], str]:
 
 @register_dataset
 class Digits(DataSource):
-    """scikit-learn's 1,797 8x8 digits (ship inside its wheel): a 20% stratified test split."""
+    """scikit-learn's 1,797 8x8 digits (inside its wheel: nothing to download), a 20% stratified test split."""
 
     name = "digits"
     plain = True

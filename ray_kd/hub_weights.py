@@ -88,9 +88,12 @@ def pretrained_state(model: str, in_channels: int, model_kwargs: dict, field: st
         state = _hf_file(weights, field)
     else:
         state = _torch_hub_file(weights, field, _timm_fill(model))
-    # timm's own loader: its per-model key filters and the first conv's adaptation to another channel count
-    net = timm.create_model(model.partition(":")[2], pretrained=True, in_chans=in_channels,
-                            pretrained_cfg_overlay={"state_dict": state}, **model_kwargs)
+    try:  # timm's own loader: its per-model key filters and the first conv's adaptation to another channel count
+        net = timm.create_model(model.partition(":")[2], pretrained=True, in_chans=in_channels,
+                                pretrained_cfg_overlay={"state_dict": state}, **model_kwargs)
+    except RuntimeError as err:  # a cached file of other shapes (load_state_dict's mismatch)
+        raise HubWeightsError(f"{field}.pretrained: {weights.shown} in the cache does not fit {model} "
+                              f"({_reason(err)}); delete it from the cache to fetch it again") from None
     return net.state_dict()
 
 
@@ -171,6 +174,6 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _reason(err: BaseException) -> str:
-    reason = getattr(err, "reason", None) or err
-    text = str(reason).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__
+    """The error on one line: its type and (a URLError's reason, or its message) whitespace-collapsed, cut."""
+    text = " ".join(str(getattr(err, "reason", None) or err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__

@@ -46,6 +46,28 @@ def check_roles(cfg: RunConfig, data: Dataset) -> None:
                 raise ConfigError(f"config error at {role_field(role)}: {str(err).splitlines()[0]}") from None
             if role.is_teacher and cfg.teacher.cache is not None:
                 check_cacheable(cfg, method.build_role(role, backbone, data.num_classes), data.num_classes)
+        if role.checkpoint is not None:
+            note_normalisation(role, data)
+
+
+def note_normalisation(role, data) -> None:
+    """A ray-kd file records the mean/std its images were normalised with; a run that normalises otherwise feeds
+    the role other inputs than it learnt on (e.g. a teacher fine-tuned from pretrained weights with their ImageNet
+    mean/std, distilled on a run measuring its own): said in a line, with the setting that matches."""
+    from ray_kd.checkpoint import safe_load
+
+    if Path(role.checkpoint).suffix == ".safetensors":
+        return
+    blob = safe_load(role.checkpoint)
+    prep = blob.get("preprocessing") if isinstance(blob, dict) else None
+    if not isinstance(prep, dict) or len(prep.get("mean", ())) != len(data.mean):
+        return
+    here = [[round(float(v), 4) for v in t] for t in (data.mean, data.std)]
+    trained = [[round(float(v), 4) for v in prep[k]] for k in ("mean", "std")]
+    if any(abs(a - b) > 1e-3 for x, y in zip(here, trained) for a, b in zip(x, y)):
+        print(f"{role.name}: {Path(role.checkpoint).name} learnt on images normalised with mean {trained[0]} std "
+              f"{trained[1]}, this run normalises with mean {here[0]} std {here[1]}; to feed it as it learnt, set "
+              f"data.normalize=[{trained[0]},{trained[1]}]", flush=True)
 
 
 def check_cacheable(cfg: RunConfig, teacher, num_classes: int) -> None:
@@ -139,8 +161,9 @@ def running_cluster() -> str | None:
 
 
 def check_address(address: str | None) -> None:
-    """A `host:port` (or `ray://host:port`) cluster address must accept a connection within seconds;
-    `auto` must find a cluster started on this machine (then its GCS is probed the same way)."""
+    """A `host:port` (or `ray://host:port`) cluster address must accept a connection within seconds, and a head's
+    GCS must answer this process (`check_head`); `auto` must find a cluster started on this machine (then it is
+    probed the same way)."""
     if not address:
         return
     if address == "auto":
@@ -162,3 +185,34 @@ def check_address(address: str | None) -> None:
     except OSError as err:
         raise PreflightError(f"no Ray cluster answers at runtime.address={address} ({err.strerror or err}); start "
                              "it (`ray start --head`), fix the address, or unset it to start a local cluster") from None
+    if "://" not in address:  # a head's GCS (ray:// is Ray Client's server, which asks nothing of this kind)
+        check_head(hostport, address)
+
+
+def check_head(hostport: str, address: str) -> None:
+    """Ask the head's GCS for its cluster id once, with the token `ray.init` would send (with RAY_AUTH_MODE=token:
+    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; none otherwise): `ray.init` retries a refused token, or
+    a port where something other than a Ray head answers, for 20 s with a warning each second, then says only that
+    it found no cluster."""
+    import grpc
+    from ray._raylet import AuthenticationTokenLoader
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    loader = AuthenticationTokenLoader.instance()
+    token = tuple(loader.get_token_for_http_header().items()) if loader.has_token() else ()
+    with grpc.insecure_channel(hostport) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=ADDRESS_TIMEOUT_S, metadata=token)
+            return
+        except grpc.RpcError as err:
+            code = err.code()
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        refused = "refused this process's token" if token else "refused this process, which sends no token"
+        raise PreflightError(f"the Ray cluster at runtime.address={address} uses token authentication and {refused}; "
+                             "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the cluster's token (`ray get-auth-token` "
+                             "on its head prints it), or point RAY_AUTH_TOKEN_PATH at a file holding it")
+    what = (f"nothing answered within {ADDRESS_TIMEOUT_S:g} s" if code == grpc.StatusCode.DEADLINE_EXCEEDED
+            else f"something there answered {code.name}, not as a Ray head")
+    raise PreflightError(f"no Ray cluster answers at runtime.address={address} ({what}); start it (`ray start "
+                         "--head`), fix the address, or unset it to start a local cluster")

@@ -1,5 +1,6 @@
 """A run without runtime.address on a machine where a `ray start` cluster runs (or ran, its head killed): every
-command starts a local cluster of its own; and SIGTERM on the Ray executor's driver."""
+command starts a local cluster of its own; a head that refuses our token, or an address where no head answers, is
+one line at once; and SIGTERM on the Ray executor's driver."""
 
 import json
 import os
@@ -37,22 +38,23 @@ def _kill(processes: list[psutil.Process]) -> None:
 
 
 @contextmanager
-def started_head():
+def started_head(head_env: dict[str, str] | None = None):
     """`ray start --head` on loopback as the README's walkthrough starts it (without its dashboard), on ports of its
-    own. Ray's temp folder (where `ray start` writes
-    the address file a plain `ray.init()` joins) is under this head's own RAY_TMPDIR, so only the commands run with
-    `env` see the head, not the rest of the machine. Yields `(env, root, head address, head session folder)`;
+    own, with `head_env` added to its environment (e.g. token authentication). Ray's temp folder (where `ray start`
+    writes the address file a plain `ray.init()` joins) is under this head's own RAY_TMPDIR, so only the commands run
+    with `env` see the head, not the rest of the machine. Yields `(env, root, head address, head session folder)`;
     afterwards every process under `root` (the head's, and any a run left) is killed."""
     root = tempfile.mkdtemp(prefix="rkc", dir="/tmp")  # short: Ray's unix socket paths have a length limit
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": root,
-           "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_AUTH_")},
+           "RAY_TMPDIR": root, "PATH": f"{BIN}:{os.environ['PATH']}"}
     ports = {flag: _free_port() for flag in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                              "runtime-env-agent-port", "metrics-export-port")}
     try:
         subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                         "--include-dashboard=false", "--disable-usage-stats",
                         *(f"--{flag}={port}" for flag, port in ports.items())],
-                       check=True, env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}, capture_output=True,
+                       check=True, env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(head_env or {})},
+                       capture_output=True,
                        timeout=180)
         address = (Path(root) / "ray" / "ray_current_cluster").read_text().strip()
         assert address == f"127.0.0.1:{ports['port']}", address
@@ -132,6 +134,38 @@ def test_a_run_after_a_killed_cluster_starts_its_own(dead_head, tmp_path, kind):
     output = proc.stdout + proc.stderr
     assert "Traceback" not in output and address not in output, output[-3000:]
     assert _finished(kind, tmp_path)
+
+
+TOKEN = "ray-kd-test-token-0123456789abcdef"
+
+
+def test_a_head_that_refuses_our_token_is_one_line_at_once(tmp_path):
+    """A token-auth head joined without its token, or with another, is named as such in one line within seconds
+    (Ray itself warns for 20 s, then says only that it found no cluster); with its token the run trains."""
+    with started_head({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}) as (env, _, address, _):
+        command = _command("train", tmp_path) + [f"runtime.address={address}"]
+        for token, says in [({}, "refused this process, which sends no token"),
+                            ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "another"}, "refused this process's token")]:
+            start = time.monotonic()
+            result = _run(command, {**env, **token}, tmp_path)
+            assert result.returncode == 2 and time.monotonic() - start < 30, result.stderr
+            assert result.stderr == (f"ray-kd: error: the Ray cluster at runtime.address={address} uses token "
+                                     f"authentication and {says}; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the "
+                                     "cluster's token (`ray get-auth-token` on its head prints it), or point "
+                                     "RAY_AUTH_TOKEN_PATH at a file holding it\n")
+            assert not (tmp_path / "runs").exists()  # refused before anything was written
+        result = _run(command, {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}, tmp_path)
+        assert result.returncode == 0 and _finished("train", tmp_path), result.stderr
+
+
+def test_an_address_where_no_head_answers_is_one_line_at_once(tmp_path):
+    """An unroutable address: the connection times out (5 s), or, behind a proxy that answers every address, what
+    answers is not a Ray head; either way one line, within seconds."""
+    start = time.monotonic()
+    result = _run(_command("train", tmp_path) + ["runtime.address=10.255.255.1:6379"], dict(os.environ), tmp_path)
+    assert result.returncode == 2 and time.monotonic() - start < 30, result.stderr
+    assert result.stderr.startswith("ray-kd: error: no Ray cluster answers at runtime.address=10.255.255.1:6379 (")
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
 
 
 def test_sigterm_on_the_ray_executor_is_143_and_one_line(tmp_path, mlflow_uri):

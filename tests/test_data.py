@@ -156,3 +156,14 @@ def test_an_unknown_source_is_one_line_naming_the_known_ones():
     assert result.stderr == ("ray-kd: error: config error at data.dataset: unknown data source 'mnist'; choose one of: "
                              "cifar10, cifar100, digits, imagefolder, synthetic (or name a class as "
                              "package.module:Class)\n")
+
+
+def test_a_source_named_by_its_import_path_loads():
+    from ray_kd.data_sources import dataset_identity
+    from ray_kd.plugins import PluginError
+
+    cfg = load_config(None, ["data.dataset=test_data:Stripes"])
+    data = load_dataset(cfg.data)
+    assert data.num_classes == 2 and dataset_identity(cfg.data, data)[0] == "stripes"
+    with pytest.raises(PluginError, match="'test_data:_tiny_archive' is not a ray_kd.data_sources.DataSource subclass"):
+        load_config(None, ["data.dataset=test_data:_tiny_archive"])

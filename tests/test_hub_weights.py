@@ -15,7 +15,7 @@ from test_streaming import make_tree
 from ray_kd.checkpoint import CheckpointError
 from ray_kd.cli import main
 from ray_kd.config import load_config
-from ray_kd.hub_weights import hf_cache, hub_weights
+from ray_kd.hub_weights import HubWeightsError, hf_cache, hub_weights
 from ray_kd.methods import Role
 from ray_kd.run import train
 from ray_kd.weights import load_backbone
@@ -40,14 +40,14 @@ def caches(tmp_path, monkeypatch):
     return tmp_path
 
 
-def lay_out_timm(name: str = "test_resnet", seed: int = 7) -> dict[str, torch.Tensor]:
+def lay_out_timm(name: str = "test_resnet", seed: int = 7, architecture: str | None = None) -> dict[str, torch.Tensor]:
     """timm's repo of `name`'s pretrained weights in the Hugging Face cache as huggingface_hub writes it, holding
-    weights of the right shapes (another init than any ray-kd would draw)."""
+    weights of the right shapes (another init than any ray-kd would draw), or of another `architecture`'s."""
     import timm
     from safetensors.torch import save_file
 
     torch.manual_seed(seed)
-    state = {k: v.contiguous() for k, v in timm.create_model(name).state_dict().items()}
+    state = {k: v.contiguous() for k, v in timm.create_model(architecture or name).state_dict().items()}
     repo = hf_cache() / f"models--{hub_weights(f'timm:{name}').hf_repo.replace('/', '--')}"
     snapshot = repo / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
     snapshot.mkdir(parents=True)
@@ -101,6 +101,15 @@ def test_a_timm_model_loads_from_the_hugging_face_cache_and_trains(caches, tmp_p
     assert summary["epochs"] == 1 and summary["roles"]["student_0"]["last_test_acc"] is not None
     best = torch.load(summary["best_student_file"], weights_only=True)
     assert best["preprocessing"]["mean"] == pytest.approx([0.5] * 3)  # the shipped model normalises as trained
+
+
+def test_a_cached_file_of_other_shapes_is_one_line(caches):
+    lay_out_timm(architecture="resnet10t")
+    with pytest.raises(HubWeightsError) as err:
+        load_backbone(Role("student_0", TIMM, pretrained=True, replace_head=True), CLASSES, 3)
+    assert str(err.value).startswith("students.0.pretrained: timm's pretrained test_resnet.r160_in1k in the cache "
+                                     "does not fit timm:test_resnet (RuntimeError: Error(s) in loading state_dict")
+    assert "\n" not in str(err.value) and str(err.value).endswith("delete it from the cache to fetch it again")
 
 
 def test_a_torchvision_model_loads_from_torch_hubs_cache(caches):

@@ -21,6 +21,7 @@ from ray_kd.config import load_config
 from ray_kd.data import eval_batches
 from ray_kd.datasets import load_dataset
 from ray_kd.export import export
+from ray_kd.preflight import check_roles
 from ray_kd.run import train, train_teacher
 from ray_kd.tracking import client
 
@@ -48,9 +49,10 @@ def test_the_shipping_walk_from_photos_to_an_onnx_answer(caches, capsys, tmp_pat
     assert cfg.data.normalize == ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])  # the pretrained weights'
     summary = train(cfg)
     run_dir = Path(summary["best_student_file"]).parent
+    out = capsys.readouterr().out
+    assert "learnt on images normalised with" not in out  # the teacher is fed as it was fine-tuned
 
     # 3. the card: its line on the console, its fields in summary.json
-    out = capsys.readouterr().out
     card = summary["card"]
     assert card["teacher"]["model"] == "torchvision:resnet18" and card["student"]["model"] == "timm:mobilenetv3_small_050"
     assert card["ratios"]["params"] > 10 and "card: student " in out  # resnet18 / mobilenetv3_small_050
@@ -88,6 +90,13 @@ def test_the_shipping_walk_from_photos_to_an_onnx_answer(caches, capsys, tmp_pat
         assert top1(served.predict(raw.numpy()), labels) == pytest.approx(expected, abs=1e-6)
         (spec,) = served.metadata.get_input_schema().inputs
         assert spec.type == np.dtype("uint8") and spec.shape == (-1, 3, 32, 32)
+
+
+    # A run normalising otherwise than the teacher learnt is told so before it trains, with the setting that fits.
+    check_roles(load_config(CONFIG, quick + [f"teacher.checkpoint={teacher_file}", "data.normalize=dataset"]),
+                load_dataset(load_config(CONFIG, quick + ["data.normalize=dataset"]).data))
+    assert ("teacher: folder_resnet18_pretrained.pt learnt on images normalised with mean [0.485, 0.456, 0.406] "
+            "std [0.229, 0.224, 0.225], this run normalises with mean [") in capsys.readouterr().out
 
 
 def top1(logits, labels) -> float:

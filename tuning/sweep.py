@@ -81,7 +81,8 @@ def trial_spec(base: dict, params: dict) -> dict:
 def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
     """Run (or resume) the sweep named `<cfg.name>-sweep`; returns the best trial's row. `restart` discards
     an earlier sweep of that name (its trials, Tune state and results) first."""
-    from ray_kd.ray_executor import check_fits, connect, use_gpu
+    from ray_kd.preflight import check_address, cluster_address
+    from ray_kd.ray_executor import check_fits, connect_checked, use_gpu
 
     require_val_every_epoch(cfg)
     tune_verbosity()  # a bad RAY_KD_TUNE_VERBOSE: one line before anything starts
@@ -99,7 +100,8 @@ def sweep(cfg: RunConfig, space: SweepSpace, restart: bool = False) -> dict:
             sweep_run.clear()
         run_folder.check_store(sweep_run, uri)
         check_fingerprint(sweep_run, sweep_fingerprint(cfg, space))
-        connect(cfg)
+        check_address(cluster_address(cfg))  # a dead cluster, or one refusing our token: one line
+        connect_checked(cfg)
         if threading.current_thread() is threading.main_thread():
             install_handlers()  # after ray.init, which installs its own SIGTERM handler
         check_fits(cfg, use_gpu(cfg))
