@@ -31,9 +31,9 @@ from ray_kd.replicas import processes_per_replica
 from ray_kd.streaming import DecodeCount, load_stream
 
 
-def decodes_once(cfg: RunConfig) -> bool:
+def decodes_once(data: DataConfig) -> bool:
     """Whether a Ray run's training batches come from loaders (stream mode, `data.decode=once`)."""
-    return cfg.data.mode == "stream" and cfg.data.decode == "once"
+    return data.mode == "stream" and data.decode == "once"
 
 
 @ray.remote

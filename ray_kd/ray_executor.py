@@ -188,7 +188,7 @@ class RoleGroup:
                                    self.group, placement_group_bundle_index=r))
             .remote(r, n)
             for r in range(n)]
-        self.loaders = start_loaders(cfg, self.group, len(all_roles(cfg))) if decodes_once(cfg) else []
+        self.loaders = start_loaders(cfg, self.group, len(all_roles(cfg))) if decodes_once(cfg.data) else []
 
     def run(self, fn, config: dict, backend: str, poll: Callable[[list], None] = lambda statuses: None,
             every: float = 0.5) -> list:
@@ -347,7 +347,7 @@ def check_fits(cfg: RunConfig, gpu: bool) -> None:
         raise ClusterError(f"{layout}{n} role workers x runtime.cpus_per_worker={cfg.runtime.cpus_per_worker} need "
                            f"{need_cpu:g} CPUs but the cluster has {have.get('CPU', 0):g}; lower "
                            "runtime.cpus_per_worker or runtime.replicas, or add nodes")
-    for resource, amount in cfg.data.loader_resources.items() if decodes_once(cfg) else ():
+    for resource, amount in cfg.data.loader_resources.items() if decodes_once(cfg.data) else ():
         need = replicas * amount + (need_cpu if resource == "CPU" else 0)
         if need > have.get(resource, 0):
             raise ClusterError(f"{replicas} data loader(s) x data.loader_resources {resource}={amount:g} "

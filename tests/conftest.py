@@ -18,7 +18,8 @@ CIFAR_ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+    # address="local": a cluster of its own, even beside one that `ray start` left on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              logging_level="ERROR")
     yield ray
     ray.shutdown()

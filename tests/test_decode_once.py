@@ -90,14 +90,25 @@ def test_an_unreadable_image_through_the_loader_is_one_line(ray_cluster, tmp_pat
 
 # Runs in a process of its own: the test session's `ray_cluster` fixture already holds a one-node cluster here.
 SCRIPT = '''
-import json, sys
+import json, socket, sys
 import ray
 from ray.cluster_utils import Cluster
 from ray_kd.config import load_config
 from ray_kd.ray_executor import run_roles, train_worker
 from ray_kd.run_storage import RunStorage
 
-cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The dashboard and its agent on ports of their own, apart from the test session's cluster's defaults.
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
+                                                        "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+                                                        "dashboard_agent_listen_port": free_port()})
 cluster.add_node(num_cpus=1, resources={"decode_node": 1})  # CPU-only decoding: no room for a role worker
 ray.init(address=cluster.address, log_to_driver=False, logging_level="ERROR")
 decoder = [n["NodeID"] for n in ray.nodes() if "decode_node" in n["Resources"]][0]
@@ -109,8 +120,9 @@ def probe(config, rank):
 
 
 cfg = load_config(None, json.loads(sys.argv[1]))
-where = run_roles(cfg, probe)
-print(json.dumps({"decode_node": decoder, "where": where, "last": str(RunStorage.of(cfg).checkpoints().latest())}))
+run = RunStorage.of(cfg)
+where = run_roles(cfg, run, probe)
+print(json.dumps({"decode_node": decoder, "where": where, "last": str(run.checkpoints().latest())}))
 ray.shutdown()
 cluster.shutdown()
 '''
