@@ -26,7 +26,7 @@ import ray
 import torch
 
 from ray_kd.config import DataConfig, RunConfig
-from ray_kd.data import DataError, epoch_steps, normalize
+from ray_kd.data import epoch_steps, normalize
 from ray_kd.replicas import processes_per_replica
 from ray_kd.streaming import DecodeCount, load_stream
 
@@ -50,13 +50,13 @@ class BatchLoader:
         self.consumers, self.window = consumers, window
         self.changed = threading.Condition()
         self.epoch: int | None = None  # the epoch being decoded
-        self.ready: dict[int, object] = {}  # step -> its batch's reference (or the DataError it raised)
+        self.ready: dict[int, object] = {}  # step -> its batch's reference (or the error decoding it raised)
         self.taken = [0] * consumers  # steps of `epoch` each role took
         self.producer: threading.Thread | None = None
         self.decoded: dict[int, DecodeCount] = {}
 
     def take(self, epoch: int, step: int, consumer: int) -> list:
-        """[the reference to step `step`'s batch of `epoch`] (or [the DataError decoding it raised]), once decoded."""
+        """[the reference to step `step`'s batch of `epoch`] (or [the error decoding it raised]), once decoded."""
         with self.changed:
             if epoch != self.epoch:
                 self._start(epoch)
@@ -96,7 +96,7 @@ class BatchLoader:
             try:
                 images, labels = next(batches)
                 batch = ray.put((images.numpy(), labels.numpy()))
-            except DataError as err:
+            except Exception as err:  # an unreadable image (DataError) or worse: the roles raise it, none waits on
                 batch = err
             with self.changed:
                 count = self.dataset.take_decoded()
@@ -105,7 +105,7 @@ class BatchLoader:
                 if self.epoch == epoch:
                     self.ready[step] = batch
                 self.changed.notify_all()
-            if isinstance(batch, DataError):
+            if isinstance(batch, Exception):
                 return
 
 
@@ -146,7 +146,7 @@ class LoaderFeed:
             [batch] = ray.get(pending)
             if step + 1 < self.steps:  # asked for now: it is decoded, or being decoded, while this step trains
                 pending = self.loader.take.remote(epoch, step + 1, self.consumer)
-            if isinstance(batch, DataError):
+            if isinstance(batch, Exception):
                 raise batch
             images, labels = ray.get(batch)  # read-only views of the node's object store
             with warnings.catch_warnings():

@@ -40,12 +40,17 @@ def history(folder: Path) -> list[dict]:
     return json.loads((folder / "history.json").read_text())
 
 
+REPLICAS2 = ["method={name: dml}", "students=[{model: resnet8}, {model: resnet8}]", "runtime.replicas=2"]
+
+
 @pytest.mark.parametrize("method, decode, roles", [("kd", "once", ("teacher", "student_0")),
                                                    ("dml3", "once", ("student_0", "student_1", "student_2")),
-                                                   ("dml3", "per_role", ("student_0", "student_1", "student_2"))])
+                                                   ("dml3", "per_role", ("student_0", "student_1", "student_2")),
+                                                   ("replicas", "once", ("student_0", "student_1"))])
 def test_each_image_is_decoded_once_for_every_role(ray_cluster, tmp_path, method, decode, roles):
+    """`replicas`: two replicas of two roles, each replica's loader decoding its shard of every batch."""
     root = make_tree(tmp_path / "tree", per_class=(12, 2))
-    chosen = kd_overrides(tmp_path) if method == "kd" else DML3
+    chosen = kd_overrides(tmp_path) if method == "kd" else {"dml3": DML3, "replicas": REPLICAS2}[method]
     cfg = load_config(None, stream_overrides(tmp_path, root, f"data.decode={decode}", f"name={method}-{decode}",
                                              "runtime.cpus_per_worker=0.5", *chosen))
     records = history(run_on_ray(cfg, show_progress=False))
