@@ -67,6 +67,19 @@ def test_each_image_is_decoded_once_for_every_role(ray_cluster, tmp_path, method
     assert records[0]["student_0/data_checksum"] != records[1]["student_0/data_checksum"]  # a new draw each epoch
 
 
+def test_the_progress_line_and_mlflow_say_how_the_input_kept_up():
+    from ray_kd.session import input_note
+    from ray_kd.tracking import epoch_metrics
+
+    record = {"epoch": 1.0, "student_0/samples_per_s": 100.0, "student_0/loss_ce": 1.0, "student_0/input_wait_ms": 12.4,
+              "teacher/samples_per_s": 120.0, "teacher/input_wait_ms": 3.0, "data/images_decoded_per_s": 120.0,
+              "data/decode_cpu_ms_per_image": 1.2}
+    assert input_note(record) == ", decoded 120 images/s at 1.2 CPU-ms each, input waited 12.4 ms/step"
+    assert input_note({"student_0/samples_per_s": 100.0}) == ""  # in memory: nothing decoded per step
+    logged = epoch_metrics(record, {})
+    assert logged["throughput/student_0/input_wait_ms"] == 12.4 and logged["throughput/data/images_decoded_per_s"] == 120
+
+
 def test_the_loader_draws_what_each_role_would_draw_itself(ray_cluster, tmp_path):
     """The same batches through the loader as decoded per role: equal checksums, equal losses."""
     root = make_tree(tmp_path / "tree", per_class=(12, 2))
