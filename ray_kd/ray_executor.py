@@ -1,9 +1,11 @@
 """The Ray executor: one Ray actor per role, all in lockstep, exchanging through a collective.
 
 Rank r runs role r. Every worker builds its own role (the driver's in-memory dataset
-reaches it through Ray's object store, one copy per node), draws the same batches,
-and calls the same `Session` code as the single-process executor; only the exchange
-(an all_gather in the group's torch.distributed process group) differs.
+reaches it through Ray's object store, one copy per node; in stream mode a loader
+actor per replica decodes each step's batch once for all its roles, `ray_kd.loader`),
+draws the same batches, and calls the same `Session` code as the single-process
+executor; only the exchange (an all_gather in the group's torch.distributed process
+group) differs.
 Checkpoints: each rank writes its own roles' files into the epoch's folder of the
 run's checkpoint store (`ray_kd.run_storage`); re-running with the same run name
 resumes from the latest good one.
