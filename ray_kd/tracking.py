@@ -76,7 +76,8 @@ THROUGHPUT = ("samples_per_s", "compute_ms", "exchange_ms", "wait_ms", "allreduc
               "images_trained")
 STOPPED_TAG = "ray_kd.stopped"
 """On a run that did not finish (a sweep's trial): why (stopped early by the scheduler, failed, the sweep stopped)."""
-NOT_PROTOCOL = ("name", "seed", "output_dir", "runtime.", "tracking.", "data.cache_dir", "teacher.ahead")
+NOT_PROTOCOL = ("name", "seed", "output_dir", "runtime.", "tracking.", "data.cache_dir", "teacher.ahead", "data.decode",
+                "data.prefetch", "data.loader_resources")
 """Config params that do not change what a run measures: left out of its protocol hash."""
 
 

@@ -151,3 +151,19 @@ def test_the_loader_runs_on_a_cpu_only_node(tmp_path):
     assert report["decode_node"] not in roles and len(report["where"]) == 2  # teacher and student on the head
     record = history(Path(report["last"]))[-1]
     assert record["data/decodes_per_image"] == 1 and record["teacher/data_checksum"] == record["student_0/data_checksum"]
+
+
+def test_how_images_are_decoded_is_not_what_a_run_computes(tmp_path):
+    """The decoding settings change no number: a run resumes, and compares over seeds, with any of them."""
+    from ray_kd.run_folder import fingerprint
+    from ray_kd.tracking import protocol_hash
+
+    root = make_tree(tmp_path / "tree", per_class=(12, 2))
+    once = load_config(None, stream_overrides(tmp_path, root))
+    other = load_config(None, stream_overrides(tmp_path, root, "data.decode=per_role", "data.prefetch=2",
+                                               "data.loader_resources={CPU: 2}"))
+    assert fingerprint(once) == fingerprint(other)
+    flat = lambda cfg: {k: str(v) for k, v in cfg.model_dump().get("data").items()}  # noqa: E731
+    assert protocol_hash({f"data.{k}": v for k, v in flat(once).items()}) == \
+        protocol_hash({f"data.{k}": v for k, v in flat(other).items()})
+    assert fingerprint(load_config(None, stream_overrides(tmp_path, root, "data.image_size=32"))) != fingerprint(once)
