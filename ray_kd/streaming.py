@@ -107,9 +107,9 @@ class StreamDataset(torch.utils.data.Dataset):
         return sum(len(s.labels) for s in self.splits.values())
 
     def __getitem__(self, key: Key):
+        """(image, label, CPU-seconds this thread spent decoding and transforming it)."""
         from PIL import Image
 
-        """(image, label, CPU-seconds this thread spent decoding and transforming it)."""
         split, index, seed, epoch, augment = key
         part = self.splits[split]
         path = os.fsdecode(part.files[index])
