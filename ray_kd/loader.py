@@ -8,7 +8,7 @@ augmentation keys, order and shard), `ray.put`s each step's batch once (uint8, n
 float bytes) and hands the same object reference to every role, which reads it from its node's shared-memory
 object store without a copy and normalises it itself. Measured against per-role decoding in
 `benchmarks/decode_once.py` (docs/data-and-models.md, "Sizing the loader"): decodes per trained image 1.0, and the
-decoding processes' CPU 0.49x (KD) and 0.35x (3 peers) of per-role decoding. Why this over the alternatives (not
+decoding processes' CPU 0.49-0.56x (KD) and 0.31-0.35x (3 peers) of per-role decoding. Why this over the alternatives (not
 measured): it runs the very DataLoader code the other paths run, so the pixels stay bit-identical with no second
 implementation of the order and per-sample augmentation keys (Ray Data's `streaming_split` would need one); and a
 batch crosses to a node once, into its shared memory, where decoding in one role and broadcasting over the collective
