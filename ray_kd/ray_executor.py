@@ -433,7 +433,8 @@ class RayExecutor:
         them); `show_progress` prints what the local executor prints (see Console); `dataset`, the one the driver
         loaded, is shared with the workers."""
         connect(self.cfg)
-        console = Console(self.cfg, run) if show_progress else None
+        resumed = resumed_epochs(run)
+        console = Console(self.cfg, run, resumed) if show_progress else None
 
         def each_epoch(record: dict) -> None:
             if console is not None:
@@ -441,7 +442,7 @@ class RayExecutor:
             if on_epoch is not None:
                 on_epoch(record)
 
-        new_epochs = NewEpochs(run, each_epoch)
+        new_epochs = NewEpochs(run, each_epoch, resumed)
 
         def poll(statuses: list[Status | None]) -> None:
             new_epochs()
@@ -493,14 +494,29 @@ def newest_history(run: RunStorage) -> list[dict] | None:
         return None
 
 
-class NewEpochs:
-    """Passes each epoch of the newest checkpoint's history to `on_epoch` once, in order."""
+def resumed_epochs(run: RunStorage) -> int:
+    """The epochs of the checkpoint the workers resume from (0 for none, or none readable)."""
+    try:
+        resumed = run.newest_good()
+    except CheckpointError:
+        return 0
+    return len(resumed[1]) if resumed else 0
 
-    def __init__(self, run: RunStorage, on_epoch: Callable[[dict], None]):
+
+class NewEpochs:
+    """Passes each epoch of the newest checkpoint's history to `on_epoch` once, in order. A newer checkpoint than
+    the one resumed from (`resumed` epochs) was passed over as damaged: its history is not read until the workers
+    have saved that epoch again (its records may be wrong, or more than its epoch holds)."""
+
+    def __init__(self, run: RunStorage, on_epoch: Callable[[dict], None], resumed: int = 0):
         self.run, self.on_epoch, self.seen = run, on_epoch, 0
+        found = newest_history(run)
+        self.passed_over = found if found and len(found) != resumed else None
 
     def __call__(self) -> None:
         history = newest_history(self.run) or []
+        if history == self.passed_over:
+            return
         for record in history[self.seen:]:
             self.on_epoch(record)
         self.seen = max(self.seen, len(history))
@@ -511,13 +527,10 @@ class Console:
     checkpoint holds (the epochs a resumed run starts after were shown by the start that ran them), and in
     between what the workers are doing (`group_status` of their statuses) on a `ProgressDisplay`."""
 
-    def __init__(self, cfg: RunConfig, run: RunStorage | None = None):
+    def __init__(self, cfg: RunConfig, run: RunStorage | None = None, resumed: int | None = None):
         self.display, self.line = ProgressDisplay(cfg.runtime.progress_every_s), progress_line(cfg.optim.epochs)
-        try:  # the epochs of the checkpoint the workers resume from have their lines
-            resumed = (run or RunStorage.of(cfg)).newest_good()
-        except CheckpointError:
-            resumed = None
-        self.shown = len(resumed[1]) if resumed else 0
+        # the epochs of the checkpoint the workers resume from have their lines
+        self.shown = resumed_epochs(run or RunStorage.of(cfg)) if resumed is None else resumed
         self.last: Status | None = None
 
     def epoch(self, record: dict) -> None:
