@@ -259,8 +259,8 @@ def connect(cfg: RunConfig) -> None:
 
     A local cluster is this run's own, even while a `ray start` cluster runs on the machine (a plain
     `ray.init()` would join that one, and refuse the CPU count a local cluster is given); one line says how
-    to run on that cluster instead. It starts no dashboard and no metrics collection, and binds every port it
-    opens to 127.0.0.1 (see README, What listens where). The caller's SIGTERM/SIGINT handlers (a clean stop,
+    to run on that cluster instead. It serves no dashboard web page (Ray still starts its dashboard process, without
+    it) and collects no metrics, and binds every port it opens to 127.0.0.1 (see docs/network.md). The caller's SIGTERM/SIGINT handlers (a clean stop,
     `ray_kd.stopping`) outlive `ray.init`, which installs Ray's own."""
     if ray.is_initialized():
         return
