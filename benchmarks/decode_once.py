@@ -8,7 +8,7 @@ cost: KD resnet20 -> resnet8 and DML with 3 resnet8 peers on a subset of the CIF
   actors and their DataLoader processes for `once`, the role workers' DataLoader processes for `per_role`; so the
   loader's collating, `ray.put` and hand-off count against `once`, while `per_role` roles' unpickling of their
   batches does not).
-throughput: the same KD pair on "photos" made at 160-256 px a side and cropped to 64 (decoding dominates), 2 epochs:
+throughput: the same KD pair on "photos" made at 160-256 px a side (`--px`) and cropped to 64, 2 epochs:
   training images/s (the slower role's `samples_per_s`, each epoch) with either path.
 
 Every configuration alternates once/per_role within one run of this script; a random-init teacher (speed does not
@@ -155,7 +155,7 @@ def throughput(args, source: Path, teacher: str) -> None:
              "role's training images/s per epoch (scoring excluded). Training img/s once / per_role (mean of both "
              f"epochs over repeats): {ratio}x (target >= 1.5x). Where a step's time goes (epoch 2): each role's "
              "compute_ms (forward + update per step, in its own process) against decode_cpu_ms_per_image x batch.")
-    save("decode_throughput" if args.px == [160, 256] else f"decode_throughput_{low}_{high}px", "Decode-bound KD throughput: once per replica vs once per role (Ray, roles apart)",
+    save("decode_throughput" if args.px == [160, 256] else f"decode_throughput_{low}_{high}px", "KD training throughput on photos cropped to 64 px: decoding once per replica vs once per role (Ray, roles apart)",
          rows, ["decode", "repeat", "images_per_epoch", "img_s_epoch1", "img_s_epoch2", "decodes_per_image",
                 "decode_cpu_ms_per_image", "input_wait_ms", "teacher_compute_ms", "student_compute_ms", "wall_s"], info,
          notes, {"ratio": ratio})

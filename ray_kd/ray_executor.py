@@ -1,9 +1,11 @@
 """The Ray executor: one Ray actor per role, all in lockstep, exchanging through a collective.
 
 Rank r runs role r. Every worker builds its own role (the driver's in-memory dataset
-reaches it through Ray's object store, one copy per node), draws the same batches,
-and calls the same `Session` code as the single-process executor; only the exchange
-(an all_gather in the group's torch.distributed process group) differs.
+reaches it through Ray's object store, one copy per node; in stream mode a loader
+actor per replica decodes each step's batch once for all its roles, `ray_kd.loader`),
+draws the same batches, and calls the same `Session` code as the single-process
+executor; only the exchange (an all_gather in the group's torch.distributed process
+group) differs.
 Checkpoints: each rank writes its own roles' files into the epoch's folder of the
 run's checkpoint store (`ray_kd.run_storage`); re-running with the same run name
 resumes from the latest good one.
@@ -269,8 +271,8 @@ def connect(cfg: RunConfig) -> None:
 
     A local cluster is this run's own, even while a `ray start` cluster runs on the machine (a plain
     `ray.init()` would join that one, and refuse the CPU count a local cluster is given); one line says how
-    to run on that cluster instead. It starts no dashboard and no metrics collection, and binds every port it
-    opens to 127.0.0.1 (see README, What listens where). The caller's SIGTERM/SIGINT handlers (a clean stop,
+    to run on that cluster instead. It serves no dashboard web page (Ray still starts its dashboard process, without
+    it) and collects no metrics, and binds every port it opens to 127.0.0.1 (see docs/network.md). The caller's SIGTERM/SIGINT handlers (a clean stop,
     `ray_kd.stopping`) outlive `ray.init`, which installs Ray's own."""
     if ray.is_initialized():
         return
@@ -448,7 +450,8 @@ class RayExecutor:
         them); `show_progress` prints what the local executor prints (see Console); `dataset`, the one the driver
         loaded, is shared with the workers."""
         connect(self.cfg)
-        console = Console(self.cfg, run) if show_progress else None
+        resumed = resumed_epochs(run)
+        console = Console(self.cfg, run, resumed) if show_progress else None
 
         def each_epoch(record: dict) -> None:
             if console is not None:
@@ -456,7 +459,7 @@ class RayExecutor:
             if on_epoch is not None:
                 on_epoch(record)
 
-        new_epochs = NewEpochs(run, each_epoch)
+        new_epochs = NewEpochs(run, each_epoch, resumed)
 
         def poll(statuses: list[Status | None]) -> None:
             new_epochs()
@@ -499,14 +502,29 @@ def newest_history(run: RunStorage) -> list[dict] | None:
         return None
 
 
-class NewEpochs:
-    """Passes each epoch of the newest checkpoint's history to `on_epoch` once, in order."""
+def resumed_epochs(run: RunStorage) -> int:
+    """The epochs of the checkpoint the workers resume from (0 for none, or none readable)."""
+    try:
+        resumed = run.newest_good()
+    except CheckpointError:
+        return 0
+    return len(resumed[1]) if resumed else 0
 
-    def __init__(self, run: RunStorage, on_epoch: Callable[[dict], None]):
+
+class NewEpochs:
+    """Passes each epoch of the newest checkpoint's history to `on_epoch` once, in order. A newer checkpoint than
+    the one resumed from (`resumed` epochs) was passed over as damaged: its history is not read until the workers
+    have saved that epoch again (its records may be wrong, or more than its epoch holds)."""
+
+    def __init__(self, run: RunStorage, on_epoch: Callable[[dict], None], resumed: int = 0):
         self.run, self.on_epoch, self.seen = run, on_epoch, 0
+        found = newest_history(run)
+        self.passed_over = found if found and len(found) != resumed else None
 
     def __call__(self) -> None:
         history = newest_history(self.run) or []
+        if history == self.passed_over:
+            return
         for record in history[self.seen:]:
             self.on_epoch(record)
         self.seen = max(self.seen, len(history))
@@ -517,13 +535,10 @@ class Console:
     checkpoint holds (the epochs a resumed run starts after were shown by the start that ran them), and in
     between what the workers are doing (`group_status` of their statuses) on a `ProgressDisplay`."""
 
-    def __init__(self, cfg: RunConfig, run: RunStorage):
+    def __init__(self, cfg: RunConfig, run: RunStorage, resumed: int | None = None):
         self.display, self.line = ProgressDisplay(cfg.runtime.progress_every_s), progress_line(cfg.optim.epochs)
-        try:  # the epochs of the checkpoint the workers resume from have their lines
-            resumed = run.newest_good()
-        except CheckpointError:
-            resumed = None
-        self.shown = len(resumed[1]) if resumed else 0
+        # the epochs of the checkpoint the workers resume from have their lines
+        self.shown = resumed_epochs(run) if resumed is None else resumed
         self.last: Status | None = None
 
     def epoch(self, record: dict) -> None:

@@ -25,7 +25,8 @@ from ray_kd.config import RunConfig, flatten, shown_config
 from ray_kd.run_storage import RunFolderError, RunStorage
 
 MAY_CHANGE_ON_RESUME = ("name", "output_dir", "optim.epochs", "data.cache_dir", "data.download", "runtime.*",
-                        "tracking.*", "teacher.ahead")
+                        "tracking.*", "teacher.ahead", "data.decode", "data.prefetch", "data.loader_resources",
+                        "data.loader_resources.*")
 """Fields a resume may change: where things go, how long to train, and how it runs; not what it computes."""
 
 

@@ -356,7 +356,7 @@ def input_note(m: dict[str, float]) -> str:
         return ""
     waits = [v for k, v in m.items() if k.endswith("/input_wait_ms")]
     note = (f", decoded {m['data/images_decoded_per_s']:.0f} images/s "
-            f"({m.get('data/decode_cpu_ms_per_image', 0.0):.1f} CPU-ms each)")
+            f"at {m.get('data/decode_cpu_ms_per_image', 0.0):.1f} CPU-ms each")
     return note + (f", input waited {max(waits):.1f} ms/step" if waits else "")
 
 

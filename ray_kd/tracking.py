@@ -71,10 +71,13 @@ FINAL_METRICS = ("best_epoch", "val_acc_at_best", "test_acc_at_best_val", "last_
 student (the one whose weights are saved). Logged once at step 0, which MLflow's UI draws as a bar (a metric
 whose latest step is 1 or more is drawn as a line: a lone dot)."""
 THROUGHPUT = ("samples_per_s", "compute_ms", "exchange_ms", "wait_ms", "allreduce_ms", "eval_s",
-              "images_scored_waiting", "steps_ahead", "cache_hits", "cache_misses", "cache_corrupt")
+              "images_scored_waiting", "steps_ahead", "cache_hits", "cache_misses", "cache_corrupt", "input_wait_ms",
+              "images_decoded", "images_decoded_per_s", "decode_cpu_s", "decode_cpu_ms_per_image", "decodes_per_image",
+              "images_trained")
 STOPPED_TAG = "ray_kd.stopped"
 """On a run that did not finish (a sweep's trial): why (stopped early by the scheduler, failed, the sweep stopped)."""
-NOT_PROTOCOL = ("name", "seed", "output_dir", "runtime.", "tracking.", "data.cache_dir", "teacher.ahead")
+NOT_PROTOCOL = ("name", "seed", "output_dir", "runtime.", "tracking.", "data.cache_dir", "teacher.ahead", "data.decode",
+                "data.prefetch", "data.loader_resources")
 """Config params that do not change what a run measures: left out of its protocol hash."""
 
 

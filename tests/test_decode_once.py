@@ -40,12 +40,17 @@ def history(folder: Path) -> list[dict]:
     return json.loads((folder / "history.json").read_text())
 
 
+REPLICAS2 = ["method={name: dml}", "students=[{model: resnet8}, {model: resnet8}]", "runtime.replicas=2"]
+
+
 @pytest.mark.parametrize("method, decode, roles", [("kd", "once", ("teacher", "student_0")),
                                                    ("dml3", "once", ("student_0", "student_1", "student_2")),
-                                                   ("dml3", "per_role", ("student_0", "student_1", "student_2"))])
+                                                   ("dml3", "per_role", ("student_0", "student_1", "student_2")),
+                                                   ("replicas", "once", ("student_0", "student_1"))])
 def test_each_image_is_decoded_once_for_every_role(ray_cluster, tmp_path, method, decode, roles):
+    """`replicas`: two replicas of two roles, each replica's loader decoding its shard of every batch."""
     root = make_tree(tmp_path / "tree", per_class=(12, 2))
-    chosen = kd_overrides(tmp_path) if method == "kd" else DML3
+    chosen = kd_overrides(tmp_path) if method == "kd" else {"dml3": DML3, "replicas": REPLICAS2}[method]
     cfg = load_config(None, stream_overrides(tmp_path, root, f"data.decode={decode}", f"name={method}-{decode}",
                                              "runtime.cpus_per_worker=0.5", *chosen))
     records = history(run_on_ray(cfg, show_progress=False))
@@ -60,6 +65,19 @@ def test_each_image_is_decoded_once_for_every_role(ray_cluster, tmp_path, method
         assert record["data/decode_cpu_s"] > 0 and record["data/images_decoded_per_s"] > 0
         assert all(record[f"{role}/input_wait_ms"] >= 0 for role in roles)
     assert records[0]["student_0/data_checksum"] != records[1]["student_0/data_checksum"]  # a new draw each epoch
+
+
+def test_the_progress_line_and_mlflow_say_how_the_input_kept_up():
+    from ray_kd.session import input_note
+    from ray_kd.tracking import epoch_metrics
+
+    record = {"epoch": 1.0, "student_0/samples_per_s": 100.0, "student_0/loss_ce": 1.0, "student_0/input_wait_ms": 12.4,
+              "teacher/samples_per_s": 120.0, "teacher/input_wait_ms": 3.0, "data/images_decoded_per_s": 120.0,
+              "data/decode_cpu_ms_per_image": 1.2}
+    assert input_note(record) == ", decoded 120 images/s at 1.2 CPU-ms each, input waited 12.4 ms/step"
+    assert input_note({"student_0/samples_per_s": 100.0}) == ""  # in memory: nothing decoded per step
+    logged = epoch_metrics(record, {})
+    assert logged["throughput/student_0/input_wait_ms"] == 12.4 and logged["throughput/data/images_decoded_per_s"] == 120
 
 
 def test_the_loader_draws_what_each_role_would_draw_itself(ray_cluster, tmp_path):
@@ -145,3 +163,19 @@ def test_the_loader_runs_on_a_cpu_only_node(tmp_path):
     assert report["decode_node"] not in roles and len(report["where"]) == 2  # teacher and student on the head
     record = history(Path(report["last"]))[-1]
     assert record["data/decodes_per_image"] == 1 and record["teacher/data_checksum"] == record["student_0/data_checksum"]
+
+
+def test_how_images_are_decoded_is_not_what_a_run_computes(tmp_path):
+    """The decoding settings change no number: a run resumes, and compares over seeds, with any of them."""
+    from ray_kd.run_folder import fingerprint
+    from ray_kd.tracking import protocol_hash
+
+    root = make_tree(tmp_path / "tree", per_class=(12, 2))
+    once = load_config(None, stream_overrides(tmp_path, root))
+    other = load_config(None, stream_overrides(tmp_path, root, "data.decode=per_role", "data.prefetch=2",
+                                               "data.loader_resources={CPU: 2}"))
+    assert fingerprint(once) == fingerprint(other)
+    flat = lambda cfg: {k: str(v) for k, v in cfg.model_dump().get("data").items()}  # noqa: E731
+    assert protocol_hash({f"data.{k}": v for k, v in flat(once).items()}) == \
+        protocol_hash({f"data.{k}": v for k, v in flat(other).items()})
+    assert fingerprint(load_config(None, stream_overrides(tmp_path, root, "data.image_size=32"))) != fingerprint(once)

@@ -155,3 +155,43 @@ def test_a_stream_run_with_an_unreadable_image_trains_with_skip(tmp_path, mlflow
     assert "002.png: unreadable image" in capsys.readouterr().err
     assert main(["train", "name=skip", "data.bad_images=skip", *common]) == 0
     assert "skipped an unreadable image (data.bad_images=skip)" in capsys.readouterr().err
+
+
+# --- small ---------------------------------------------------------------------------------------------------------
+
+def test_epoch_lines_after_a_fallback_are_the_epochs_this_start_trains(ray_cluster, tmp_path, mlflow_uri, capsys):
+    """epoch_0003's history edited (a wrong figure, two epochs more than its folder): the run falls back to epoch 2,
+    and the driver, which follows the newest checkpoint's history for its epoch lines, must not print the damaged
+    one's records: one line for epoch 3 and one for 4, with the figures the run trained."""
+    import json
+
+    args = ["train", "-c", "configs/digits_dml.yaml", f"output_dir={tmp_path / 'runs'}", "name=h",
+            "optim.steps_per_epoch=2", "optim.milestones=[]", "runtime.executor=ray", "runtime.cpus_per_worker=0.5"]
+    assert main([*args, "optim.epochs=3"]) == 0
+    checkpoints = tmp_path / "runs" / "h" / "checkpoints"
+    history = json.loads((checkpoints / "epoch_0003" / "history.json").read_text())
+    bogus = [*history, {**history[-1], "epoch": 4}, {**history[-1], "epoch": 5}]
+    bogus[2] = {**bogus[2], "student_0/val_acc": 12.3}
+    (checkpoints / "epoch_0003" / "history.json").write_text(json.dumps(bogus))
+    capsys.readouterr()
+
+    assert main([*args, "optim.epochs=4"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming after epoch 2" in out, out
+    lines = [line for line in out.splitlines() if "val/test top-1" in line]
+    assert [line.split()[1] for line in lines] == ["3/4", "4/4"], out
+    trained = json.loads((checkpoints / "epoch_0004" / "history.json").read_text())
+    for line, record in zip(lines, trained[2:]):
+        assert f"student_0 {record['student_0/val_acc']:.1f}/{record['student_0/test_acc']:.1f}" in line, (line, record)
+
+
+def test_a_sweep_counts_all_the_trials_it_will_run():
+    """The stop line's "N of M trials done" counts the whole sweep (a stopped sweep has made only some of its
+    trials; tests/test_sweep_reliability.py stops one), a grid's combinations included."""
+    from tuning.space import load_space
+
+    assert load_space({"searcher": "random", "num_samples": 3, "params": {
+        "optim.lr": {"type": "loguniform", "low": 0.01, "high": 0.1}}}).trials == 3
+    assert load_space({"searcher": "grid", "num_samples": 2, "params": {
+        "optim.lr": {"type": "grid", "values": [0.01, 0.1]},
+        "seed": {"type": "grid", "values": [0, 1, 2]}}}).trials == 12

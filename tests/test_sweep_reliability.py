@@ -102,14 +102,14 @@ def test_a_stopped_sweep_says_so_and_the_same_command_resumes_it(ray_cluster, ml
     _, err = driver.communicate(timeout=120)
     assert driver.returncode == 130, err
     lines = [line for line in err.strip().splitlines() if "mlflow" not in line.lower()]  # MLflow's own INFO logs
-    assert lines == [f"ray-kd: sweep t11-sweep stopped with 1 of 2 trials done (table {folder / 'results.csv'}); "
+    assert lines == [f"ray-kd: sweep t11-sweep stopped with 1 of 3 trials done (table {folder / 'results.csv'}); "
                      f"resume with: ray-kd {' '.join(args)}"], err
 
     assert [r["status"] for r in _rows(folder)] == ["ok", "unfinished"]
     assert not (folder / "best_config.yaml").exists()
     parent = _runs(mlflow_uri, "t11-sweep")[0]
     assert parent.info.status == "KILLED"
-    assert "stopped with 1 of 2 trials done" in parent.data.tags["mlflow.note.content"]
+    assert "stopped with 1 of 3 trials done" in parent.data.tags["mlflow.note.content"]
     cut = [r for r in _runs(mlflow_uri, "t11-") if r.info.status != "FINISHED" and r.info.run_id != parent.info.run_id]
     assert len(cut) == 1 and cut[0].info.status == "KILLED", [(r.info.run_name, r.info.status) for r in cut]
     assert cut[0].data.tags["ray_kd.stopped"].startswith("the sweep was stopped before this trial finished")

@@ -58,6 +58,11 @@ class SweepSpace(Strict):
             self.num_samples = 1 if self.searcher == "grid" else 8
         return self
 
+    @property
+    def trials(self) -> int:
+        """How many trials the whole sweep runs: `num_samples`, times every combination of a grid's values."""
+        return self.num_samples * math.prod(len(p.values) for p in self.params.values() if p.type == "grid")
+
 
 def load_space(source: str | Path | dict | SweepSpace) -> SweepSpace:
     """A validated search space from a YAML path, a dict (the YAML's content) or a SweepSpace."""

@@ -163,7 +163,7 @@ def _search(cfg: RunConfig, space: SweepSpace, sweep_run: RunStorage, uri: str, 
         if not caught:
             return _report(cfg, space, rows, sweep_dir, uri, parent_id)
         mlflow.log_artifact(parent_id, str(_write_table(rows, space, sweep_dir)))
-        done = f"{sum(r['status'] in SCORED for r in rows)} of {len(rows)} trials done"
+        done = f"{sum(r['status'] in SCORED for r in rows)} of {space.trials} trials done"
         _end_note(mlflow, mlflow.get_run(parent_id), f"stopped with {done}; the same command resumes it")
         mlflow.set_terminated(parent_id, "KILLED")
         raise RunStopped(f"sweep {sweep_run.name} stopped with {done} (table {sweep_dir / 'results.csv'})",
