@@ -29,22 +29,17 @@ def make_photo_folder(out: Path, train_per_class: int, test_per_class: int, min_
     from PIL import Image
 
     from ray_kd.config import DataConfig
-    from ray_kd.data import imagefolder_root, list_image_folder
+    from ray_kd.data import imagefolder_root
 
     if (out / ".complete").exists():
         return out
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory(prefix="ray-kd-photos-") as unpacked:
         tree = imagefolder_root(DataConfig(dataset="imagefolder", root=str(source), cache_dir=unpacked))
-        for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-            classes, files, labels = list_image_folder(tree / split)
-            for c, name in enumerate(classes):
-                folder = out / split / name
-                folder.mkdir(parents=True, exist_ok=True)
-                for file in [f for f, label in zip(files, labels) if label == c][:per_class]:
-                    w, h = rng.integers(min_px, max_px + 1, size=2)
-                    with Image.open(file) as img:
-                        img.convert("RGB").resize((int(w), int(h)), Image.BICUBIC).save(folder / file.name, quality=90)
+        for file, folder in first_of_each_class(tree, out, {"train": train_per_class, "test": test_per_class}):
+            w, h = rng.integers(min_px, max_px + 1, size=2)
+            with Image.open(file) as img:
+                img.convert("RGB").resize((int(w), int(h)), Image.BICUBIC).save(folder / file.name, quality=90)
     (out / ".complete").touch()
     return out
 
@@ -54,20 +49,26 @@ def linked_subset(out: Path, train_per_class: int, test_per_class: int, source: 
     (hard links, nothing decoded or re-encoded). Built once, like `make_photo_folder`."""
     import os
 
-    from ray_kd.data import list_image_folder
-
     if (out / ".complete").exists():
         return out
-    for split, per_class in (("train", train_per_class), ("test", test_per_class)):
-        classes, files, labels = list_image_folder(source / split)
+    for file, folder in first_of_each_class(source, out, {"train": train_per_class, "test": test_per_class}):
+        if not (folder / file.name).exists():
+            os.link(file, folder / file.name)
+    (out / ".complete").touch()
+    return out
+
+
+def first_of_each_class(tree: Path, out: Path, counts: dict[str, int]):
+    """(image file, its class folder under `out`, made) for the first `counts[split]` images of each class of `tree`."""
+    from ray_kd.data import list_image_folder
+
+    for split, per_class in counts.items():
+        classes, files, labels = list_image_folder(tree / split)
         for c, name in enumerate(classes):
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
             for file in [f for f, label in zip(files, labels) if label == c][:per_class]:
-                if not (folder / file.name).exists():
-                    os.link(file, folder / file.name)
-    (out / ".complete").touch()
-    return out
+                yield file, folder
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ here: this module does not import the config module back.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from ray_kd import synthetic
 from ray_kd.data import (Dataset, DataError, Split, imagefolder_splits, normalization, stratified_split,
                          train_val_indices)
 from ray_kd.errors import first_line
-from ray_kd.plugins import PluginError, check_allowed, load_entry_points
+from ray_kd.plugins import PluginError, import_class, load_entry_points
 
 ENTRY_POINT_GROUP = "ray_kd.datasets"
 
@@ -105,16 +104,10 @@ def source_for(name: str) -> DataSource:
 
 def _imported(path: str) -> DataSource:
     if path not in SOURCES:
-        module_name, _, attr = path.partition(":")
-        check_allowed(module_name, f"data source {path!r}")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except Exception as err:
-            raise PluginError(f"data source {path!r} cannot be imported ({type(err).__name__}: {err}); check the "
-                              "package is installed on every node and the name is package.module:Class") from None
-        if not (isinstance(cls, type) and issubclass(cls, DataSource) and isinstance(getattr(cls, "name", None), str)):
+        cls = import_class(path, "data source", DataSource, "ray_kd.data_sources.DataSource subclass with a `name`")
+        if not isinstance(getattr(cls, "name", None), str):
             raise PluginError(f"data source {path!r} is not a ray_kd.data_sources.DataSource subclass with a `name`")
-        SOURCES[path], ORIGINS[path] = cls(), f"import {module_name}"
+        SOURCES[path], ORIGINS[path] = cls(), f"import {path.partition(':')[0]}"
     return SOURCES[path]
 
 

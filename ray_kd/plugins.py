@@ -8,6 +8,7 @@ refuse any other module a config names."""
 
 from __future__ import annotations
 
+import importlib
 import os
 from importlib.metadata import entry_points
 from typing import Iterator
@@ -40,3 +41,17 @@ def check_allowed(module: str, what: str) -> None:
     if allowed and not any(module == m or module.startswith(m + ".") for m in allowed):
         raise PluginError(f"{what}: module {module!r} is not in {ALLOWED_MODULES_ENV}={','.join(allowed)}; "
                           "add it there if you trust it")
+
+
+def import_class(path: str, kind: str, base: type, what: str) -> type:
+    """`package.module:Class` named in a config -> that class, a `base` subclass (`what` names it in the error)."""
+    module_name, _, attr = path.partition(":")
+    check_allowed(module_name, f"{kind} {path!r}")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except Exception as err:
+        raise PluginError(f"{kind} {path!r} cannot be imported ({type(err).__name__}: {err}); check the "
+                          "package is installed on every node and the name is package.module:Class") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise PluginError(f"{kind} {path!r} is not a {what}")
+    return cls

@@ -12,11 +12,10 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 from ray_kd.methods.base import Method
-from ray_kd.plugins import PluginError, check_allowed, load_entry_points
+from ray_kd.plugins import import_class, load_entry_points
 
 ENTRY_POINT_GROUP = "ray_kd.methods"
 METHODS: dict[str, type[Method]] = {}
@@ -61,17 +60,9 @@ def load_plugins() -> None:
 
 def import_method(path: str) -> type[Method]:
     """`package.module:Class` -> that Method subclass (registered on the way)."""
-    module_name, _, attr = path.partition(":")
-    check_allowed(module_name, f"method {path!r}")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except Exception as err:
-        raise PluginError(f"method {path!r} cannot be imported ({type(err).__name__}: {err}); check the "
-                          "package is installed on every node and the name is package.module:Class") from None
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise PluginError(f"method {path!r} is not a ray_kd.methods.Method subclass")
+    cls = import_class(path, "method", Method, "ray_kd.methods.Method subclass")
     METHODS.setdefault(path, cls)
-    ORIGINS.setdefault(path, f"import {module_name}")
+    ORIGINS.setdefault(path, f"import {path.partition(':')[0]}")
     return cls
 
 
