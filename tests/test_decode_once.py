@@ -3,8 +3,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -152,9 +154,15 @@ def test_the_loader_runs_on_a_cpu_only_node(tmp_path):
     root = make_tree(tmp_path / "tree", per_class=(12, 2))
     overrides = stream_overrides(tmp_path, root, "name=nodes", "runtime.cpus_per_worker=1", "optim.epochs=1",
                                  "data.loader_resources={decode_node: 1, CPU: 1}", *kd_overrides(tmp_path))
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": ""}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(overrides)], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=240)
+    # A Ray temp folder of its own: a `Cluster` head writes its address where a plain `ray.init()` elsewhere on the
+    # machine (another test session) would find it and try to join.
+    private = tempfile.mkdtemp(prefix="rkd-", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "", "RAY_TMPDIR": private}
+    try:
+        done = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(overrides)], capture_output=True, text=True,
+                              cwd=REPO, env=env, timeout=240)
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     roles = {w["role"] for w in report["where"]}
