@@ -34,7 +34,7 @@ from ray_kd.checkpoint import CheckpointError
 from ray_kd.config import RunConfig
 from ray_kd.data import Dataset, as_arrays, from_arrays
 from ray_kd.datasets import load_dataset
-from ray_kd.errors import UserError, first_line
+from ray_kd.errors import UserError, cause_of, disk_full, first_line
 from ray_kd.exchange import CollectiveExchange, LocalExchange
 from ray_kd.loader import LoaderFeed, decodes_once, start_loaders
 from ray_kd.preflight import PreflightError, check_address, cluster_address, running_cluster
@@ -238,7 +238,8 @@ class RoleGroup:
         for r, e in sorted(errors.items()):
             if isinstance(e, ray.exceptions.RayActorError):
                 return WorkerDied(r, death_cause(str(e), session_logs()))
-        return err
+        # the rank that hit the cause (a full disk, a bad input) over its peers, whose collectives it broke
+        return next((e for _, e in sorted(errors.items()) if cause_of(e, UserError) or disk_full(e, "")), err)
 
     def shutdown(self) -> None:
         """Kill the workers and free their placement group; a second call does nothing."""
@@ -471,6 +472,7 @@ class RayExecutor:
         try:
             run_roles(self.cfg, run, train_worker, uri, run_id, poll, dataset, group)
         finally:
+            new_epochs()  # the epochs saved before a failure ended the wait have their lines too
             if console is not None:
                 console.display.close()
         return run.checkpoints().latest()
@@ -576,7 +578,7 @@ def worker_user_error(err: Exception) -> UserError | None:
 def explain_failure(err: Exception, run: RunStorage) -> UserError:
     """The one-line error a user can act on: the worker's own UserError if it raised one, else the worker's last
     line and how to resume."""
-    own = worker_user_error(err)
+    own = worker_user_error(err) or disk_full(err, run.where())
     if own is not None:
         return own
     text = str(getattr(err, "cause", None) or err).strip()

@@ -17,7 +17,7 @@ from ray_kd.config import ConfigError, RunConfig, shown_uri
 from ray_kd.data import Dataset, epoch_steps, raw_eval_batches
 from ray_kd.datasets import load_dataset
 from ray_kd.deliverable import load_student, shipped_meta
-from ray_kd.errors import UserError
+from ray_kd.errors import UserError, disk_full
 from ray_kd.model_registry import label_version
 from ray_kd.preflight import check_folders, check_out_file, check_roles, check_sqlite_store
 from ray_kd.results import headline_line, plot_curves, summarize
@@ -77,8 +77,12 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
                     raise RunStopped(f"run {cfg.name} stopped at epoch {epochs}" if last is None else
                                      f"run {cfg.name} stopped while finishing after its last epoch ({epochs}): the "
                                      "same command finishes it", signal_of(err)) from None
-                except BaseException:  # the run shows as failed until a resume finishes it
+                except BaseException as err:  # the run shows as failed until a resume finishes it
                     _mark_unfinished(uri, before, epochs_before, "FAILED")
+                    run.discard_partial()
+                    full = disk_full(err, run.where())
+                    if full is not None:
+                        raise full from None
                     raise
             finally:  # every start's time counts, a stopped or failed one's too
                 run.record_wall(earlier + time.perf_counter() - start)

@@ -474,6 +474,12 @@ class RunStorage:
         finally:
             os.close(fd)  # releases the lock
 
+    def discard_partial(self) -> None:
+        """Remove the temporary folders of epoch saves a failure cut short (`.epoch_NNNN.tmp/`, a full disk's): once
+        the workers are gone a failed run leaves only whole checkpoints."""
+        for partial in (self.run_dir / CHECKPOINTS).glob(f".{EPOCH_PREFIX}*.tmp"):
+            shutil.rmtree(partial, ignore_errors=True)
+
     def clear(self) -> None:
         """`--restart`: everything in the run folder but its lock (held by the caller) goes, in the store too."""
         for item in self.run_dir.iterdir():

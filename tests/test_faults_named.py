@@ -195,3 +195,43 @@ def test_a_sweep_counts_all_the_trials_it_will_run():
     assert load_space({"searcher": "grid", "num_samples": 2, "params": {
         "optim.lr": {"type": "grid", "values": [0.01, 0.1]},
         "seed": {"type": "grid", "values": [0, 1, 2]}}}).trials == 12
+
+
+# --- faults mid-run ------------------------------------------------------------------------------------------------
+
+STATUS = ("import mlflow; c = mlflow.MlflowClient(); "
+          "print('status', *[r.info.status for r in c.search_runs([c.get_experiment_by_name('ray-kd').experiment_id])])")
+"""Prints the MLflow runs' states: `status FAILED`."""
+
+
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_full_disk_mid_run_is_named_and_the_same_command_resumes_once_freed(executor, tmp_path):
+    """output_dir on a disk that holds epoch 1's checkpoint but not epoch 2's (a 1 MB tmpfs, a filler file leaving
+    300 kB): one line naming the full disk, the MLflow run FAILED, epoch 1 kept and no partial epoch folder; with
+    the filler removed, the same command finishes the run. On Ray the run starts a local cluster of its own inside
+    the namespace (its workers write to the same small disk)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    args = ["train", "-c", "configs/digits_dml.yaml", f"output_dir={disk}", "name=f", "optim.epochs=3",
+            "optim.steps_per_epoch=2", "optim.milestones=[]", f"runtime.executor={executor}",
+            "runtime.cpus_per_worker=0.5"]
+    command = shlex.join([sys.executable, "-m", "ray_kd.cli", *args])
+    status = shlex.join([sys.executable, "-c", STATUS])
+    script = (f"mount -t tmpfs -o size=1m tmpfs {disk} && head -c 700000 /dev/zero > {disk}/filler && "
+              f"{command}; echo \"exit $?\"; {status}; echo kept $(ls -A {disk}/f/checkpoints); rm {disk}/filler && "
+              f"{command}; echo \"exit $?\"; {status}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    out = proc.stdout
+    first, _, second = out.partition("exit 2\n")
+    assert "epoch 1/3  val/test" in first and "epoch 2/3  val/test" not in first and second, out + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ray-kd: error")]
+    assert errors == [f"ray-kd: error: the disk is full (No space left on device, ENOSPC) writing the run folder "
+                      f"{disk / 'f'}; free space on it (or point output_dir at another disk) and run the same "
+                      "command to resume from the last checkpoint"], proc.stderr[-3000:]
+    failed, kept, *_ = second.splitlines()
+    assert failed == "status FAILED" and kept == "kept epoch_0001", out
+    assert "resuming after epoch 1" in second and "epoch 3/3" in second, out
+    assert second.rstrip().endswith("exit 0\nstatus FINISHED"), out
