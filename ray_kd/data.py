@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ray_kd.checkpoint import atomic_save
-from ray_kd.errors import UserError
+from ray_kd.errors import UserError, first_line
 
 
 class DataError(UserError, ValueError):
