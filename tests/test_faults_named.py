@@ -6,6 +6,7 @@ root and leave nothing mounted behind."""
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,10 @@ from test_streaming import make_tree, stream_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["runtime.executor=local", "optim.epochs=1", "optim.steps_per_epoch=2", "optim.milestones=[]"]
+NAMESPACED = pytest.mark.skipif(
+    shutil.which("unshare") is None or subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "--net", "true"], capture_output=True).returncode != 0,
+    reason="this machine refuses unprivileged user namespaces (unshare --user), which make the read-only folder, "
+           "the full disk and the missing network of these tests")
 
 
 def ray_kd_isolated(tmp_path, args, mounts=(), network=True, env=None, timeout=300):
@@ -95,6 +100,7 @@ def test_an_archive_that_is_no_tar_is_one_line(content, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "set.tar.gz is not a readable .tar.gz (ReadError: " in err, err
 
 
+@NAMESPACED
 def test_report_into_a_read_only_folder_is_one_line(tmp_path):
     """Checked before the store is read: no report is computed that cannot be written."""
     folder = tmp_path / "read-only"
@@ -104,6 +110,7 @@ def test_report_into_a_read_only_folder_is_one_line(tmp_path):
     assert f"--out={folder / 'report'} is not a writable folder (Read-only file system)" in line, line
 
 
+@NAMESPACED
 def test_a_read_only_storage_cache_with_an_object_store_output_is_one_line(tmp_path, s3_bucket):
     """A run on an object store writes its folder locally first, under RAY_KD_STORAGE_CACHE: read-only, that was a
     traceback from the run lock's mkdir after the preflight passed."""
@@ -117,6 +124,7 @@ def test_a_read_only_storage_cache_with_an_object_store_output_is_one_line(tmp_p
     assert "secret" not in proc.stdout + proc.stderr
 
 
+@NAMESPACED
 def test_a_download_without_network_is_one_line(tmp_path):
     proc = ray_kd_isolated(tmp_path, ["train", "data.dataset=cifar10", f"data.root={tmp_path / 'cifar'}",
                                       "data.download=true", *QUICK], network=False)
@@ -204,6 +212,7 @@ STATUS = ("import mlflow; c = mlflow.MlflowClient(); "
 """Prints the MLflow runs' states: `status FAILED`."""
 
 
+@NAMESPACED
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_a_full_disk_mid_run_is_named_and_the_same_command_resumes_once_freed(executor, tmp_path):
     """output_dir on a disk that holds epoch 1's checkpoint but not epoch 2's (a 1 MB tmpfs, a filler file leaving
