@@ -211,7 +211,7 @@ def train_teacher(cfg: RunConfig, out: Path, restart: bool = False, keep: str = 
         blob["state_dict"] = {k.removeprefix("backbone."): v for k, v in net.items() if k.startswith("backbone.")}
         kept.update(epoch=summary["epochs"], val_acc=head["last_val_acc"], test_acc=head["last_test_acc"])
     blob.update(kept)
-    blob["mlflow"] = {"run_id": summary["mlflow_run_id"], "tracking_uri": tracking.tracking_uri(cfg),
+    blob["mlflow"] = {"run_id": summary["mlflow_run_id"], "tracking_uri": shown_uri(tracking.tracking_uri(cfg)),
                       "model_id": summary.get("mlflow_model_id") if keep == "best" else None, **kept}
     atomic_save(blob, out)
     test = kept["test_acc"]

@@ -21,7 +21,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
-from ray_kd.config import RunConfig, flatten, shown_config
+from ray_kd.config import RunConfig, flatten, shown_config, shown_uri
 from ray_kd.run_storage import RunFolderError, RunStorage
 
 MAY_CHANGE_ON_RESUME = ("name", "output_dir", "optim.epochs", "data.cache_dir", "data.download", "runtime.*",
@@ -128,7 +128,7 @@ def check_store(run: RunStorage, uri: str) -> None:
     marker = run.mlflow_run(f"run {run.name}")
     if marker is None:
         return
-    recorded = marker["tracking_uri"]
-    if recorded != uri:
-        raise RunFolderError(f"run {run.name} is recorded in the MLflow store {recorded}, not {uri}; resume it with "
-                             f"MLFLOW_TRACKING_URI={recorded}, or add --restart to start it over in {uri}")
+    recorded, shown = shown_uri(marker["tracking_uri"]), shown_uri(uri)  # the marker holds the shown form
+    if recorded != shown:
+        raise RunFolderError(f"run {run.name} is recorded in the MLflow store {recorded}, not {shown}; resume it with "
+                             f"MLFLOW_TRACKING_URI={recorded}, or add --restart to start it over in {shown}")

@@ -432,7 +432,9 @@ class RunStorage:
         return found
 
     def record_mlflow_run(self, run_id: str, uri: str) -> None:
-        atomic_write_json({"run_id": run_id, "tracking_uri": uri}, self.run_dir / MLFLOW_RUN)
+        """The store is recorded as shown (no credentials in the folder): a resume compares it with the shown form
+        of the store it connects to."""
+        atomic_write_json({"run_id": run_id, "tracking_uri": shown_uri(uri)}, self.run_dir / MLFLOW_RUN)
 
     def forget_mlflow_run(self) -> bool:
         """Drop the MLflow run marker (the next start makes a new MLflow run); whether there was one."""

@@ -80,3 +80,23 @@ def test_a_uri_where_only_local_paths_go_is_one_line_naming_the_field(field, s3_
 def test_shown_config_covers_every_uri_field():
     cfg = load_config("configs/digits_kd.yaml", ["teacher.cache=gs://k:s@b/tc?access_key=k", "tracking.uri=http://u:p@h/"])
     assert "s@b" not in str(shown_config(cfg)) and "access_key" not in str(shown_config(cfg))
+
+
+def test_the_mlflow_marker_holds_the_store_without_credentials_and_a_resume_still_matches(tmp_path):
+    """A credentialed tracking URI (`https://user:pass@host/?token=...`) is recorded in the run folder's
+    mlflow_run.json as shown; the same store, credentials and all, resumes it, and another store is refused."""
+    from ray_kd.run_folder import check_store
+    from ray_kd.run_storage import MLFLOW_RUN, RunFolderError, RunStorage
+
+    run = RunStorage.of(load_config("configs/digits_dml.yaml", [f"output_dir={tmp_path}", "name=m"]))
+    run.run_dir.mkdir(parents=True)
+    uri = f"https://{KEY}:{SECRET}@mlflow.example:5000/api?token={SECRET}"
+    run.record_mlflow_run("abc123", uri)
+    marker = (run.run_dir / MLFLOW_RUN).read_bytes()
+    assert not leaks(marker), marker
+    assert run.mlflow_run("run m") == {"run_id": "abc123", "tracking_uri": "https://mlflow.example:5000/api"}
+    check_store(run, uri)  # the same store: resumed
+    with pytest.raises(RunFolderError) as err:
+        check_store(run, f"https://{KEY}:{SECRET}@other.example/")
+    assert "https://mlflow.example:5000/api, not https://other.example/" in str(err.value)
+    assert not leaks(str(err.value).encode())
