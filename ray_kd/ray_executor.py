@@ -396,7 +396,7 @@ def run_roles(cfg: RunConfig, run: RunStorage, fn: Callable[[dict, int], object]
             print(f"{role} died ({died}); restarting the workers from the last checkpoint "
                   f"({attempt + 1} of runtime.max_failures={cfg.runtime.max_failures})", flush=True)
         except ray.exceptions.RayTaskError as err:
-            raise explain_failure(err, run) from None
+            raise explain_failure(err, run) from err  # the driver names a cause it finds there (a locked store)
         finally:
             group.shutdown()
 

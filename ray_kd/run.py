@@ -78,11 +78,13 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
                                      f"run {cfg.name} stopped while finishing after its last epoch ({epochs}): the "
                                      "same command finishes it", signal_of(err)) from None
                 except BaseException as err:  # the run shows as failed until a resume finishes it
-                    _mark_unfinished(uri, before, epochs_before, "FAILED")
+                    state = _mark_unfinished(uri, before, epochs_before, "FAILED")
                     run.discard_partial()
-                    full = disk_full(err, run.where())
-                    if full is not None:
-                        raise full from None
+                    named = disk_full(err, run.where()) or (
+                        tracking.locked_store_error(uri, run_id, state, run.where())
+                        if tracking.store_locked(err) else None)
+                    if named is not None:
+                        raise named from None
                     raise
             finally:  # every start's time counts, a stopped or failed one's too
                 run.record_wall(earlier + time.perf_counter() - start)
@@ -128,12 +130,19 @@ def _shut_down_after(executor):
         executor.shutdown()
 
 
-def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> None:
-    """KILLED or FAILED, except that a FINISHED run stays FINISHED when this start added no epoch to it."""
+def _mark_unfinished(uri: str, before, epochs_before: int, status: str) -> str:
+    """KILLED or FAILED, except that a FINISHED run stays FINISHED when this start added no epoch to it; the state
+    the MLflow run is left in (RUNNING when a locked store takes no mark)."""
     mlflow = tracking.client(uri)
-    if before.info.status == "FINISHED" and tracking.latest_epoch(mlflow, before.info.run_id)[0] == epochs_before:
-        status = "FINISHED"
-    mlflow.set_terminated(before.info.run_id, status)
+    try:
+        if before.info.status == "FINISHED" and tracking.latest_epoch(mlflow, before.info.run_id)[0] == epochs_before:
+            status = "FINISHED"
+        mlflow.set_terminated(before.info.run_id, status)
+    except Exception as err:
+        if not tracking.store_locked(err):
+            raise
+        return "RUNNING"
+    return status
 
 
 def executor_for(cfg: RunConfig):

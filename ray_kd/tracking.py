@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ray_kd.config import RunConfig, flatten, shown_config, shown_uri
-from ray_kd.errors import UserError, first_line
+from ray_kd.errors import UserError, causes, first_line
 from ray_kd.evaluation import OBJECTIVE
 from ray_kd.run_storage import RunStorage
 
@@ -63,6 +63,24 @@ def check_reachable(uri: str) -> None:
         first = first_line(err)
         raise TrackingError(f"MLflow store {shown_uri(uri)} is not reachable ({first}); start the tracking server "
                             "or set MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None
+
+
+SQLITE_LOCKED = "database is locked"
+
+
+def store_locked(err: BaseException) -> bool:
+    """Whether `err` comes of a sqlite MLflow store that another process kept locked past MLflow's busy timeout
+    (20 s). Found by sqlite's own text, anywhere in the chain: a Ray worker's exception reaches the driver without
+    its chained sqlite error, its message names it."""
+    return any(SQLITE_LOCKED in str(e) for e in causes(err))
+
+
+def locked_store_error(uri: str, run_id: str, state: str, where: str) -> TrackingError:
+    """The one line for a run stopped by a locked store: which store, the MLflow run's true state, what to do."""
+    left = "is left RUNNING (the locked store took no mark)" if state == "RUNNING" else f"is {state}"
+    return TrackingError(f"the MLflow store {shown_uri(uri)} is locked by another process ({SQLITE_LOCKED}, for "
+                         f"longer than MLflow waits); MLflow run {run_id} {left}, checkpoints are kept in {where}: "
+                         "once the other process lets go of the store, the same command resumes it")
 
 
 RUN_KINDS = ("teacher", "baseline", "distillation", "sweep", "sweep_trial", "report")
