@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -23,6 +24,7 @@ from ray_kd.preflight import check_folders, check_out_file, check_roles, check_s
 from ray_kd.results import headline_line, plot_curves, summarize
 from ray_kd.run_storage import RunStorage, read_history
 from ray_kd.stopping import RunStopped, install_handlers, signal_of
+from ray_kd.storage import StorageError, store_down
 from ray_kd.teacher_cache import describe_size
 from ray_kd import run_folder, tracking
 
@@ -80,7 +82,7 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
                 except BaseException as err:  # the run shows as failed until a resume finishes it
                     state = _mark_unfinished(uri, before, epochs_before, "FAILED")
                     run.discard_partial()
-                    named = disk_full(err, run.where()) or (
+                    named = disk_full(err, run.where()) or store_down(err, cfg.output_dir, run_id, state) or (
                         tracking.locked_store_error(uri, run_id, state, run.where())
                         if tracking.store_locked(err) else None)
                     if named is not None:
@@ -88,7 +90,8 @@ def train(cfg: RunConfig, parent_run_id: str | None = None, kind: str | None = N
                     raise
             finally:  # every start's time counts, a stopped or failed one's too
                 run.record_wall(earlier + time.perf_counter() - start)
-                run.push()
+                if not isinstance(sys.exc_info()[1], StorageError):  # a store that stopped answering takes none
+                    run.push()
 
 
 def _free_name(cfg: RunConfig, now: dict, restart: bool) -> RunConfig:

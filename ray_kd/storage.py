@@ -16,14 +16,16 @@ writes files by name (`teacher.cache`).
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from pyarrow import fs
 
 from ray_kd.checkpoint import atomic_write
 from ray_kd.config import shown_uri, uri_scheme
-from ray_kd.errors import UserError, first_line
+from ray_kd.errors import UserError, causes, first_line
 
 
 class StorageError(UserError, RuntimeError):
@@ -137,3 +139,23 @@ def check_writable(location: str, field: str) -> None:
         raise StorageError(f"{field}={store.shown} cannot be written ({first_line(err)}); check the bucket, its "
                            "credentials (the store's usual environment variables or the URI) and its "
                            "permissions") from None
+
+
+NOT_ANSWERING = re.compile(r"AWS Error NETWORK_CONNECTION during \w+ operation: [^;]*")
+"""What pyarrow's S3 client says when the store does not answer (refused, reset, timed out, no such host)."""
+
+
+def store_down(err: BaseException, location: str, run_id: str, state: str) -> StorageError | None:
+    """The one line for a run stopped by its object store (`location`, output_dir) not answering: the store and its
+    endpoint (without credentials), the MLflow run's state, the resume; None for any other error. Found by the
+    client's text anywhere in the chain, since a Ray worker's error reaches the driver as text."""
+    if uri_scheme(location) in (None, "file"):
+        return None
+    said = next((m.group(0) for e in causes(err) if (m := NOT_ANSWERING.search(str(e)))), None)
+    if said is None:
+        return None
+    endpoint = parse_qs(urlsplit(location).query).get("endpoint_override", [None])[0]
+    at = f" at {shown_uri(endpoint)}" if endpoint else ""
+    return StorageError(f"the object store {shown_uri(location)}{at} stopped answering ({said}); MLflow run "
+                        f"{run_id} is {state}, the checkpoints it published are kept there: the same command "
+                        "resumes once the store answers")

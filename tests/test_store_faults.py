@@ -49,3 +49,62 @@ def test_a_locked_mlflow_store_mid_run_is_named_and_the_run_failed(ray_cluster, 
     assert (f"the MLflow store {mlflow_uri} is locked by another process (database is locked, for longer than MLflow "
             f"waits); MLflow run {run.info.run_id} is FAILED, checkpoints are kept in {run_dir}: once the other "
             "process lets go of the store, the same command resumes it") in err, err
+
+
+def test_an_object_store_that_stops_answering_mid_run_is_named_and_the_same_command_resumes(tmp_path, mlflow_uri,
+                                                                                            monkeypatch, capsys):
+    """output_dir on an S3 server of this test's own, stopped once epoch 1 is published there: one line naming
+    the store and its endpoint (no credentials), the MLflow run FAILED; the server back on the same port (moto keeps
+    its buckets in this process), the same command resumes from what it published and finishes."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+    from pyarrow import fs
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("RAY_KD_STORAGE_CACHE", str(tmp_path / "mirror"))
+    bucket = f"down-{port}"
+    output_dir = f"s3://AKIADOWNKEY:D0wnSecret@{bucket}/runs?endpoint_override={host}:{port}&scheme=http&region=us-east-1"
+    store, _ = fs.FileSystem.from_uri(output_dir + "&allow_bucket_creation=true")
+    store.create_dir(bucket)
+    published = f"{bucket}/runs/s/checkpoints/epoch_0001/history.json"
+    done = threading.Event()
+
+    def stop_when_published():
+        while not done.is_set():
+            if store.get_file_info(published).type == fs.FileType.File:
+                server.stop()
+                return
+            time.sleep(0.05)
+
+    stopper = threading.Thread(target=stop_when_published)
+    stopper.start()
+    args = ["train", *QUICK, f"output_dir={output_dir}", "name=s", "runtime.executor=local"]
+    try:
+        code = main([*args, "optim.epochs=30"])
+    finally:
+        done.set()
+        stopper.join()
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if " INFO mlflow." not in line).strip()
+    assert code == 2, err
+    mlflow = client(mlflow_uri)
+    (run,) = mlflow.search_runs([mlflow.get_experiment_by_name("ray-kd").experiment_id])
+    assert run.info.status == "FAILED"
+    assert len(err.splitlines()) == 1 and "D0wnSecret" not in err and "AKIADOWNKEY" not in err, err
+    assert err.startswith(f"ray-kd: error: the object store s3://{bucket}/runs at {host}:{port} stopped answering (AWS "
+                          "Error NETWORK_CONNECTION during "), err
+    assert err.endswith(f"; MLflow run {run.info.run_id} is FAILED, the checkpoints it published are kept there: the "
+                        "same command resumes once the store answers"), err
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        assert main([*args, "optim.epochs=3"]) == 0
+    finally:
+        server.stop()
+    out = capsys.readouterr().out
+    assert "resuming after epoch 1" in out or "resuming after epoch 2" in out, out  # one more may land first
+    assert mlflow.get_run(run.info.run_id).info.status == "FINISHED"
