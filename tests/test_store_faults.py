@@ -6,6 +6,8 @@ import sqlite3
 import threading
 import time
 
+import pytest
+
 from ray_kd.cli import main
 from ray_kd.tracking import client
 
@@ -51,8 +53,10 @@ def test_a_locked_mlflow_store_mid_run_is_named_and_the_run_failed(ray_cluster, 
             "process lets go of the store, the same command resumes it") in err, err
 
 
-def test_an_object_store_that_stops_answering_mid_run_is_named_and_the_same_command_resumes(tmp_path, mlflow_uri,
-                                                                                            monkeypatch, capsys):
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_an_object_store_that_stops_answering_mid_run_is_named_and_the_same_command_resumes(executor, request, tmp_path,
+                                                                                            mlflow_uri, monkeypatch,
+                                                                                            capsys):
     """output_dir on an S3 server of this test's own, stopped once epoch 1 is published there: one line naming
     the store and its endpoint (no credentials), the MLflow run FAILED; the server back on the same port (moto keeps
     its buckets in this process), the same command resumes from what it published and finishes."""
@@ -61,6 +65,8 @@ def test_an_object_store_that_stops_answering_mid_run_is_named_and_the_same_comm
     from moto.server import ThreadedMotoServer
     from pyarrow import fs
 
+    if executor == "ray":
+        request.getfixturevalue("ray_cluster")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -82,7 +88,8 @@ def test_an_object_store_that_stops_answering_mid_run_is_named_and_the_same_comm
 
     stopper = threading.Thread(target=stop_when_published)
     stopper.start()
-    args = ["train", *QUICK, f"output_dir={output_dir}", "name=s", "runtime.executor=local"]
+    args = ["train", *QUICK, f"output_dir={output_dir}", "name=s", f"runtime.executor={executor}",
+            "runtime.cpus_per_worker=0.5"]
     try:
         code = main([*args, "optim.epochs=30"])
     finally:
