@@ -96,31 +96,52 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def mlflow_ui(uri: str, log: Path):
-    """`mlflow ui` over `uri` on 127.0.0.1 and a free port, until it answers; yields its base URL."""
-    port = free_port()
-    with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+def answers(url: str) -> str | None:
+    """None when `url` answers 200, else what went wrong; straight to loopback, past any proxy in the env."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow ui did not start on {base}:\n{log.read_text()[-2000:]}")
+        with opener.open(url, timeout=5) as answer:
+            return None if answer.status == 200 else f"HTTP {answer.status}"
+    except OSError as error:
+        return f"{type(error).__name__}: {error}"
+
+
+@contextlib.contextmanager
+def mlflow_ui(uri: str, log: Path, tries: int = 3, wait_s: float = 90):
+    """`mlflow ui` over `uri` on 127.0.0.1 and a free port, until it answers; yields its base URL.
+
+    A server that never answers (its port taken between our pick and its bind, say) is stopped and started
+    again on another port, up to `tries` times; the last error and the server's log are in the exception."""
+    for attempt in range(1, tries + 1):
+        port = free_port()
+        with log.open("a") as out:
+            out.write(f"--- start {attempt} of {tries} on port {port}\n")
+            out.flush()
+            server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+                                       "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + wait_s
+        error = answers(f"{base}/health")
+        while error and server.poll() is None and time.monotonic() < deadline:
             time.sleep(1)
+            error = answers(f"{base}/health")
+        if error is None:
+            break
+        stop(server)
+        if attempt == tries:
+            raise RuntimeError(f"mlflow ui did not answer on {base}/health ({error}):\n{log.read_text()[-2000:]}")
+    try:
         yield base
     finally:
-        os.killpg(server.pid, 15)  # uvicorn and its worker: the group it was started in
-        server.wait(timeout=60)
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """uvicorn and its worker: the process group it was started in."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, 15)
+    server.wait(timeout=60)
 
 
 @contextlib.contextmanager
