@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,32 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def empty_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its tables made, once per session: making them takes ~2 s of schema migrations
+    in every new store, copying the file 0.1 s."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
 @pytest.fixture()
-def mlflow_uri(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def new_mlflow_store(empty_mlflow_db):
+    """`new_mlflow_store(path)`: a new, empty MLflow store at `path` (a copy of the session's empty one); its URI."""
+
+    def make(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(empty_mlflow_db, path)
+        return f"sqlite:///{path}"
+
+    return make
+
+
+@pytest.fixture()
+def mlflow_uri(tmp_path, monkeypatch, new_mlflow_store):
+    uri = new_mlflow_store(tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
 

@@ -25,13 +25,13 @@ def epoch_line(record: dict, epochs: int) -> str:
     return f"epoch {int(record['epoch'])}/{epochs}  val/test top-1: {accs}  ({speed:.0f} samples/s)"
 
 
-def test_a_ray_run_prints_each_epoch_once_with_its_own_numbers(tmp_path):
+def test_a_ray_run_prints_each_epoch_once_with_its_own_numbers(tmp_path, mlflow_uri):
     """The CLI on the default Ray executor, its output a pipe (a log file): 647 steps of 2 images per epoch, so
     that the driver, which asks the workers every 0.5 s, sees each epoch partway."""
     args = ["train", "-c", "configs/digits_dml.yaml", f"output_dir={tmp_path}", "optim.epochs=2",
             "data.batch_size=2", "runtime.progress_every_s=0.01"]
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": mlflow_uri}
     proc = subprocess.run([sys.executable, "-m", "ray_kd.cli", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -106,14 +106,14 @@ def make(num_classes):
 '''
 
 
-def test_a_worker_that_dies_the_same_way_each_time_is_explained(tmp_path):
+def test_a_worker_that_dies_the_same_way_each_time_is_explained(tmp_path, new_mlflow_store):
     """The worker's own last words (from its log) in one line, and no advice to resume into the same death."""
     (tmp_path / "bomb_factory.py").write_text(BOMB)
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, "-m", "ray_kd.cli", "train", "-c", "configs/digits_dml.yaml",
                            f"output_dir={tmp_path}", "name=bomb", "optim.epochs=1", "runtime.max_failures=1",
-                           f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                           f"tracking.uri={new_mlflow_store(tmp_path / 'mlflow.db')}",
                            "students=[{model: 'bomb_factory:make'}, {model: digits_cnn_s}]"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 2, done.stdout + done.stderr

@@ -42,7 +42,7 @@ def _one_line(capsys):
 
 # --- 1. the README's KD flow, relative paths, on the Ray executor ------------------------------------------
 
-def test_readme_kd_flow_on_ray_from_another_directory(ray_cluster, tmp_path):
+def test_readme_kd_flow_on_ray_from_another_directory(ray_cluster, tmp_path, mlflow_uri):
     """`ray-kd train-teacher ... --out runs/digits_teacher.pt` then `ray-kd train --config configs/digits_kd.yaml`,
     exactly as the README writes them (shortened by overrides), run from a directory of their own: the relative
     teacher path and output folder must mean the caller's directory, not the Ray workers'."""
@@ -51,7 +51,7 @@ def test_readme_kd_flow_on_ray_from_another_directory(ray_cluster, tmp_path):
     # Ray's own directories, as a local cluster's do, so a path read there relative to them would not be found.
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address, "RAY_AUTH_MODE": "token",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+           "MLFLOW_TRACKING_URI": mlflow_uri}
     short = ["optim.epochs=1", "optim.steps_per_epoch=4", "optim.milestones=[]"]
     # The teacher in one process (its relative paths are the driver's alone); the KD run on Ray, where workers
     # read the teacher file and write checkpoints under the relative output folder.

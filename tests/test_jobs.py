@@ -55,9 +55,9 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_submitted_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path):
+def test_submitted_job_succeeds_and_lands_in_mlflow(ray_head, tmp_path, mlflow_uri):
     env, address, gcs = ray_head
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     runtime_env = '{"env_vars": {"MLFLOW_TRACKING_URI": "%s"}}' % uri
     for _ in range(40):  # the job agent takes a few seconds to come up after `ray start`
         # Without --no-wait, as a user runs it: it tails the job's logs and exits 1 if the job fails (polling

@@ -113,9 +113,9 @@ def test_output_dir_is_a_path_or_a_file_uri(tmp_path):
         load_config(None, ["output_dir=file:runs"])
 
 
-def test_replicas_spread_over_nodes_and_survive_a_killed_worker(tmp_path):
+def test_replicas_spread_over_nodes_and_survive_a_killed_worker(tmp_path, mlflow_uri):
     root = tempfile.mkdtemp(prefix="rkm", dir="/tmp")  # Ray's temp folder of its own (and short: socket paths)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_uri
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": root,
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every "node" on 127.0.0.1, as ray-kd's local cluster
            "MLFLOW_TRACKING_URI": uri}
