@@ -453,8 +453,10 @@ class RunConfig(Strict):
     def _normalize_as_pretrained(self) -> "RunConfig":
         """Unless data.normalize is set, images are normalised as the first pretrained role's weights were
         trained (the teacher's before the students'); gray images keep their own (the weights' are per RGB)."""
+        from ray_kd.data_sources import source_for
+
         pretrained = [r for r in ([self.teacher] if self.teacher else []) + self.students if r.pretrained]
-        if pretrained and "normalize" not in self.data.model_fields_set and self.data.dataset != "digits":
+        if pretrained and "normalize" not in self.data.model_fields_set and not source_for(self.data.dataset).gray:
             from ray_kd.hub_weights import hub_weights
 
             weights = hub_weights(pretrained[0].model)

@@ -36,6 +36,8 @@ class DataSource:
 
     name: str
     plain: bool = False
+    gray: bool = False
+    """One channel: pretrained weights' per-RGB normalisation does not apply (`data.normalize` keeps its default)."""
     """Flips and crops would change what an image means (digits, glyphs): `data.augment=auto` is `none`."""
     streams: bool = False
     """`data.mode=stream` reads it from disk batch by batch (ImageFolder trees, through `ray_kd.streaming`)."""
@@ -151,6 +153,7 @@ class Digits(DataSource):
 
     name = "digits"
     plain = True
+    gray = True
 
     def load(self, cfg) -> tuple[Split, Split, int]:
         import numpy as np

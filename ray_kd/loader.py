@@ -105,8 +105,7 @@ class BatchLoader:
                 batch = err
             with self.changed:
                 count = self.dataset.take_decoded()
-                self.decoded[epoch].images += count.images
-                self.decoded[epoch].cpu_s += count.cpu_s
+                self.decoded[epoch].add(count.images, count.cpu_s)
                 if self.epoch == epoch:
                     self.ready[step] = batch
                 self.changed.notify_all()

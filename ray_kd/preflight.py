@@ -150,14 +150,19 @@ def running_cluster() -> str | None:
     from ray._private.services import find_bootstrap_address
 
     address = find_bootstrap_address(None)
-    host, _, port = (address or "").rpartition(":")
+    return address if address and answers(address, timeout=1) else None
+
+
+def answers(hostport: str, timeout: float) -> bool:
+    """Whether `host:port` accepts a TCP connection within `timeout` seconds."""
+    host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        return None
+        return False
     try:
-        with socket.create_connection((host, int(port)), timeout=1):
-            return address
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
     except OSError:
-        return None
+        return False
 
 
 def check_address(address: str | None) -> None:

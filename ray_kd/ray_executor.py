@@ -19,6 +19,7 @@ death) is a few lines.
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import threading
@@ -37,7 +38,7 @@ from ray_kd.datasets import load_dataset
 from ray_kd.errors import UserError, cause_of, disk_full, first_line
 from ray_kd.exchange import CollectiveExchange, LocalExchange
 from ray_kd.loader import LoaderFeed, decodes_once, start_loaders
-from ray_kd.preflight import PreflightError, check_address, cluster_address, running_cluster
+from ray_kd.preflight import PreflightError, answers, check_address, cluster_address, running_cluster
 from ray_kd.progress import ProgressDisplay, Status, StepMetricLogger, StepMonitor, group_status, this_process
 from ray_kd.replicas import Mesh, build_mesh, processes_per_replica, world_size
 from ray_kd.roles import all_roles
@@ -252,6 +253,11 @@ class RoleGroup:
             remove_placement_group(self.group)
         self.workers = []
 
+    def abandon(self) -> None:
+        """Forget the workers without a word to the cluster: on a lost cluster there is nothing left to kill, and
+        asking its head to would wait for the head to come back."""
+        self.workers, self.loaders = [], []
+
 
 def start_group(cfg: RunConfig) -> RoleGroup:
     """The run's role workers, started now (they import what they run while the caller goes on), once the
@@ -389,6 +395,14 @@ def run_roles(cfg: RunConfig, run: RunStorage, fn: Callable[[dict, int], object]
             return group.run(fn, config, backend, poll)
         except WorkerDied as died:
             role = rank_name(cfg, roles, died.rank)
+            lost = lost_head()
+            if lost:
+                group.abandon()
+                raise ClusterLostError(
+                    f"the Ray cluster at {cluster_address(cfg) or lost} was lost mid-run: its head ({lost}) no longer "
+                    f"answers and {role} died with it; checkpoints are kept in {run.where()}: start the cluster "
+                    "again (or unset runtime.address to run on a local one) and run the same command to resume"
+                ) from None
             newest = run.checkpoints().latest()
             deaths.append(newest.name if newest else None)
             if attempt == cfg.runtime.max_failures:
@@ -399,6 +413,17 @@ def run_roles(cfg: RunConfig, run: RunStorage, fn: Callable[[dict, int], object]
             raise explain_failure(err, run) from err  # the driver names a cause it finds there (a locked store)
         finally:
             group.shutdown()
+
+
+def lost_head() -> str | None:
+    """The GCS address of this driver's cluster when its head no longer accepts a connection (killed, its machine
+    gone), else None. A role that died with its head is a lost cluster, not a worker to restart: Ray's driver would
+    wait a minute for the head, then end the process without a word of ours."""
+    gcs = ray.get_runtime_context().gcs_address
+    if answers(gcs, timeout=2):
+        return None
+    atexit.unregister(ray.shutdown)  # Ray's own shutdown at exit asks the lost head, and waits for it
+    return gcs
 
 
 def _gave_up(cfg: RunConfig, run: RunStorage, role: str, died: WorkerDied, deaths: list[str | None]) -> str:
@@ -561,6 +586,10 @@ class Console:
 
 class WorkerFailedError(UserError, RuntimeError):
     """A role's worker kept dying after every restart the run allows, or failed with an unexpected error."""
+
+
+class ClusterLostError(UserError, RuntimeError):
+    """The Ray cluster a run joined went away mid-run (its head stopped answering)."""
 
 
 def worker_user_error(err: Exception) -> UserError | None:

@@ -56,6 +56,10 @@ class DecodeCount:
     images: int = 0
     cpu_s: float = 0.0
 
+    def add(self, images: int, cpu_s: float) -> None:
+        self.images += images
+        self.cpu_s += cpu_s
+
 
 @dataclass
 class Unreadable:
@@ -174,8 +178,7 @@ class StreamDataset(torch.utils.data.Dataset):
                 raise DataError(f"{batch.path}: unreadable image ({batch.reason}); remove or replace the file")
             images, labels, cpu_s = batch
             if kind == "train":
-                self.decoded.images += len(labels)
-                self.decoded.cpu_s += cpu_s
+                self.decoded.add(len(labels), cpu_s)
             yield images, labels
 
     def take_decoded(self) -> DecodeCount:

@@ -190,3 +190,35 @@ def test_sigterm_on_the_ray_executor_is_143_and_one_line(tmp_path, mlflow_uri):
     assert lines[0].endswith("; resume with: ray-kd " + " ".join(args)), err
     run_id = json.loads((tmp_path / "stopped" / "mlflow_run.json").read_text())["run_id"]
     assert client(mlflow_uri).get_run(run_id).info.status == "KILLED"
+
+
+def test_a_joined_cluster_lost_mid_run_is_one_line_and_the_run_failed(tmp_path, mlflow_uri):
+    """The `ray start` cluster a run joined, killed mid-run (every process of it, as a crash or a lost machine
+    would): one line naming the lost cluster and how to resume, MLflow FAILED, at once. Not Ray's minute of
+    waiting for the head and its C++ "Failed to connect to GCS", nor restarts on a cluster that is gone."""
+    from ray_kd.tracking import client
+
+    with started_head() as (env, root, address, _):
+        args = ["train", "-c", "configs/digits_dml.yaml", f"output_dir={tmp_path}", "name=lost",
+                f"runtime.address={address}", "optim.epochs=50", "optim.milestones=[]", "runtime.max_failures=2"]
+        driver = subprocess.Popen([sys.executable, "-m", "ray_kd.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True,
+                                  env={**env, "MLFLOW_TRACKING_URI": mlflow_uri, "RAY_AUTH_MODE": "token"})
+        deadline = time.time() + 300
+        while time.time() < deadline and not _epochs(tmp_path / "lost") and driver.poll() is None:
+            time.sleep(0.1)
+        assert _epochs(tmp_path / "lost"), driver.poll() is None or driver.communicate()
+        _kill(_ray_processes(root))
+        killed = time.monotonic()
+        out, err = driver.communicate(timeout=120)
+        took = time.monotonic() - killed
+    assert driver.returncode == 2, out + err
+    lines = [line for line in err.strip().splitlines() if "mlflow" not in line.lower()]  # MLflow's own INFO logs
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"ray-kd: error: the Ray cluster at {address} was lost mid-run: its head "), err
+    assert lines[0].endswith("run the same command to resume"), err
+    assert "restarting" not in out, out
+    assert took < 30, f"{took:.0f} s from the kill to the exit"  # Ray alone waits 60 s for a lost head
+    run_id = json.loads((tmp_path / "lost" / "mlflow_run.json").read_text())["run_id"]
+    assert client(mlflow_uri).get_run(run_id).info.status == "FAILED"
+    assert _epochs(tmp_path / "lost"), "the checkpoints made before the loss are kept"

@@ -58,6 +58,7 @@ class InvertedDigits(DataSource):
 
     name = "inverted_digits"
     plain = True  # a flipped or shifted digit can be another digit: data.augment=auto is none
+    gray = True  # one channel: a pretrained role's RGB normalisation is not applied to it
 
     def load(self, cfg):
         from sklearn.datasets import load_digits
