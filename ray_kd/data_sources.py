@@ -36,9 +36,9 @@ class DataSource:
 
     name: str
     plain: bool = False
+    """Flips and crops would change what an image means (digits, glyphs): `data.augment=auto` is `none`."""
     gray: bool = False
     """One channel: pretrained weights' per-RGB normalisation does not apply (`data.normalize` keeps its default)."""
-    """Flips and crops would change what an image means (digits, glyphs): `data.augment=auto` is `none`."""
     streams: bool = False
     """`data.mode=stream` reads it from disk batch by batch (ImageFolder trees, through `ray_kd.streaming`)."""
 

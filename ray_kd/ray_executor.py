@@ -398,6 +398,7 @@ def run_roles(cfg: RunConfig, run: RunStorage, fn: Callable[[dict, int], object]
             lost = lost_head()
             if lost:
                 group.abandon()
+                atexit.unregister(ray.shutdown)  # Ray's own shutdown at exit would ask the lost head, and wait
                 raise ClusterLostError(
                     f"the Ray cluster at {cluster_address(cfg) or lost} was lost mid-run: its head ({lost}) no longer "
                     f"answers and {role} died with it; checkpoints are kept in {run.where()}: start the cluster "
@@ -420,10 +421,7 @@ def lost_head() -> str | None:
     gone), else None. A role that died with its head is a lost cluster, not a worker to restart: Ray's driver would
     wait a minute for the head, then end the process without a word of ours."""
     gcs = ray.get_runtime_context().gcs_address
-    if answers(gcs, timeout=2):
-        return None
-    atexit.unregister(ray.shutdown)  # Ray's own shutdown at exit asks the lost head, and waits for it
-    return gcs
+    return None if answers(gcs, timeout=2) else gcs
 
 
 def _gave_up(cfg: RunConfig, run: RunStorage, role: str, died: WorkerDied, deaths: list[str | None]) -> str:

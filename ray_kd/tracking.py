@@ -55,11 +55,17 @@ def client(uri: str):
 
 
 def check_reachable(uri: str) -> None:
+    """The MLflow store answers now, before anything starts: a server that does not and a sqlite file another
+    process keeps locked are each one line."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as err:
+        if store_locked(err):
+            raise TrackingError(f"the MLflow store {shown_uri(uri)} is locked by another process ({SQLITE_LOCKED}, "
+                                "for longer than MLflow waits); nothing has started: once the other process lets go "
+                                "of the store, run the same command") from None
         first = first_line(err)
         raise TrackingError(f"MLflow store {shown_uri(uri)} is not reachable ({first}); start the tracking server "
                             "or set MLFLOW_TRACKING_URI / tracking.uri to a reachable store") from None

@@ -53,6 +53,26 @@ def test_a_locked_mlflow_store_mid_run_is_named_and_the_run_failed(ray_cluster, 
             "process lets go of the store, the same command resumes it") in err, err
 
 
+def test_a_store_locked_before_the_run_starts_is_one_line(tmp_path, mlflow_uri, capsys):
+    """Another process's transaction holds the store from before the command to past MLflow's busy timeout: one line
+    naming the lock (not "not reachable ... start the tracking server"), and no run made."""
+    con = sqlite3.connect(tmp_path / "mlflow.db", isolation_level=None)
+    con.execute("BEGIN EXCLUSIVE")
+    try:
+        code = main(["train", *QUICK, f"output_dir={tmp_path / 'runs'}", "name=early", "runtime.executor=local"])
+    finally:
+        con.execute("ROLLBACK")
+        con.close()
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if " INFO mlflow." not in line)
+    assert code == 2, err
+    assert err == (f"ray-kd: error: the MLflow store {mlflow_uri} is locked by another process (database is locked, "
+                   "for longer than MLflow waits); nothing has started: once the other process lets go of the store, "
+                   "run the same command"), err
+    store = client(mlflow_uri)
+    assert store.search_runs([e.experiment_id for e in store.search_experiments()]) == []
+    assert not (tmp_path / "runs" / "early" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_an_object_store_that_stops_answering_mid_run_is_named_and_the_same_command_resumes(executor, request, tmp_path,
                                                                                             mlflow_uri, monkeypatch,
