@@ -116,6 +116,35 @@ def test_an_unreadable_image_is_one_line(tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_a_stream_dataset_stops_its_loader_processes_when_dropped_or_failed(tmp_path):
+    """A persistent loader's processes end with its dataset, not when the garbage collector gets to it (stopping
+    them from there waits out 5 s per process), and at once when an unreadable image fails a pass."""
+    import gc
+    import multiprocessing
+
+    from torchvision.transforms import v2  # noqa: F401  a dataset that is first to import it stays referenced
+
+    root = make_tree(tmp_path / "tree", per_class=(10, 1))
+    before = set(multiprocessing.active_children())
+    gc.disable()
+    try:
+        data = load_dataset(stream_cfg(tmp_path, root, normalize="imagenet", workers=2))
+        list(seeded_batches(data, 4, 0, 0))
+        assert len(set(multiprocessing.active_children()) - before) == 2  # kept for the next epoch
+        del data
+        assert set(multiprocessing.active_children()) == before
+        (root / "train" / "class1" / "000.jpg").write_bytes(b"not a jpeg at all")
+        data = load_dataset(stream_cfg(tmp_path, root, normalize="imagenet", workers=2))
+        with pytest.raises(DataError, match="unreadable image"):
+            list(seeded_batches(data, 4, 0, 0))
+        assert set(multiprocessing.active_children()) == before
+        bad = root / "train" / "class1" / "000.jpg"
+        bad.write_bytes((bad.parent / "001.jpg").read_bytes())  # replaced: the next pass starts a loader of its own
+        assert len(list(seeded_batches(data, 4, 0, 1))) == 7
+    finally:
+        gc.enable()
+
+
 def test_stream_is_refused_where_it_does_not_apply():
     with pytest.raises(ConfigError, match="data.mode=stream reads ImageFolder trees only; digits fits in memory"):
         load_config(None, ["data.mode=stream"])
