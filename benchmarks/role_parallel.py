@@ -73,7 +73,8 @@ def child(case: str, mode: str, out: Path, teacher: str, steps: int) -> None:
 
     config, overrides = CASES[case]
     overrides = [*absolute_paths(config), *overrides, f"output_dir={out.parent}", "runtime.threads_per_worker=1",
-                 "runtime.cpus_per_worker=1", f"optim.steps_per_epoch={steps}", *([f"teacher.checkpoint={teacher}"] if teacher else [])]
+                 "runtime.cpus_per_worker=1", f"optim.steps_per_epoch={steps}",
+                 *([f"teacher.checkpoint={teacher}"] if teacher else [])]
     cfg = load_config(config, overrides)
     n = len(all_roles(cfg))
     if mode == "one-core":
@@ -132,8 +133,8 @@ def main() -> None:
                      "ideal": round(ideal, 3), "measured": round(measured, 3),
                      "of_ideal": round(measured / ideal, 3), "load_1min": loads})
     notes = ("Step time: the fastest of the alternating runs per mode, each the mean of the --steps steps of an "
-             "epoch after a warm-up epoch of as many (Ray: the slowest rank). ideal = sum of role compute / slowest role, role "
-             "compute measured in the one-core run (forward + update, no exchange). of_ideal = measured / ideal "
+             "epoch after a warm-up epoch of as many (Ray: the slowest rank). ideal = sum of role compute / slowest "
+             "role, role compute measured in the one-core run (forward + update, no exchange). of_ideal = measured / ideal "
              "(target >= 0.9; KD with its frozen teacher ahead: >= 0.95). kd: the teacher posts its "
              "outputs teacher.ahead=2 steps ahead (the default), so the student finds them waiting; kd_lockstep: "
              "teacher.ahead=0, the student waits for the teacher's forward at every step. SOKD (3 roles) "
