@@ -70,6 +70,9 @@ class Unreadable:
     path: str
     reason: str
 
+    def error(self) -> DataError:
+        return DataError(f"{self.path}: unreadable image ({self.reason}); remove or replace the file")
+
 
 class _Plan:
     """The batch sampler of the one persistent DataLoader: it yields whatever batches of keys the
@@ -169,7 +172,7 @@ class StreamDataset(torch.utils.data.Dataset):
             batch = self._collate([self[(split.name, i, 0, 0, False)] for i in range(start, min(start + batch_size, n))],
                                   normalized=False)
             if isinstance(batch, Unreadable):
-                raise DataError(f"{batch.path}: unreadable image ({batch.reason}); remove or replace the file")
+                raise batch.error()
             yield batch[:2]
 
     def _run(self, kind: str, batches: list[list[Key]], loader: DataLoader | None = None):
@@ -179,7 +182,7 @@ class StreamDataset(torch.utils.data.Dataset):
                 if loader is None:
                     del self._loaders[kind]  # the next pass starts a fresh one
                 _stop(passing)
-                raise DataError(f"{batch.path}: unreadable image ({batch.reason}); remove or replace the file")
+                raise batch.error()
             images, labels, cpu_s = batch
             if kind == "train":
                 self.decoded.add(len(labels), cpu_s)

@@ -133,12 +133,12 @@ def test_a_stream_dataset_stops_its_loader_processes_when_dropped_or_failed(tmp_
         assert len(set(multiprocessing.active_children()) - before) == 2  # kept for the next epoch
         del data
         assert set(multiprocessing.active_children()) == before
-        (root / "train" / "class1" / "000.jpg").write_bytes(b"not a jpeg at all")
+        bad = root / "train" / "class1" / "000.jpg"
+        bad.write_bytes(b"not a jpeg at all")
         data = load_dataset(stream_cfg(tmp_path, root, normalize="imagenet", workers=2))
         with pytest.raises(DataError, match="unreadable image"):
             list(seeded_batches(data, 4, 0, 0))
         assert set(multiprocessing.active_children()) == before
-        bad = root / "train" / "class1" / "000.jpg"
         bad.write_bytes((bad.parent / "001.jpg").read_bytes())  # replaced: the next pass starts a loader of its own
         assert len(list(seeded_batches(data, 4, 0, 1))) == 7
     finally:
